@@ -1,0 +1,148 @@
+//! # sluice-sdk: write sluice plugins
+//!
+//! A sluice plugin is a WebAssembly component that the sluice host calls once per
+//! micro-batch of Kafka records. With this crate a plugin is a plain Rust type:
+//!
+//! * a stateless [`Transform`] (filter, project, enrich, parse…), or
+//! * a stateful [`Aggregate`] (windowed counts, sums, distinct counts…) whose state the
+//!   host checkpoints together with the offsets it belongs to,
+//!
+//! exported with [`export_transform!`] or [`export_aggregate!`]. Build it with
+//! `cargo build --release --target wasm32-wasip2` (crate type `cdylib`) and hand the
+//! `.wasm` file to `sluice`.
+//!
+//! Records arrive as a [`Batch`]: iterate [`Record`]s (key, value, timestamp, partition,
+//! offset, headers) or use the Arrow columns directly. Output goes to an [`Output`] as
+//! `serde::Serialize` rows, Arrow batches, or forwarded records. Bad records are
+//! [rejected](Output::reject) with a reason instead of failing the batch. The [`window`]
+//! module has event-time windows, a watermark and a late-data policy; [`json`] has JSON
+//! helpers; [`testing`] runs a plugin natively in unit tests.
+//!
+//! ```
+//! use sluice_sdk::{Batch, Context, Error, Output, Transform};
+//!
+//! #[derive(Default, serde::Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct Config { min_len: usize }
+//!
+//! struct LongValues { min_len: usize }
+//!
+//! impl Transform for LongValues {
+//!     type Config = Config;
+//!     fn new(c: Config) -> Result<Self, Error> { Ok(Self { min_len: c.min_len }) }
+//!     fn process(&mut self, batch: &Batch, _: &Context, out: &mut Output) -> Result<(), Error> {
+//!         for r in batch.records() {
+//!             if r.value().is_some_and(|v| v.len() >= self.min_len) {
+//!                 out.forward(&r, None)?;
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! sluice_sdk::export_transform!(LongValues);
+//! ```
+//!
+//! The contract behind this crate is `wit/plugin.wit` (package `sluice:plugin@0.1.0`).
+
+#![deny(missing_docs)]
+
+extern crate self as sluice_sdk;
+
+mod batch;
+mod driver;
+pub mod json;
+pub mod log;
+mod output;
+mod plugin;
+mod schema;
+pub mod testing;
+pub mod window;
+
+#[cfg(target_arch = "wasm32")]
+mod guest;
+
+pub use arrow_array;
+pub use arrow_schema;
+pub use batch::{Batch, Record};
+pub use output::{Finished, Output, RecordError};
+pub use plugin::{Aggregate, Context, Error, ErrorKind, NoConfig, OffsetRange, PluginKind, Transform};
+pub use schema::{columns, decode_ipc, encode_ipc, is_record_schema, record_schema, same_columns, RecordParts, RecordsBuilder};
+pub use serde_json;
+
+/// Not public API: used by the export macros.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::driver::{AggregateDriver, Driver, Meta, TransformDriver};
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::guest::{bindings, describe, init, process, restore, snapshot};
+    #[cfg(target_arch = "wasm32")]
+    pub use wit_bindgen;
+}
+
+/// Export a [`Transform`] as the plugin of this crate (which must be a `cdylib`).
+///
+/// The plugin's name, version and description are taken from its `Cargo.toml`. On targets
+/// other than WebAssembly the macro only checks that the type implements the trait, so the
+/// crate still builds and unit-tests natively.
+#[macro_export]
+macro_rules! export_transform {
+    ($plugin:ty) => {
+        $crate::__export_driver!($crate::__private::TransformDriver<$plugin>);
+    };
+}
+
+/// Export an [`Aggregate`] as the plugin of this crate (which must be a `cdylib`).
+///
+/// See [`export_transform!`].
+#[macro_export]
+macro_rules! export_aggregate {
+    ($plugin:ty) => {
+        $crate::__export_driver!($crate::__private::AggregateDriver<$plugin>);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_driver {
+    ($driver:ty) => {
+        const _: fn() = || {
+            fn assert_driver<D: $crate::__private::Driver>() {}
+            assert_driver::<$driver>();
+        };
+
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct SluiceGuest;
+
+            static META: $crate::__private::Meta = $crate::__private::Meta {
+                name: env!("CARGO_PKG_NAME"),
+                version: env!("CARGO_PKG_VERSION"),
+                description: env!("CARGO_PKG_DESCRIPTION"),
+            };
+
+            impl $crate::__private::bindings::Guest for SluiceGuest {
+                fn describe() -> $crate::__private::bindings::PluginInfo {
+                    $crate::__private::describe::<$driver>(&META)
+                }
+                fn init(config: String) -> Result<Vec<u8>, $crate::__private::bindings::PluginError> {
+                    $crate::__private::init::<$driver>(config)
+                }
+                fn process(
+                    batch: Vec<u8>,
+                    context: $crate::__private::bindings::BatchContext,
+                ) -> Result<$crate::__private::bindings::BatchOutput, $crate::__private::bindings::PluginError> {
+                    $crate::__private::process::<$driver>(batch, context)
+                }
+                fn snapshot() -> Result<Vec<u8>, $crate::__private::bindings::PluginError> {
+                    $crate::__private::snapshot::<$driver>()
+                }
+                fn restore(state: Vec<u8>, state_version: u32) -> Result<(), $crate::__private::bindings::PluginError> {
+                    $crate::__private::restore::<$driver>(state, state_version)
+                }
+            }
+
+            $crate::__private::bindings::__export_plugin_world!(SluiceGuest with_types_in $crate::__private::bindings);
+        };
+    };
+}

@@ -1,0 +1,272 @@
+//! Event-time windowing: tumbling and sliding windows, a watermark, a late-data policy and
+//! the append and update output modes, with state that serializes for checkpoints.
+//!
+//! Semantics follow Spark Structured Streaming:
+//! * A window is `[start, end)`; sliding windows start at multiples of the slide, so an
+//!   event belongs to `size / slide` windows.
+//! * The watermark is `max event time seen − delay`. It moves at the end of a batch and
+//!   never goes back; the host can raise it (see [`Context::watermark_ms`](crate::Context)).
+//! * An event is late for a window when the watermark before its batch has reached the
+//!   window's end. It is added to the windows that are still open; an event late for all of
+//!   its windows is dropped and counted (or rejected, with [`LatePolicy::Reject`]).
+//! * Append mode emits a window once, when the watermark passes its end. Update mode emits
+//!   every window that changed in the batch, and forgets a window once the watermark
+//!   passes its end.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// A window `[start, end)` in epoch milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Window {
+    /// Inclusive start.
+    pub start: i64,
+    /// Exclusive end.
+    pub end: i64,
+}
+
+/// How windows are laid out on the time axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSpec {
+    size_ms: i64,
+    slide_ms: i64,
+}
+
+impl WindowSpec {
+    /// Non-overlapping windows of `size_ms`.
+    pub fn tumbling(size_ms: i64) -> Result<Self, Error> {
+        Self::sliding(size_ms, size_ms)
+    }
+
+    /// Windows of `size_ms` starting every `slide_ms` (`0 < slide_ms <= size_ms`).
+    pub fn sliding(size_ms: i64, slide_ms: i64) -> Result<Self, Error> {
+        if size_ms <= 0 || slide_ms <= 0 {
+            return Err(Error::config(format!(
+                "window size and slide must be positive milliseconds, got size {size_ms} and slide {slide_ms}"
+            )));
+        }
+        if slide_ms > size_ms {
+            return Err(Error::config(format!(
+                "window slide ({slide_ms} ms) must not exceed the window size ({size_ms} ms): events between windows would be lost"
+            )));
+        }
+        Ok(Self { size_ms, slide_ms })
+    }
+
+    /// Window length.
+    pub fn size_ms(&self) -> i64 {
+        self.size_ms
+    }
+
+    /// Distance between window starts.
+    pub fn slide_ms(&self) -> i64 {
+        self.slide_ms
+    }
+
+    /// The windows an event at `ts` belongs to, oldest first.
+    pub fn windows_of(&self, ts: i64) -> impl Iterator<Item = Window> {
+        let (size, slide) = (self.size_ms, self.slide_ms);
+        let last_start = ts.div_euclid(slide) * slide;
+        // The earliest start is the first multiple of `slide` strictly after `ts - size`.
+        let first_start = (ts - size).div_euclid(slide) * slide + slide;
+        (0..)
+            .map(move |k| first_start + k * slide)
+            .take_while(move |&s| s <= last_start)
+            .map(move |start| Window { start, end: start + size })
+    }
+}
+
+/// When a window's result is emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// Once, final, when the watermark passes the window's end.
+    #[default]
+    Append,
+    /// Whenever the window changed in a batch; may emit the same window several times.
+    Update,
+}
+
+/// What happens to an event that is late for all of its windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatePolicy {
+    /// Drop it and count it in the batch output's `late-records`.
+    #[default]
+    Drop,
+    /// Reject it, so it goes to the dead-letter policy with a reason.
+    Reject,
+}
+
+/// What [`Windowed::add`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Added to at least one open window.
+    Accepted,
+    /// Late for all of its windows; not added.
+    Late,
+}
+
+/// Keyed window state: one accumulator `A` per (window, key), plus the watermark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Windowed<K: Ord, A> {
+    spec: WindowSpec,
+    delay_ms: i64,
+    mode: OutputMode,
+    max_event_ms: Option<i64>,
+    watermark_ms: Option<i64>,
+    open: BTreeMap<(Window, K), A>,
+    changed: BTreeSet<(Window, K)>,
+}
+
+impl<K: Ord + Clone, A: Default + Clone> Windowed<K, A> {
+    /// Empty state with the watermark `delay_ms` behind the newest event.
+    pub fn new(spec: WindowSpec, delay_ms: i64, mode: OutputMode) -> Result<Self, Error> {
+        if delay_ms < 0 {
+            return Err(Error::config(format!("watermark delay must not be negative, got {delay_ms} ms")));
+        }
+        Ok(Self {
+            spec,
+            delay_ms,
+            mode,
+            max_event_ms: None,
+            watermark_ms: None,
+            open: BTreeMap::new(),
+            changed: BTreeSet::new(),
+        })
+    }
+
+    /// The current watermark (none before the first batch).
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark_ms
+    }
+
+    /// Number of open (window, key) accumulators.
+    pub fn open_len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Add an event at `ts` for `key` to every window of it that is still open, calling
+    /// `update` once per window.
+    pub fn add(&mut self, ts: i64, key: &K, mut update: impl FnMut(&mut A)) -> Admission {
+        self.max_event_ms = Some(self.max_event_ms.map_or(ts, |m| m.max(ts)));
+        let mut accepted = false;
+        for window in self.spec.windows_of(ts) {
+            if self.watermark_ms.is_some_and(|wm| window.end <= wm) {
+                continue;
+            }
+            accepted = true;
+            let slot = (window, key.clone());
+            if self.mode == OutputMode::Update {
+                self.changed.insert(slot.clone());
+            }
+            update(self.open.entry(slot).or_default());
+        }
+        if accepted {
+            Admission::Accepted
+        } else {
+            Admission::Late
+        }
+    }
+
+    /// End the batch: move the watermark (to at least `floor_ms`, the host's bound) and
+    /// call `emit` for each result due, ordered by window then key.
+    pub fn finish_batch(&mut self, floor_ms: Option<i64>, mut emit: impl FnMut(Window, &K, &A)) {
+        let candidate = self.max_event_ms.map(|m| m.saturating_sub(self.delay_ms));
+        let wm = [self.watermark_ms, candidate, floor_ms].into_iter().flatten().max();
+        self.watermark_ms = wm;
+        if self.mode == OutputMode::Update {
+            for slot in std::mem::take(&mut self.changed) {
+                if let Some(acc) = self.open.get(&slot) {
+                    emit(slot.0, &slot.1, acc);
+                }
+            }
+        }
+        let Some(wm) = wm else { return };
+        while let Some(entry) = self.open.first_entry() {
+            if entry.key().0.end > wm {
+                break;
+            }
+            let ((window, key), acc) = entry.remove_entry();
+            if self.mode == OutputMode::Append {
+                emit(window, &key, &acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starts(spec: WindowSpec, ts: i64) -> Vec<i64> {
+        spec.windows_of(ts).map(|w| w.start).collect()
+    }
+
+    #[test]
+    fn sliding_windows_cover_each_event_size_over_slide_times() {
+        let spec = WindowSpec::sliding(60_000, 10_000).unwrap();
+        assert_eq!(starts(spec, 65_000), vec![10_000, 20_000, 30_000, 40_000, 50_000, 60_000]);
+        assert_eq!(starts(spec, 60_000), vec![10_000, 20_000, 30_000, 40_000, 50_000, 60_000]);
+        assert_eq!(starts(spec, 59_999), vec![0, 10_000, 20_000, 30_000, 40_000, 50_000]);
+        assert_eq!(starts(spec, -1), vec![-60_000, -50_000, -40_000, -30_000, -20_000, -10_000]);
+        let tumbling = WindowSpec::tumbling(1000).unwrap();
+        assert_eq!(starts(tumbling, 1999), vec![1000]);
+        let uneven = WindowSpec::sliding(25, 10).unwrap();
+        assert_eq!(starts(uneven, 30), vec![10, 20, 30]);
+        assert_eq!(starts(uneven, 34), vec![10, 20, 30]);
+        assert_eq!(starts(uneven, 35), vec![20, 30]);
+    }
+
+    #[test]
+    fn bad_specs_are_config_errors() {
+        assert!(WindowSpec::sliding(10, 20).is_err());
+        assert!(WindowSpec::sliding(0, 0).is_err());
+        assert!(WindowSpec::tumbling(-5).is_err());
+    }
+
+    #[test]
+    fn append_mode_emits_once_when_the_watermark_passes_and_drops_late_events() {
+        let mut w: Windowed<&str, u64> = Windowed::new(WindowSpec::tumbling(10).unwrap(), 5, OutputMode::Append).unwrap();
+        let mut emitted = Vec::new();
+        assert_eq!(w.add(3, &"a", |c| *c += 1), Admission::Accepted);
+        assert_eq!(w.add(12, &"a", |c| *c += 1), Admission::Accepted);
+        w.finish_batch(None, |win, k, c| emitted.push((win.start, *k, *c)));
+        assert_eq!(w.watermark(), Some(7));
+        assert!(emitted.is_empty());
+        assert_eq!(w.add(16, &"a", |c| *c += 1), Admission::Accepted);
+        w.finish_batch(None, |win, k, c| emitted.push((win.start, *k, *c)));
+        assert_eq!(emitted, vec![(0, "a", 1)]);
+        // Window [0, 10) is closed: an event at 9 is late for all of its windows.
+        assert_eq!(w.add(9, &"a", |c| *c += 1), Admission::Late);
+        w.finish_batch(Some(i64::MAX), |win, k, c| emitted.push((win.start, *k, *c)));
+        assert_eq!(emitted, vec![(0, "a", 1), (10, "a", 2)]);
+        assert_eq!(w.open_len(), 0);
+    }
+
+    #[test]
+    fn update_mode_emits_changed_windows_every_batch() {
+        let mut w: Windowed<u8, u64> = Windowed::new(WindowSpec::tumbling(10).unwrap(), 100, OutputMode::Update).unwrap();
+        let mut emitted = Vec::new();
+        w.add(1, &1, |c| *c += 1);
+        w.finish_batch(None, |win, k, c| emitted.push((win.start, *k, *c)));
+        w.add(2, &1, |c| *c += 1);
+        w.add(15, &2, |c| *c += 1);
+        w.finish_batch(None, |win, k, c| emitted.push((win.start, *k, *c)));
+        w.finish_batch(None, |win, k, c| emitted.push((win.start, *k, *c)));
+        assert_eq!(emitted, vec![(0, 1, 1), (0, 1, 2), (10, 2, 1)]);
+    }
+
+    #[test]
+    fn host_floor_never_moves_the_watermark_back() {
+        let mut w: Windowed<u8, u64> = Windowed::new(WindowSpec::tumbling(10).unwrap(), 0, OutputMode::Append).unwrap();
+        w.add(50, &1, |c| *c += 1);
+        w.finish_batch(Some(10), |_, _, _| {});
+        assert_eq!(w.watermark(), Some(50));
+        w.finish_batch(Some(20), |_, _, _| {});
+        assert_eq!(w.watermark(), Some(50));
+    }
+}

@@ -1,0 +1,118 @@
+//! The plugin step of the data path: one batch through a chain of plugin instances
+//! (transforms, then at most one aggregate), each called once per batch.
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type};
+use arrow_array::RecordBatch;
+use sluice_sdk::{is_record_schema, record_schema, Context, PluginKind};
+
+use crate::runtime::{CallError, PluginInstance};
+
+/// A record one stage rejected, located by its source coordinates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Name of the plugin that rejected it.
+    pub plugin: String,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The plugin's reason.
+    pub reason: String,
+}
+
+/// The result of one batch through the chain.
+#[derive(Debug, Default)]
+pub struct ChainOutput {
+    /// Output of the last stage.
+    pub batches: Vec<RecordBatch>,
+    /// Records rejected by any stage.
+    pub rejected: Vec<Rejected>,
+    /// Watermark reported by the last stage that reports one.
+    pub watermark_ms: Option<i64>,
+    /// Records dropped as late.
+    pub late_records: u64,
+}
+
+/// Why a chain cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// An aggregate is followed by another plugin.
+    #[error("plugin {0} is an aggregate and must be the last step of the chain")]
+    AggregateNotLast(String),
+    /// A transform whose output another plugin reads does not keep the record schema.
+    #[error("plugin {0} is followed by another plugin, so its output must be the Kafka record schema")]
+    NotRecordSchema(String),
+    /// No plugins.
+    #[error("a chain needs at least one plugin")]
+    Empty,
+}
+
+/// Plugin instances run in order on every batch.
+pub struct Chain {
+    stages: Vec<PluginInstance>,
+}
+
+impl Chain {
+    /// Check the order of `stages` and build the chain.
+    pub fn new(stages: Vec<PluginInstance>) -> Result<Self, ChainError> {
+        if stages.is_empty() {
+            return Err(ChainError::Empty);
+        }
+        for stage in &stages[..stages.len() - 1] {
+            if stage.info().kind == PluginKind::Aggregate {
+                return Err(ChainError::AggregateNotLast(stage.info().name.clone()));
+            }
+            if !is_record_schema(stage.output_schema()) {
+                return Err(ChainError::NotRecordSchema(stage.info().name.clone()));
+            }
+        }
+        Ok(Self { stages })
+    }
+
+    /// The instances, in order.
+    pub fn stages(&mut self) -> &mut [PluginInstance] {
+        &mut self.stages
+    }
+
+    /// Run `batch` (record schema) through every stage.
+    pub fn process(&mut self, batch: RecordBatch, ctx: &Context) -> Result<ChainOutput, CallError> {
+        let mut out = ChainOutput::default();
+        let mut input = batch;
+        let last = self.stages.len() - 1;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            let finished = stage.process(&input, ctx)?;
+            let name = &stage.info().name;
+            for e in finished.record_errors {
+                out.rejected.push(locate(&input, e.row as usize, name, e.reason));
+            }
+            out.late_records += finished.late_records;
+            if finished.watermark_ms.is_some() {
+                out.watermark_ms = finished.watermark_ms;
+            }
+            if i == last {
+                out.batches = finished.batches;
+            } else {
+                input = match finished.batches.len() {
+                    0 => RecordBatch::new_empty(record_schema()),
+                    1 => finished.batches.into_iter().next().expect("one batch"),
+                    _ => arrow_select::concat::concat_batches(&record_schema(), &finished.batches)
+                        .expect("batches checked against the record schema"),
+                };
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn locate(batch: &RecordBatch, row: usize, plugin: &str, reason: String) -> Rejected {
+    Rejected {
+        plugin: plugin.to_string(),
+        topic: batch.column(0).as_string::<i32>().value(row).to_string(),
+        partition: batch.column(1).as_primitive::<Int32Type>().value(row),
+        offset: batch.column(2).as_primitive::<Int64Type>().value(row),
+        reason,
+    }
+}

@@ -1,0 +1,18 @@
+//! # sluice
+//!
+//! A WebAssembly-pluggable micro-batch stream processor. The host owns everything that
+//! must be right for every user; users' transforms and aggregates run as WebAssembly
+//! components behind the `sluice:plugin` WIT world (see `wit/plugin.wit`).
+//!
+//! Modules, in the order a batch meets them:
+//! * [`runtime`] — loads, checks and runs plugins (owns wasmtime).
+//! * [`offline`] — feeds a plugin from a JSON-lines file in batches (`sluice plugin test`).
+//! * [`examples`] — the example plugins, built from `plugins/` and embedded.
+//! * [`demo`] — seed-style ad-click events and the embedded demo.
+
+pub mod bench;
+pub mod chain;
+pub mod demo;
+pub mod examples;
+pub mod offline;
+pub mod runtime;

@@ -1,0 +1,250 @@
+//! The `sluice` command line. Parsing and printing only; the work is in the library.
+
+use std::io::{BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use sluice::runtime::{Limits, LoadedPlugin, Runtime};
+use sluice::{demo, examples, offline};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "WebAssembly-pluggable micro-batch stream processor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Run ad events through the example plugins and print windows as they close.
+    Demo(DemoArgs),
+    /// Measure plugin throughput: WebAssembly vs the same code compiled natively.
+    Bench(sluice::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Print a plugin's name, version, kind, state version and output schema.
+    Inspect {
+        /// Plugin file (.wasm), or builtin:json-filter / builtin:ad-clicks.
+        plugin: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a plugin over a JSON-lines file without Kafka and print its output rows.
+    Test(TestArgs),
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Memory cap per plugin instance, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = Limits::DEFAULT_MEMORY_BYTES / (1024 * 1024))]
+    memory_mb: usize,
+    /// Time budget per plugin call (e.g. 500ms, 10s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        if self.memory_mb == 0 {
+            bail!("--memory-mb must be at least 1");
+        }
+        if self.call_timeout.is_zero() {
+            bail!("--call-timeout must be longer than zero");
+        }
+        Ok(Limits { memory_bytes: self.memory_mb * 1024 * 1024, call_timeout: self.call_timeout })
+    }
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// Plugin file (.wasm), or builtin:json-filter / builtin:ad-clicks.
+    plugin: String,
+    /// JSON-lines input: each line is one record value. `-` reads standard input.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Plugin configuration: inline JSON, or a .json or .toml file.
+    #[arg(long, short)]
+    config: Option<String>,
+    /// Records per batch.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// How long to run (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Events per second.
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Batch interval (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Event-time seconds per wall-clock second, so one-minute windows close quickly.
+    #[arg(long, default_value_t = 10)]
+    speedup: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plugin(PluginCommand::Inspect { plugin, json }) => inspect(&plugin, json),
+        Command::Plugin(PluginCommand::Test(args)) => test(args),
+        Command::Demo(args) => run_demo(args),
+        Command::Bench(args) => sluice::bench::run(&args, &mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(runtime: &Runtime, plugin: &str, limits: Limits) -> anyhow::Result<LoadedPlugin> {
+    if let Some(name) = plugin.strip_prefix("builtin:") {
+        let bytes = examples::by_name(name).with_context(|| {
+            format!("there is no built-in plugin `{name}`; built-in plugins are: {}", examples::NAMES.join(", "))
+        })?;
+        return Ok(runtime.load(bytes, plugin, limits)?);
+    }
+    Ok(runtime.load_file(plugin, limits)?)
+}
+
+fn inspect(plugin: &str, json: bool) -> anyhow::Result<()> {
+    let runtime = Runtime::with_default_cache()?;
+    let loaded = load(&runtime, plugin, Limits::default())?;
+    let info = loaded.info();
+    let kind = match info.kind {
+        sluice_sdk::PluginKind::Transform => "transform",
+        sluice_sdk::PluginKind::Aggregate => "aggregate",
+    };
+    let columns: Vec<_> = info
+        .output_schema
+        .fields()
+        .iter()
+        .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let doc = serde_json::json!({
+            "name": info.name, "version": info.version, "description": info.description, "kind": kind,
+            "state_version": info.state_version, "content_hash": info.content_hash, "output_schema": columns,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        writeln!(out, "name:          {}", info.name)?;
+        writeln!(out, "version:       {}", info.version)?;
+        writeln!(out, "description:   {}", info.description)?;
+        writeln!(out, "kind:          {kind}")?;
+        writeln!(out, "state version: {}", info.state_version)?;
+        writeln!(out, "content hash:  sha256:{}", info.content_hash)?;
+        writeln!(out, "output schema (default config):")?;
+        for f in info.output_schema.fields() {
+            writeln!(out, "  {:<14} {}{}", f.name(), f.data_type(), if f.is_nullable() { " (nullable)" } else { "" })?;
+        }
+    }
+    Ok(())
+}
+
+/// `--config`: inline JSON, or a path to a .json / .toml file, as JSON text.
+fn read_config(arg: Option<&str>) -> anyhow::Result<String> {
+    let Some(arg) = arg else { return Ok("{}".into()) };
+    let trimmed = arg.trim_start();
+    if trimmed.starts_with('{') {
+        serde_json::from_str::<serde_json::Value>(arg).context("--config is not valid JSON")?;
+        return Ok(arg.to_string());
+    }
+    let path = PathBuf::from(arg);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--config `{arg}` is neither inline JSON (starting with `{{`) nor a readable file"))?;
+    if path.extension().is_some_and(|e| e == "toml") {
+        let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        return Ok(serde_json::to_string(&value)?);
+    }
+    serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(text)
+}
+
+struct PrintSink<W: Write> {
+    out: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W: Write> offline::Sink for PrintSink<W> {
+    fn rows(&mut self, batch: &arrow_array::RecordBatch) {
+        for line in offline::json_lines(batch) {
+            if let Err(e) = writeln!(self.out, "{line}") {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    fn rejected(&mut self, line: u64, reason: &str) {
+        eprintln!("line {line}: rejected: {reason}");
+    }
+}
+
+fn test(args: TestArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let config = read_config(args.config.as_deref())?;
+    let runtime = Runtime::with_default_cache()?;
+    let loaded = load(&runtime, &args.plugin, args.limits.limits()?)?;
+    let mut instance = loaded.instantiate(&config)?;
+    let input: Box<dyn std::io::BufRead> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&args.input).with_context(|| format!("cannot open --input {}", args.input.display()))?;
+        Box::new(BufReader::new(file))
+    };
+    let mut sink = PrintSink { out: std::io::BufWriter::new(std::io::stdout().lock()), error: None };
+    let summary = offline::run(&mut instance, input, args.batch_size, &mut sink)?;
+    sink.out.flush()?;
+    if let Some(e) = sink.error {
+        return Err(e).context("cannot write to stdout");
+    }
+    eprintln!(
+        "{}: {} records in {} batches -> {} rows; {} rejected, {} late, {} blank lines skipped",
+        instance.info().name,
+        summary.records,
+        summary.batches,
+        summary.output_rows,
+        summary.rejected,
+        summary.late,
+        summary.blank_lines
+    );
+    Ok(())
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    if args.rate == 0 || args.interval.is_zero() || args.speedup == 0 {
+        bail!("--rate, --interval and --speedup must be greater than zero");
+    }
+    let options = demo::DemoOptions { duration: args.duration, rate: args.rate, interval: args.interval, speedup: args.speedup };
+    let mut out = std::io::stdout().lock();
+    let mut progress = std::io::stderr().lock();
+    let _tty = std::io::stderr().is_terminal();
+    demo::run(&options, &mut out, &mut progress)?;
+    Ok(())
+}

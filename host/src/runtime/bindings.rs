@@ -1,0 +1,6 @@
+//! Host bindings generated from `wit/plugin.wit` — the same file the SDK generates from.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "plugin",
+});

@@ -1,0 +1,126 @@
+//! The `sluice` binary as a user runs it: `plugin inspect`, `plugin test`, `demo`, and the
+//! messages for input a user can get wrong.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice_tests::reference::{self, AdClicksParams, WindowRow};
+
+fn sluice(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_CACHE_DIR", cache)
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("run sluice")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn inspect_prints_name_version_kind_state_version_and_schema() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = sluice(&["plugin", "inspect", "builtin:ad-clicks"], cache.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for expected in ["name:          ad-clicks", "version:       1.0.0", "kind:          aggregate", "state version: 1", "window_start   Int64", "unique_users   Int64"] {
+        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    }
+    let out = sluice(&["plugin", "inspect", "builtin:json-filter", "--json"], cache.path());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["kind"], "transform");
+    assert_eq!(doc["output_schema"][5]["name"], "value");
+}
+
+#[test]
+fn plugin_test_prints_the_windows_of_a_jsonl_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() });
+    let events: Vec<Value> = (0..3000).map(|_| serde_json::to_value(g.next_event()).unwrap()).collect();
+    let mut file = String::new();
+    for (i, e) in events.iter().enumerate() {
+        file.push_str(&e.to_string());
+        file.push('\n');
+        if i == 10 {
+            file.push_str("{\"campaign_id\": \"c\", \"cost\": 1}\n");
+        }
+    }
+    let input = dir.path().join("clicks.jsonl");
+    std::fs::write(&input, file).unwrap();
+    let out = sluice(&["plugin", "test", "builtin:ad-clicks", "--input", input.to_str().unwrap(), "--batch-size", "100"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut rows: Vec<WindowRow> = text(&out.stdout).lines().map(|l| WindowRow::from_json(&serde_json::from_str(l).unwrap())).collect();
+    rows.sort_by(|a, b| (a.window_start, &a.campaign_id).cmp(&(b.window_start, &b.campaign_id)));
+    assert_eq!(rows, reference::ad_clicks(&events, AdClicksParams::default(), Some(100)));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("line 12: rejected: unexpected JSON content: missing field `user_id`"), "{stderr}");
+    assert!(stderr.contains("ad-clicks: 3001 records in 31 batches"), "{stderr}");
+}
+
+#[test]
+fn plugin_test_takes_config_inline_or_from_json_and_toml_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"n\": 1, \"s\": \"a\"}\n{\"n\": 5, \"s\": \"b\"}\n").unwrap();
+    let toml = dir.path().join("filter.toml");
+    std::fs::write(&toml, "select = [\"s\"]\n[[where]]\nfield = \"n\"\nop = \"gt\"\nvalue = 2\n").unwrap();
+    let json_file = dir.path().join("filter.json");
+    std::fs::write(&json_file, r#"{"where": [{"field": "n", "op": "lt", "value": 2}]}"#).unwrap();
+    let inline = r#"{"select": ["n"]}"#;
+    for (config, expected) in [
+        (toml.to_str().unwrap(), vec![json!({"s": "b"})]),
+        (json_file.to_str().unwrap(), vec![json!({"n": 1, "s": "a"})]),
+        (inline, vec![json!({"n": 1}), json!({"n": 5})]),
+    ] {
+        let out = sluice(&["plugin", "test", "builtin:json-filter", "-i", input.to_str().unwrap(), "-c", config], dir.path());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let rows: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows, expected, "config {config}");
+    }
+}
+
+#[test]
+fn mistakes_get_a_message_that_says_what_is_wrong_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{}\n").unwrap();
+    let not_wasm = dir.path().join("plugin.wasm");
+    std::fs::write(&not_wasm, "hello").unwrap();
+    let input = input.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["plugin", "inspect", not_wasm.to_str().unwrap()], "not a WebAssembly file"),
+        (vec!["plugin", "inspect", "builtin:nope"], "there is no built-in plugin `nope`; built-in plugins are: json-filter, ad-clicks"),
+        (vec!["plugin", "inspect", sluice_tests::OTHER_WORLD_WASM], "not a sluice plugin: it does not export `describe`"),
+        (vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", r#"{"wher": []}"#], "invalid config: unknown field `wher`, expected one of `where`, `select`, `on_invalid`"),
+        (vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", "{oops"], "--config is not valid JSON"),
+        (vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", "missing.json"], "neither inline JSON"),
+        (vec!["plugin", "test", "builtin:json-filter", "-i", "/nonexistent.jsonl"], "cannot open --input /nonexistent.jsonl"),
+        (vec!["plugin", "test", "builtin:json-filter", "-i", input, "--batch-size", "0"], "--batch-size must be at least 1"),
+        (vec!["plugin", "test", sluice_tests::HOSTILE_WASM, "-i", input, "-c", r#"{"mode": "spin"}"#, "--call-timeout", "200ms"], "batch 0 (lines 1-1): plugin hostile trapped in process: time budget of 200 ms per call exceeded"),
+    ];
+    for (args, expected) in cases {
+        let out = sluice(&args, dir.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should fail; stderr: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected `{expected}` in:\n{stderr}");
+    }
+}
+
+#[test]
+fn demo_runs_the_example_plugins_and_prints_closing_windows() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = sluice(&["demo", "--duration", "3s", "--rate", "4000", "--interval", "500ms", "--speedup", "60"], cache.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let windows = stdout.lines().filter(|l| l.starts_with("window ")).count();
+    // 3 s at ×60 is 180 s of event time: windows close before the end, the rest at the flush.
+    assert!(windows > 12, "expected windows for all 12 campaigns, got:\n{stdout}");
+    assert!(stderr.contains("batch   0 |   2000 events"), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("batch ") && !l.contains("| 0 windows closed")), "windows must close while running:\n{stderr}");
+    assert!(stderr.contains("done: 12000 events in 7 batches"), "{stderr}");
+}

@@ -1,0 +1,11 @@
+//! Support for sluice's integration tests (`tests/*.rs`, run as the host crate's tests):
+//! paths of the test-only plugins, built from source by `build.rs`, and independent
+//! reference computations to compare plugin output with.
+
+pub mod reference;
+
+/// A transform that loops, exhausts memory or stack, or panics, per its `mode` config.
+pub const HOSTILE_WASM: &str = env!("SLUICE_TEST_PLUGIN_HOSTILE");
+
+/// A valid component of another WIT world.
+pub const OTHER_WORLD_WASM: &str = env!("SLUICE_TEST_PLUGIN_OTHER_WORLD");
