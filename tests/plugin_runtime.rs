@@ -231,6 +231,7 @@ fn json_filter_handles_edge_cases_through_webassembly() {
     assert_eq!(rejected, vec![5, 6, 7, 8, 9], "rejected lines: {:?}", out.rejected);
     assert!(out.rejected[2].1.contains("recursion limit"), "{:?}", out.rejected[2]);
     assert!(out.rejected[3].1.contains("not an object"), "{:?}", out.rejected[3]);
+    assert!(out.rejected[4].1.contains("field `cost`: number out of range"), "{:?}", out.rejected[4]);
     assert_eq!((summary.records, summary.output_rows, summary.rejected), (11, 3, 5));
 }
 

@@ -142,7 +142,7 @@ impl<D: Driver> Instance<D> {
     /// Process one Arrow batch in the record schema.
     pub fn process_batch(&mut self, batch: RecordBatch, ctx: &Context) -> Result<Finished, Error> {
         let batch = Batch::new(batch)?;
-        let mut out = Output::new(self.schema.clone());
+        let mut out = Output::for_batch(self.schema.clone(), batch.len(), batch.values().values().len());
         self.driver.process(&batch, ctx, &mut out)?;
         out.finish()
     }

@@ -19,28 +19,55 @@
 //! helpers; [`testing`] runs a plugin natively in unit tests.
 //!
 //! ```
+//! use serde::Deserialize;
 //! use sluice_sdk::{Batch, Context, Error, Output, Transform};
 //!
-//! #[derive(Default, serde::Deserialize)]
+//! #[derive(Default, Deserialize)]
 //! #[serde(deny_unknown_fields)]
-//! struct Config { min_len: usize }
+//! pub struct Config {
+//!     min_cost: f64,
+//! }
 //!
-//! struct LongValues { min_len: usize }
+//! #[derive(Deserialize)]
+//! struct Click {
+//!     cost: f64,
+//! }
 //!
-//! impl Transform for LongValues {
+//! /// Keeps the clicks that cost at least `min_cost`; rejects values that are not clicks.
+//! pub struct BigSpenders {
+//!     min_cost: f64,
+//! }
+//!
+//! impl Transform for BigSpenders {
 //!     type Config = Config;
-//!     fn new(c: Config) -> Result<Self, Error> { Ok(Self { min_len: c.min_len }) }
-//!     fn process(&mut self, batch: &Batch, _: &Context, out: &mut Output) -> Result<(), Error> {
-//!         for r in batch.records() {
-//!             if r.value().is_some_and(|v| v.len() >= self.min_len) {
-//!                 out.forward(&r, None)?;
+//!
+//!     fn new(config: Config) -> Result<Self, Error> {
+//!         if config.min_cost < 0.0 {
+//!             return Err(Error::config("min_cost must not be negative"));
+//!         }
+//!         Ok(Self { min_cost: config.min_cost })
+//!     }
+//!
+//!     fn process(&mut self, batch: &Batch, _ctx: &Context, out: &mut Output) -> Result<(), Error> {
+//!         for record in batch.records() {
+//!             match record.json::<Click>() {
+//!                 Ok(click) if click.cost >= self.min_cost => out.forward(&record, None)?,
+//!                 Ok(_) => {}
+//!                 Err(reason) => out.reject(record.index(), reason),
 //!             }
 //!         }
 //!         Ok(())
 //!     }
 //! }
 //!
-//! sluice_sdk::export_transform!(LongValues);
+//! sluice_sdk::export_transform!(BigSpenders);
+//!
+//! // Unit-test it natively, without Kafka or WebAssembly:
+//! use sluice_sdk::testing::TransformHarness;
+//! let mut plugin = TransformHarness::<BigSpenders>::new(serde_json::json!({"min_cost": 1.0})).unwrap();
+//! let out = plugin.push_values(&[r#"{"cost": 0.5}"#, r#"{"cost": 2}"#, "oops"]).unwrap();
+//! assert_eq!(out.values(), vec![r#"{"cost": 2}"#]);
+//! assert_eq!(out.record_errors[0].row, 2);
 //! ```
 //!
 //! The contract behind this crate is `wit/plugin.wit` (package `sluice:plugin@0.1.0`).

@@ -48,6 +48,8 @@ enum Pending {
 pub struct Output {
     schema: SchemaRef,
     forwardable: bool,
+    /// Rows and value bytes of the input batch: forwarded records rarely need more.
+    capacity_hint: (usize, usize),
     batches: Vec<RecordBatch>,
     pending: Pending,
     record_errors: Vec<RecordError>,
@@ -60,6 +62,7 @@ impl Output {
     pub fn new(schema: SchemaRef) -> Self {
         Self {
             forwardable: is_record_schema(&schema),
+            capacity_hint: (0, 0),
             schema,
             batches: Vec::new(),
             pending: Pending::None,
@@ -67,6 +70,12 @@ impl Output {
             watermark_ms: None,
             late_records: 0,
         }
+    }
+
+    /// An empty output for a batch of `rows` records with `value_bytes` of values, so that
+    /// forwarding records does not grow buffers record by record.
+    pub fn for_batch(schema: SchemaRef, rows: usize, value_bytes: usize) -> Self {
+        Self { capacity_hint: (rows, value_bytes), ..Self::new(schema) }
     }
 
     /// The declared output schema.
@@ -118,7 +127,8 @@ impl Output {
         }
         if !matches!(self.pending, Pending::Records(_)) {
             self.flush()?;
-            self.pending = Pending::Records(RecordsBuilder::default());
+            let (rows, bytes) = self.capacity_hint;
+            self.pending = Pending::Records(RecordsBuilder::with_capacity(rows, bytes));
         }
         if let Pending::Records(builder) = &mut self.pending {
             builder.append(

@@ -13,6 +13,7 @@
 //!   every window that changed in the batch, and forgets a window once the watermark
 //!   passes its end.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -118,11 +119,11 @@ pub struct Windowed<K: Ord, A> {
     mode: OutputMode,
     max_event_ms: Option<i64>,
     watermark_ms: Option<i64>,
-    open: BTreeMap<(Window, K), A>,
+    open: BTreeMap<Window, BTreeMap<K, A>>,
     changed: BTreeSet<(Window, K)>,
 }
 
-impl<K: Ord + Clone, A: Default + Clone> Windowed<K, A> {
+impl<K: Ord + Clone, A: Default> Windowed<K, A> {
     /// Empty state with the watermark `delay_ms` behind the newest event.
     pub fn new(spec: WindowSpec, delay_ms: i64, mode: OutputMode) -> Result<Self, Error> {
         if delay_ms < 0 {
@@ -146,12 +147,17 @@ impl<K: Ord + Clone, A: Default + Clone> Windowed<K, A> {
 
     /// Number of open (window, key) accumulators.
     pub fn open_len(&self) -> usize {
-        self.open.len()
+        self.open.values().map(BTreeMap::len).sum()
     }
 
     /// Add an event at `ts` for `key` to every window of it that is still open, calling
-    /// `update` once per window.
-    pub fn add(&mut self, ts: i64, key: &K, mut update: impl FnMut(&mut A)) -> Admission {
+    /// `update` once per window. `key` may be borrowed (`&str` for `String` keys): it is
+    /// copied only when a window sees the key for the first time.
+    pub fn add<Q>(&mut self, ts: i64, key: &Q, mut update: impl FnMut(&mut A)) -> Admission
+    where
+        K: Borrow<Q>,
+        Q: Ord + ToOwned<Owned = K> + ?Sized,
+    {
         self.max_event_ms = Some(self.max_event_ms.map_or(ts, |m| m.max(ts)));
         let mut accepted = false;
         for window in self.spec.windows_of(ts) {
@@ -159,11 +165,14 @@ impl<K: Ord + Clone, A: Default + Clone> Windowed<K, A> {
                 continue;
             }
             accepted = true;
-            let slot = (window, key.clone());
             if self.mode == OutputMode::Update {
-                self.changed.insert(slot.clone());
+                self.changed.insert((window, key.to_owned()));
             }
-            update(self.open.entry(slot).or_default());
+            let per_key = self.open.entry(window).or_default();
+            if !per_key.contains_key(key) {
+                per_key.insert(key.to_owned(), A::default());
+            }
+            update(per_key.get_mut(key).expect("inserted above"));
         }
         if accepted {
             Admission::Accepted
@@ -179,20 +188,22 @@ impl<K: Ord + Clone, A: Default + Clone> Windowed<K, A> {
         let wm = [self.watermark_ms, candidate, floor_ms].into_iter().flatten().max();
         self.watermark_ms = wm;
         if self.mode == OutputMode::Update {
-            for slot in std::mem::take(&mut self.changed) {
-                if let Some(acc) = self.open.get(&slot) {
-                    emit(slot.0, &slot.1, acc);
+            for (window, key) in std::mem::take(&mut self.changed) {
+                if let Some(acc) = self.open.get(&window).and_then(|m| m.get(&key)) {
+                    emit(window, &key, acc);
                 }
             }
         }
         let Some(wm) = wm else { return };
         while let Some(entry) = self.open.first_entry() {
-            if entry.key().0.end > wm {
+            if entry.key().end > wm {
                 break;
             }
-            let ((window, key), acc) = entry.remove_entry();
+            let (window, per_key) = entry.remove_entry();
             if self.mode == OutputMode::Append {
-                emit(window, &key, &acc);
+                for (key, acc) in &per_key {
+                    emit(window, key, acc);
+                }
             }
         }
     }

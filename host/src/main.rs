@@ -10,6 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use sluice::runtime::{Limits, LoadedPlugin, Runtime};
 use sluice::{demo, examples, offline};
 
+/// glibc's allocator returns large buffers to the OS and faults them in again batch after
+/// batch; mimalloc keeps them, which makes batch timings steady.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "WebAssembly-pluggable micro-batch stream processor")]
 struct Cli {
@@ -24,8 +29,15 @@ enum Command {
     Plugin(PluginCommand),
     /// Run ad events through the example plugins and print windows as they close.
     Demo(DemoArgs),
-    /// Measure plugin throughput: WebAssembly vs the same code compiled natively.
-    Bench(sluice::bench::BenchArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Plugin throughput: WebAssembly vs the same plugin code compiled natively.
+    Plugins(sluice::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,7 +121,7 @@ fn main() -> ExitCode {
         Command::Plugin(PluginCommand::Inspect { plugin, json }) => inspect(&plugin, json),
         Command::Plugin(PluginCommand::Test(args)) => test(args),
         Command::Demo(args) => run_demo(args),
-        Command::Bench(args) => sluice::bench::run(&args, &mut std::io::stdout()),
+        Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

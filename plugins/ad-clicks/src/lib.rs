@@ -128,7 +128,7 @@ impl Aggregate for AdClicks {
                 continue;
             }
             let user = click.user_id.as_ref();
-            let admission = self.windows.add(click.timestamp, &click.campaign_id.into_owned(), |t| {
+            let admission = self.windows.add(click.timestamp, click.campaign_id.as_ref(), |t| {
                 t.clicks += 1;
                 t.total_cost += click.cost;
                 if !t.users.contains(user) {

@@ -21,12 +21,20 @@
 //!   false — also for `ne`.
 //! * `select`: output only these fields, keeping their nesting; absent fields are left out.
 //!   Without `select` the value passes through unchanged.
-//! * `on_invalid`: what to do with a value that is not a JSON object: `reject` (default:
+//! * `on_invalid`: what to do with a value that is not a JSON object, or whose filtered
+//!   field cannot be read (a number beyond the range of f64, say): `reject` (default:
 //!   dead-letter it with the reason) or `drop` (skip it silently).
+//!
+//! Values are checked to be valid JSON, but only the fields named in `where` and `select`
+//! are decoded; selected fields are copied as they were written.
 
+use std::borrow::Cow;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{Map, Value};
-use sluice_sdk::{json, Batch, Context, Error, Output, Record, Transform};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use sluice_sdk::{Batch, Context, Error, Output, Record, Transform};
 
 /// The plugin's configuration.
 #[derive(Debug, Default, Deserialize)]
@@ -93,16 +101,117 @@ pub enum OnInvalid {
 }
 
 struct Predicate {
-    field: String,
+    path: Vec<String>,
     op: Op,
     value: Value,
+    /// For `eq`/`ne` with a string operand: the operand as JSON text, to compare raw
+    /// values without parsing them.
+    raw_string: Option<String>,
+}
+
+/// A tree of selected paths: `["a.b", "a.c", "d"]` is `a{b, c}, d`.
+struct Selection {
+    /// The member name, as it is looked up.
+    name: String,
+    /// The member name as a JSON string (with quotes), ready to write.
+    key_json: String,
+    /// Empty: keep the whole value.
+    children: Vec<Selection>,
 }
 
 /// The transform.
 pub struct JsonFilter {
     predicates: Vec<Predicate>,
-    select: Option<Vec<String>>,
+    select: Option<Vec<Selection>>,
     on_invalid: OnInvalid,
+}
+
+/// The members of a JSON object, values left unparsed (borrowed from the record).
+type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
+/// Parses a JSON object into a reused [`Members`] buffer, checking the whole document.
+struct Fill<'v, 'a>(&'v mut Members<'a>);
+
+impl<'de> DeserializeSeed<'de> for Fill<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fill<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some((Key(name), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+            self.0.push((name, value));
+        }
+        Ok(())
+    }
+}
+
+/// Parse `text` as a JSON object into `members` (cleared first).
+fn parse_object<'a>(text: &'a [u8], members: &mut Members<'a>) -> Result<(), serde_json::Error> {
+    members.clear();
+    let mut de = serde_json::Deserializer::from_slice(text);
+    Fill(members).deserialize(&mut de)?;
+    de.end()
+}
+
+/// A JSON object's members.
+struct RawObject<'m, 'a>(&'m [(Cow<'a, str>, &'a RawValue)]);
+
+/// A member name, borrowed from the record unless it contains escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'a> RawObject<'_, 'a> {
+    /// The member `name`; the last one wins if it repeats, as in most JSON parsers.
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
+/// Follow `path` from `object`: object members by name, array elements by index.
+fn lookup<'a>(object: &RawObject<'_, 'a>, path: &[String]) -> Option<&'a RawValue> {
+    let (first, rest) = path.split_first()?;
+    let mut current = object.get(first)?;
+    let mut inner = Members::new();
+    for segment in rest {
+        let text = current.get().as_bytes();
+        current = match text.first() {
+            Some(b'{') => {
+                parse_object(text, &mut inner).ok()?;
+                RawObject(&inner).get(segment)?
+            }
+            Some(b'[') => {
+                let index: usize = segment.parse().ok()?;
+                *serde_json::from_str::<Vec<&RawValue>>(current.get()).ok()?.get(index)?
+            }
+            _ => return None,
+        };
+    }
+    Some(current)
 }
 
 impl Predicate {
@@ -130,15 +239,35 @@ impl Predicate {
                 p.field
             )));
         }
-        if p.field.is_empty() {
-            return Err(Error::config(format!("where[{i}]: `field` must not be empty")));
+        if p.field.is_empty() || p.field.split('.').any(str::is_empty) {
+            return Err(Error::config(format!("where[{i}]: `{}` is not a field path like `a` or `a.b`", p.field)));
         }
-        Ok(Self { field: p.field, op: p.op, value })
+        let raw_string = match (p.op, &value) {
+            (Op::Eq | Op::Ne, Value::String(_)) => Some(value.to_string()),
+            _ => None,
+        };
+        Ok(Self { path: p.field.split('.').map(str::to_string).collect(), op: p.op, value, raw_string })
     }
 
-    fn matches(&self, doc: &Value) -> bool {
-        let found = json::lookup(doc, &self.field).filter(|v| !v.is_null());
-        match (self.op, found) {
+    /// Whether the record matches; an error when the field's value cannot be read (a
+    /// number out of range, for example), which rejects the record.
+    fn matches(&self, doc: &RawObject<'_, '_>) -> Result<bool, String> {
+        let raw = lookup(doc, &self.path);
+        if let (Some(expected), Some(raw)) = (&self.raw_string, raw) {
+            // A string without escapes equals the operand exactly when its text does.
+            let text = raw.get();
+            if text.starts_with('"') && !text.contains('\\') {
+                return Ok((text == expected) == (self.op == Op::Eq));
+            }
+        }
+        let found: Option<Value> = match raw {
+            None => None,
+            Some(raw) => serde_json::from_str::<Value>(raw.get())
+                .map_err(|e| format!("field `{}`: {e}", self.path.join(".")))?
+                .into(),
+        };
+        let found = found.as_ref().filter(|v| !v.is_null());
+        Ok(match (self.op, found) {
             (Op::Exists, found) => found.is_some(),
             (Op::Missing, found) => found.is_none(),
             (_, None) => false,
@@ -152,7 +281,7 @@ impl Predicate {
             (Op::Contains, Some(Value::String(s))) => self.value.as_str().is_some_and(|x| s.contains(x)),
             (Op::Contains, Some(Value::Array(items))) => items.iter().any(|x| same(x, &self.value)),
             (Op::Contains, Some(_)) => false,
-        }
+        })
     }
 }
 
@@ -179,26 +308,27 @@ fn order(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
 }
 
 impl JsonFilter {
-    fn handle(&self, record: &Record<'_>, out: &mut Output) -> Result<(), Error> {
-        let doc: Value = match record.json() {
-            Ok(doc @ Value::Object(_)) => doc,
-            Ok(other) => return self.invalid(record, out, format!("value is JSON but not an object: {}", kind(&other))),
-            Err(reason) => return self.invalid(record, out, reason),
+    fn handle<'a>(&self, record: &Record<'a>, out: &mut Output, members: &mut Members<'a>, buf: &mut Vec<u8>) -> Result<(), Error> {
+        let Some(value) = record.value() else {
+            return self.invalid(record, out, "value is null".to_string());
         };
-        if !self.predicates.iter().all(|p| p.matches(&doc)) {
-            return Ok(());
+        if parse_object(value, members).is_err() {
+            return self.invalid(record, out, why_not_an_object(value));
+        }
+        let doc = RawObject(members);
+        for predicate in &self.predicates {
+            match predicate.matches(&doc) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(reason) => return self.invalid(record, out, reason),
+            }
         }
         match &self.select {
             None => out.forward(record, None),
-            Some(fields) => {
-                let mut projected = Map::new();
-                for field in fields {
-                    if let Some(v) = json::lookup(&doc, field) {
-                        json::insert_path(&mut projected, field, v.clone());
-                    }
-                }
-                let bytes = serde_json::to_vec(&projected).expect("a JSON map always serializes");
-                out.forward(record, Some(Some(&bytes)))
+            Some(selection) => {
+                buf.clear();
+                write_selected(&doc, selection, buf);
+                out.forward(record, Some(Some(buf)))
             }
         }
     }
@@ -209,6 +339,70 @@ impl JsonFilter {
         }
         Ok(())
     }
+}
+
+/// Why `value` is not a JSON object: the parser's message, or what it is instead.
+fn why_not_an_object(value: &[u8]) -> String {
+    match sluice_sdk::json::parse::<Value>(value) {
+        Err(reason) => reason,
+        Ok(other) => format!("value is JSON but not an object: {}", kind(&other)),
+    }
+}
+
+/// Write the selected members of `object` as a JSON object, copying their raw text.
+/// A nested selection whose parent is not an object, or that finds nothing, is left out.
+fn write_selected(object: &RawObject<'_, '_>, selection: &[Selection], out: &mut Vec<u8>) -> bool {
+    out.push(b'{');
+    let mut wrote = false;
+    for s in selection {
+        let Some(raw) = object.get(&s.name) else { continue };
+        let mark = out.len();
+        if wrote {
+            out.push(b',');
+        }
+        out.extend_from_slice(s.key_json.as_bytes());
+        out.push(b':');
+        let kept = if s.children.is_empty() {
+            out.extend_from_slice(raw.get().as_bytes());
+            true
+        } else {
+            let mut inner = Members::new();
+            match parse_object(raw.get().as_bytes(), &mut inner) {
+                Ok(()) => write_selected(&RawObject(&inner), &s.children, out),
+                Err(_) => false,
+            }
+        };
+        if kept {
+            wrote = true;
+        } else {
+            out.truncate(mark);
+        }
+    }
+    out.push(b'}');
+    wrote
+}
+
+/// Build the selection tree from dotted paths, keeping first-mention order.
+fn selection_tree(paths: &[String]) -> Vec<Selection> {
+    let mut tree: Vec<Selection> = Vec::new();
+    for path in paths {
+        let mut level = &mut tree;
+        for segment in path.split('.') {
+            let at = match level.iter().position(|s| s.name == segment) {
+                Some(at) => at,
+                None => {
+                    level.push(Selection {
+                        name: segment.to_string(),
+                        key_json: serde_json::to_string(segment).expect("a string serializes"),
+                        children: Vec::new(),
+                    });
+                    level.len() - 1
+                }
+            };
+            level = &mut level[at].children;
+        }
+    }
+    tree
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -237,12 +431,13 @@ impl Transform for JsonFilter {
                 return Err(Error::config(format!("select: `{bad}` is not a field path like `a` or `a.b`")));
             }
         }
-        Ok(Self { predicates, select: config.select, on_invalid: config.on_invalid })
+        Ok(Self { predicates, select: config.select.as_deref().map(selection_tree), on_invalid: config.on_invalid })
     }
 
     fn process(&mut self, batch: &Batch, _ctx: &Context, out: &mut Output) -> Result<(), Error> {
+        let (mut members, mut buf) = (Members::new(), Vec::new());
         for record in batch.records() {
-            self.handle(&record, out)?;
+            self.handle(&record, out, &mut members, &mut buf)?;
         }
         Ok(())
     }
@@ -286,6 +481,14 @@ mod tests {
         let big = i64::MAX;
         let out = run(json!({"where": [{"field": "x", "op": "gte", "value": big}]}), &[&format!(r#"{{"x": {big}}}"#), &format!(r#"{{"x": {}}}"#, big - 1)]);
         assert_eq!(out.values().len(), 1, "large integers must not lose precision through f64");
+    }
+
+    #[test]
+    fn string_equality_sees_through_escapes() {
+        let out = run(json!({"where": [{"field": "c", "op": "eq", "value": "KR"}]}), &[r#"{"c": "K\u0052"}"#, r#"{"c": "KR"}"#, r#"{"c": "KRX"}"#]);
+        assert_eq!(out.values(), vec![r#"{"c": "K\u0052"}"#, r#"{"c": "KR"}"#]);
+        let out = run(json!({"where": [{"field": "c", "op": "ne", "value": "KR"}]}), &[r#"{"c": "K\u0052"}"#, r#"{"c": "US"}"#, r#"{"c": null}"#]);
+        assert_eq!(out.values(), vec![r#"{"c": "US"}"#]);
     }
 
     #[test]
