@@ -124,3 +124,41 @@ fn demo_runs_the_example_plugins_and_prints_closing_windows() {
     assert!(stderr.lines().any(|l| l.starts_with("batch ") && !l.contains("| 0 windows closed")), "windows must close while running:\n{stderr}");
     assert!(stderr.contains("done: 12000 events in 7 batches"), "{stderr}");
 }
+
+#[test]
+fn check_loads_a_pipeline_and_its_plugins_without_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/ad-clicks.toml");
+    let out = sluice(&["check", example.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("pipeline ad-performance: OK"), "{stdout}");
+    assert!(stdout.contains("plugins  json-filter 1.0.0 (transform) -> ad-clicks 1.0.0 (aggregate)"), "{stdout}");
+
+    let base = "[source]\ntopics = [\"t\"]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9\"\n[sink]\nformat = \"jsonl\"\npath = \"-\"\n";
+    let cases = [
+        ("[[plugin]]\nbuiltin = \"ad-clicks\"\n[[plugin]]\nbuiltin = \"json-filter\"\n", "plugin ad-clicks is an aggregate and must be the last step of the chain"),
+        ("[[plugin]]\nbuiltin = \"json-filter\"\nconfig = { select = \"id\" }\n", "plugin[0]: plugin json-filter: init failed: invalid config: invalid type: string \"id\", expected a sequence"),
+        ("[[plugin]]\npath = \"missing.wasm\"\n", "plugin[0]: cannot read plugin file"),
+        ("[[plugin]]\nbuiltin = \"nope\"\n", "plugin[0]: there is no built-in plugin `nope`"),
+    ];
+    for (steps, expected) in cases {
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, format!("{base}{steps}")).unwrap();
+        let out = sluice(&["check", file.to_str().unwrap()], dir.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{steps}: {stderr}");
+        assert!(stderr.contains(expected), "{steps}: expected `{expected}` in {stderr}");
+    }
+}
+
+#[test]
+fn bench_plugins_compares_native_and_webassembly_on_the_same_rows() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = sluice(&["bench", "plugins", "--records", "2000", "--batch-sizes", "500,2000", "--repeat", "1"], cache.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| json-filter") || l.starts_with("| ad-clicks")).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    assert!(rows.iter().all(|r| r.ends_with("× |")), "{stdout}");
+}

@@ -111,8 +111,8 @@ fn time_native<D: Driver>(config: &str, batches: &[RecordBatch]) -> anyhow::Resu
 
 type NativeFn = fn(&str, &[RecordBatch]) -> anyhow::Result<(Duration, u64)>;
 
-/// Run the benchmark and print a table to `out`.
-pub fn run(args: &BenchArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+/// Run the benchmark, print a table to `out`, and return its rows.
+pub fn run(args: &BenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<BenchRow>> {
     if args.records == 0 || args.repeat == 0 || args.batch_sizes.iter().any(|&b| b == 0) {
         anyhow::bail!("--records, --repeat and every --batch-sizes entry must be at least 1");
     }
@@ -153,5 +153,5 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             rows.push(row);
         }
     }
-    Ok(())
+    Ok(rows)
 }

@@ -72,9 +72,9 @@ impl Chain {
         Ok(Self { stages })
     }
 
-    /// The instances, in order.
-    pub fn stages(&mut self) -> &mut [PluginInstance] {
-        &mut self.stages
+    /// What each step's plugin says about itself, in order.
+    pub fn plugins(&self) -> impl Iterator<Item = &crate::runtime::PluginInfo> {
+        self.stages.iter().map(|s| s.info())
     }
 
     /// Run `batch` (record schema) through every stage.

@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod chain;
+pub mod config;
 pub mod demo;
 pub mod examples;
 pub mod offline;

@@ -1,6 +1,6 @@
 //! The `sluice` command line. Parsing and printing only; the work is in the library.
 
-use std::io::{BufReader, IsTerminal, Write};
+use std::io::{BufReader, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,6 +29,11 @@ enum Command {
     Plugin(PluginCommand),
     /// Run ad events through the example plugins and print windows as they close.
     Demo(DemoArgs),
+    /// Check a pipeline file and its plugins without connecting to Kafka.
+    Check {
+        /// Pipeline file (TOML).
+        pipeline: PathBuf,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -121,7 +126,8 @@ fn main() -> ExitCode {
         Command::Plugin(PluginCommand::Inspect { plugin, json }) => inspect(&plugin, json),
         Command::Plugin(PluginCommand::Test(args)) => test(args),
         Command::Demo(args) => run_demo(args),
-        Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()),
+        Command::Check { pipeline } => check(&pipeline),
+        Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,6 +255,50 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    use sluice::config::{Pipeline, PluginSource, Sink, StartingOffsets};
+    let pipeline = Pipeline::load(path)?;
+    let runtime = Runtime::with_default_cache()?;
+    let mut instances = Vec::new();
+    for (i, step) in pipeline.steps.iter().enumerate() {
+        let name = match &step.source {
+            PluginSource::Builtin(name) => format!("builtin:{name}"),
+            PluginSource::File(file) => file.display().to_string(),
+        };
+        let loaded = load(&runtime, &name, step.limits).with_context(|| format!("plugin[{i}]"))?;
+        instances.push(loaded.instantiate(&step.config).with_context(|| format!("plugin[{i}]"))?);
+    }
+    let chain = sluice::chain::Chain::new(instances)?;
+    let mut out = std::io::stdout().lock();
+    let s = &pipeline.source;
+    writeln!(out, "pipeline {}: OK", pipeline.name)?;
+    writeln!(
+        out,
+        "  source   {} ({}, group {}{})",
+        s.topics.join(", "),
+        match s.starting_offsets {
+            StartingOffsets::Latest => "latest",
+            StartingOffsets::Earliest => "earliest",
+        },
+        s.group_id,
+        s.max_offsets_per_trigger.map(|n| format!(", at most {n} records per batch")).unwrap_or_default()
+    )?;
+    writeln!(out, "  brokers  {}", pipeline.kafka["bootstrap.servers"])?;
+    writeln!(out, "  trigger  every {}", humantime::format_duration(pipeline.trigger_interval))?;
+    let steps: Vec<String> = chain
+        .plugins()
+        .map(|info| format!("{} {} ({})", info.name, info.version, format!("{:?}", info.kind).to_lowercase()))
+        .collect();
+    writeln!(out, "  plugins  {}", steps.join(" -> "))?;
+    let sink = match &pipeline.sink {
+        Sink::Parquet { path } => format!("parquet {path}"),
+        Sink::Jsonl { path } => format!("jsonl {path}"),
+        Sink::Kafka { topic } => format!("kafka topic {topic}"),
+    };
+    writeln!(out, "  sink     {sink}")?;
+    Ok(())
+}
+
 fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     if args.rate == 0 || args.interval.is_zero() || args.speedup == 0 {
         bail!("--rate, --interval and --speedup must be greater than zero");
@@ -256,7 +306,6 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let options = demo::DemoOptions { duration: args.duration, rate: args.rate, interval: args.interval, speedup: args.speedup };
     let mut out = std::io::stdout().lock();
     let mut progress = std::io::stderr().lock();
-    let _tty = std::io::stderr().is_terminal();
     demo::run(&options, &mut out, &mut progress)?;
     Ok(())
 }

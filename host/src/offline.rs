@@ -33,20 +33,20 @@ pub struct Summary {
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
     /// Reading the input failed.
-    #[error("cannot read the input at line {line}: {source}")]
+    #[error("cannot read the input at line {line}: {error}")]
     Read {
         /// 1-based line number.
         line: u64,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A plugin call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Call {
         /// Which batch.
         what: String,
         /// The failure.
-        source: CallError,
+        error: CallError,
     },
 }
 
@@ -70,7 +70,7 @@ pub fn run(instance: &mut PluginInstance, input: impl BufRead, batch_size: usize
         let mut buf = Vec::new();
         let n = reader
             .read_until(b'\n', &mut buf)
-            .map_err(|source| OfflineError::Read { line: line_no + 1, source })?;
+            .map_err(|error| OfflineError::Read { line: line_no + 1, error })?;
         let eof = n == 0;
         if !eof {
             line_no += 1;
@@ -124,7 +124,7 @@ fn feed(
         (Some((a, _)), Some((b, _))) => format!("batch {} (lines {a}-{b})", summary.batches),
         _ => "final flush".to_string(),
     };
-    let out = instance.process(&batch, &ctx).map_err(|source| OfflineError::Call { what, source })?;
+    let out = instance.process(&batch, &ctx).map_err(|error| OfflineError::Call { what, error })?;
     if !flush {
         summary.batches += 1;
         summary.records += lines.len() as u64;

@@ -11,12 +11,12 @@ use sluice_sdk::ErrorKind;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("cannot read plugin file {path}: {source}")]
+    #[error("cannot read plugin file {path}: {error}")]
     Read {
         /// The path given.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not WebAssembly at all.
     #[error("{plugin}: not a WebAssembly file (it does not start with the `\\0asm` magic bytes); a plugin is a .wasm component built with sluice-sdk for the wasm32-wasip2 target")]

@@ -130,7 +130,7 @@ impl Runtime {
     /// Load and check a plugin from a file.
     pub fn load_file(&self, path: impl AsRef<std::path::Path>, limits: Limits) -> Result<LoadedPlugin, LoadError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+        let bytes = std::fs::read(path).map_err(|error| LoadError::Read { path: path.display().to_string(), error })?;
         self.load(&bytes, &path.display().to_string(), limits)
     }
 

@@ -1,0 +1,288 @@
+//! The pipeline file (TOML), read in two stages: [`raw`] structs that reject unknown keys,
+//! then [`Pipeline::from_raw`], which checks values and their combinations and says which
+//! key is wrong and how to fix it. Names follow Spark (`startingOffsets`,
+//! `maxOffsetsPerTrigger`, `processingTime`) and librdkafka (the `[kafka]` table is passed
+//! to librdkafka as-is).
+//!
+//! This module only describes a pipeline; it must not open connections or load plugins.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::runtime::Limits;
+
+/// Where consumption starts when there is no checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartingOffsets {
+    /// Only records produced after the pipeline starts.
+    Latest,
+    /// Everything the broker still has.
+    Earliest,
+}
+
+/// What the Kafka source reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Topics, at least one.
+    pub topics: Vec<String>,
+    /// Start position without a checkpoint.
+    pub starting_offsets: StartingOffsets,
+    /// Most records in one batch, over all partitions.
+    pub max_offsets_per_trigger: Option<u64>,
+    /// Consumer group used to commit offsets for lag tools.
+    pub group_id: String,
+}
+
+/// Where a plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// A `.wasm` file (relative paths are relative to the pipeline file).
+    File(PathBuf),
+    /// One of the plugins embedded in the binary.
+    Builtin(String),
+}
+
+/// One step of the plugin chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Where the component comes from.
+    pub source: PluginSource,
+    /// Its configuration, as JSON text.
+    pub config: String,
+    /// Its sandbox limits.
+    pub limits: Limits,
+}
+
+/// Where output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// Parquet files under a local path or an object-store URL.
+    Parquet {
+        /// Directory or URL.
+        path: String,
+    },
+    /// JSON lines to a file, or stdout for `-`.
+    Jsonl {
+        /// File path or `-`.
+        path: String,
+    },
+    /// A Kafka topic on the same cluster.
+    Kafka {
+        /// Topic name.
+        topic: String,
+    },
+}
+
+/// A checked pipeline, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    /// Pipeline name.
+    pub name: String,
+    /// Kafka source.
+    pub source: Source,
+    /// Batch interval.
+    pub trigger_interval: Duration,
+    /// librdkafka properties, as strings.
+    pub kafka: BTreeMap<String, String>,
+    /// Plugin chain.
+    pub steps: Vec<Step>,
+    /// Output.
+    pub sink: Sink,
+}
+
+/// A pipeline file that cannot be used, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read pipeline file {path}: {error}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        error: std::io::Error,
+    },
+    /// Not valid TOML, or a key or type that the pipeline file does not have.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// File.
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value that is not allowed.
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// The offending key, e.g. `source.topics`.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// librdkafka properties sluice sets itself, and why.
+const MANAGED_KAFKA_KEYS: [(&str, &str); 4] = [
+    ("group.id", "set `source.groupId` instead"),
+    ("enable.auto.commit", "sluice commits offsets itself after each batch is written"),
+    ("auto.offset.reset", "set `source.startingOffsets` instead"),
+    ("enable.auto.offset.store", "sluice stores offsets itself after each batch is written"),
+];
+
+/// Default batch interval when `[trigger]` gives none.
+pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(1);
+
+fn valid_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Pipeline {
+    /// Read and check a pipeline file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
+        Self::parse(&text, path)
+    }
+
+    /// Check pipeline text; `path` names it in messages and anchors relative plugin paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let raw: raw::RawPipeline =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string().trim_end().to_string() })?;
+        Self::from_raw(raw, path)
+    }
+
+    fn from_raw(raw: raw::RawPipeline, path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let invalid = |key: &str, message: String| ConfigError::Invalid { path: shown.clone(), key: key.to_string(), message };
+
+        let name = raw.name.unwrap_or_else(|| {
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
+        });
+        if name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+
+        if raw.source.topics.is_empty() {
+            return Err(invalid("source.topics", "list at least one topic to read, e.g. `topics = [\"ad-events\"]`".into()));
+        }
+        if let Some(bad) = raw.source.topics.iter().find(|t| !valid_topic(t)) {
+            return Err(invalid(
+                "source.topics",
+                format!("`{bad}` is not a Kafka topic name (1-249 characters of a-z, A-Z, 0-9, `.`, `_`, `-`)"),
+            ));
+        }
+        let max_offsets_per_trigger = match raw.source.max_offsets_per_trigger {
+            None => None,
+            Some(n) if n > 0 => Some(n as u64),
+            Some(n) => return Err(invalid("source.maxOffsetsPerTrigger", format!("must be a positive number of records, got {n}"))),
+        };
+        let group_id = raw.source.group_id.unwrap_or_else(|| format!("sluice-{name}"));
+        if group_id.trim().is_empty() {
+            return Err(invalid("source.groupId", "must not be empty".into()));
+        }
+        let source = Source {
+            topics: raw.source.topics,
+            starting_offsets: match raw.source.starting_offsets {
+                None | Some(raw::RawStartingOffsets::Latest) => StartingOffsets::Latest,
+                Some(raw::RawStartingOffsets::Earliest) => StartingOffsets::Earliest,
+            },
+            max_offsets_per_trigger,
+            group_id,
+        };
+
+        let trigger_interval = match raw.trigger.processing_time {
+            None => DEFAULT_TRIGGER_INTERVAL,
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => return Err(invalid("trigger.processingTime", "must be longer than zero".into())),
+                Err(e) => return Err(invalid("trigger.processingTime", format!("`{text}` is not a duration like `500ms` or `10s`: {e}"))),
+            },
+        };
+
+        let mut kafka = BTreeMap::new();
+        for (key, value) in raw.kafka {
+            if let Some((_, why)) = MANAGED_KAFKA_KEYS.iter().find(|(k, _)| *k == key) {
+                return Err(invalid(&format!("kafka.\"{key}\""), format!("is managed by sluice: {why}")));
+            }
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => {
+                    return Err(invalid(
+                        &format!("kafka.\"{key}\""),
+                        format!("librdkafka properties are strings, numbers or booleans, got a {}", other.type_str()),
+                    ))
+                }
+            };
+            kafka.insert(key, text);
+        }
+        if !kafka.contains_key("bootstrap.servers") {
+            return Err(invalid(
+                "kafka",
+                "`\"bootstrap.servers\"` is missing: add `\"bootstrap.servers\" = \"host:9092\"` under [kafka]".into(),
+            ));
+        }
+
+        if raw.plugin.is_empty() {
+            return Err(invalid("plugin", "add at least one [[plugin]] step with `path` or `builtin`".into()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let steps = raw
+            .plugin
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let key = |k: &str| format!("plugin[{i}].{k}");
+                let source = match (p.path, p.builtin) {
+                    (Some(file), None) => PluginSource::File(base.join(file)),
+                    (None, Some(name)) => PluginSource::Builtin(name),
+                    _ => return Err(invalid(&format!("plugin[{i}]"), "give exactly one of `path` (a .wasm file) or `builtin` (json-filter, ad-clicks)".into())),
+                };
+                let config = match p.config {
+                    None => "{}".to_string(),
+                    Some(table) => serde_json::to_string(&table).map_err(|e| invalid(&key("config"), e.to_string()))?,
+                };
+                let mut limits = Limits::default();
+                if let Some(mb) = p.memory_mb {
+                    if mb <= 0 {
+                        return Err(invalid(&key("memoryMb"), format!("must be a positive number of MiB, got {mb}")));
+                    }
+                    limits.memory_bytes = (mb as usize) << 20;
+                }
+                if let Some(text) = p.call_timeout {
+                    limits.call_timeout = match humantime::parse_duration(&text) {
+                        Ok(d) if !d.is_zero() => d,
+                        _ => return Err(invalid(&key("callTimeout"), format!("`{text}` is not a positive duration like `500ms` or `10s`"))),
+                    };
+                }
+                Ok(Step { source, config, limits })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let sink = match raw.sink {
+            raw::RawSink::Parquet { path } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty".into())),
+            raw::RawSink::Jsonl { path } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty; use `-` for stdout".into())),
+            raw::RawSink::Kafka { topic } if !valid_topic(&topic) => {
+                return Err(invalid("sink.topic", format!("`{topic}` is not a Kafka topic name")))
+            }
+            raw::RawSink::Kafka { topic } if source.topics.contains(&topic) => {
+                return Err(invalid("sink.topic", format!("`{topic}` is also a source topic: the pipeline would read its own output")))
+            }
+            raw::RawSink::Parquet { path } => Sink::Parquet { path },
+            raw::RawSink::Jsonl { path } => Sink::Jsonl { path },
+            raw::RawSink::Kafka { topic } => Sink::Kafka { topic },
+        };
+
+        Ok(Self { name, source, trigger_interval, kafka, steps, sink })
+    }
+}

@@ -1,0 +1,66 @@
+//! The pipeline file as written: serde structs that reject unknown keys. Nothing here is
+//! checked beyond types; see [`super::Pipeline::from_raw`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// A whole pipeline file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    pub name: Option<String>,
+    pub source: RawSource,
+    #[serde(default)]
+    pub trigger: RawTrigger,
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub plugin: Vec<RawPlugin>,
+    pub sink: RawSink,
+}
+
+/// `[source]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSource {
+    pub topics: Vec<String>,
+    pub starting_offsets: Option<RawStartingOffsets>,
+    pub max_offsets_per_trigger: Option<i64>,
+    pub group_id: Option<String>,
+}
+
+/// `startingOffsets`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawStartingOffsets {
+    Latest,
+    Earliest,
+}
+
+/// `[trigger]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawTrigger {
+    pub processing_time: Option<String>,
+}
+
+/// One `[[plugin]]` step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPlugin {
+    pub path: Option<String>,
+    pub builtin: Option<String>,
+    pub config: Option<toml::Table>,
+    pub memory_mb: Option<i64>,
+    pub call_timeout: Option<String>,
+}
+
+/// `[sink]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "format", rename_all = "lowercase")]
+pub enum RawSink {
+    Parquet { path: String },
+    Jsonl { path: String },
+    Kafka { topic: String },
+}

@@ -1,0 +1,76 @@
+//! The pipeline file: every example in tests/pipelines/good loads, and every file in
+//! tests/pipelines/bad fails with the message its first line (`# error: ...`) names.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice::config::{Pipeline, PluginSource, Sink, StartingOffsets};
+
+fn files(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines").join(kind);
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(!files.is_empty(), "no examples in {}", dir.display());
+    files
+}
+
+#[test]
+fn every_good_example_loads() {
+    for file in files("good") {
+        if let Err(e) = Pipeline::load(&file) {
+            panic!("{} should load: {e}", file.display());
+        }
+    }
+}
+
+#[test]
+fn every_bad_example_fails_with_its_message() {
+    for file in files("bad") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected = text.lines().next().and_then(|l| l.strip_prefix("# error: ")).unwrap_or_else(|| {
+            panic!("{} must start with `# error: <expected message>`", file.display())
+        });
+        match Pipeline::load(&file) {
+            Ok(_) => panic!("{} should fail with `{expected}`", file.display()),
+            Err(e) => {
+                let message = e.to_string();
+                assert!(message.contains(expected), "{}:\n expected `{expected}`\n got      `{message}`", file.display());
+                assert!(message.starts_with(&file.display().to_string()), "the message names the file: {message}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_commented_example_means_what_it_says() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/ad-clicks.toml");
+    let p = Pipeline::load(&file).unwrap();
+    assert_eq!(p.name, "ad-performance");
+    assert_eq!(p.source.topics, ["ad-events"]);
+    assert_eq!(p.source.starting_offsets, StartingOffsets::Earliest);
+    assert_eq!(p.source.max_offsets_per_trigger, Some(100_000));
+    assert_eq!(p.source.group_id, "ad-performance");
+    assert_eq!(p.trigger_interval, Duration::from_secs(10));
+    assert_eq!(p.kafka.get("fetch.wait.max.ms").map(String::as_str), Some("10"));
+    assert_eq!(p.steps.len(), 2);
+    assert_eq!(p.steps[0].source, PluginSource::Builtin("json-filter".into()));
+    let filter: serde_json::Value = serde_json::from_str(&p.steps[0].config).unwrap();
+    assert_eq!(filter["where"][0]["value"], "click");
+    assert_eq!(p.steps[1].limits.memory_bytes, 1024 << 20);
+    assert_eq!(p.steps[1].limits.call_timeout, Duration::from_secs(30));
+    let clicks: serde_json::Value = serde_json::from_str(&p.steps[1].config).unwrap();
+    assert_eq!(clicks["slide_ms"], 10000);
+    assert_eq!(p.sink, Sink::Parquet { path: "out/ad-performance".into() });
+}
+
+#[test]
+fn defaults_and_relative_plugin_paths() {
+    let minimal = Pipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/minimal.toml")).unwrap();
+    assert_eq!(minimal.name, "minimal");
+    assert_eq!(minimal.source.group_id, "sluice-minimal");
+    assert_eq!(minimal.source.starting_offsets, StartingOffsets::Latest);
+    assert_eq!(minimal.trigger_interval, Duration::from_secs(1));
+    assert_eq!(minimal.steps[0].config, "{}");
+    let to_kafka = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
+    assert_eq!(to_kafka.steps[0].source, PluginSource::File("/etc/sluice/plugins/json_filter.wasm".into()));
+}
