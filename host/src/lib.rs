@@ -5,7 +5,12 @@
 //! components behind the `sluice:plugin` WIT world (see `wit/plugin.wit`).
 //!
 //! Modules, in the order a batch meets them:
+//! * [`config`] — the pipeline file, checked.
+//! * [`pipeline`] — the micro-batch loop: plan → fetch → plugins → sink → commit.
+//! * [`kafka`] — the Kafka source: offset ranges, exact fetch, group commits (owns librdkafka).
+//! * [`chain`] — one batch through the plugin chain.
 //! * [`runtime`] — loads, checks and runs plugins (owns wasmtime).
+//! * [`sink`] — where each batch's output goes, named by batch id.
 //! * [`offline`] — feeds a plugin from a JSON-lines file in batches (`sluice plugin test`).
 //! * [`examples`] — the example plugins, built from `plugins/` and embedded.
 //! * [`demo`] — seed-style ad-click events and the embedded demo.
@@ -15,5 +20,8 @@ pub mod chain;
 pub mod config;
 pub mod demo;
 pub mod examples;
+pub mod kafka;
 pub mod offline;
+pub mod pipeline;
 pub mod runtime;
+pub mod sink;

@@ -29,6 +29,15 @@ enum Command {
     Plugin(PluginCommand),
     /// Run ad events through the example plugins and print windows as they close.
     Demo(DemoArgs),
+    /// Run a pipeline until SIGINT/SIGTERM (the batch in flight is finished first).
+    Run {
+        /// Pipeline file (TOML).
+        pipeline: PathBuf,
+        /// Process what the topics hold now, flush open windows, and exit
+        /// (Spark's Trigger.AvailableNow).
+        #[arg(long)]
+        available_now: bool,
+    },
     /// Check a pipeline file and its plugins without connecting to Kafka.
     Check {
         /// Pipeline file (TOML).
@@ -127,6 +136,7 @@ fn main() -> ExitCode {
         Command::Plugin(PluginCommand::Test(args)) => test(args),
         Command::Demo(args) => run_demo(args),
         Command::Check { pipeline } => check(&pipeline),
+        Command::Run { pipeline, available_now } => run(&pipeline, available_now),
         Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
     };
     match result {
@@ -256,19 +266,10 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    use sluice::config::{Pipeline, PluginSource, Sink, StartingOffsets};
+    use sluice::config::{Pipeline, Sink, StartingOffsets};
     let pipeline = Pipeline::load(path)?;
     let runtime = Runtime::with_default_cache()?;
-    let mut instances = Vec::new();
-    for (i, step) in pipeline.steps.iter().enumerate() {
-        let name = match &step.source {
-            PluginSource::Builtin(name) => format!("builtin:{name}"),
-            PluginSource::File(file) => file.display().to_string(),
-        };
-        let loaded = load(&runtime, &name, step.limits).with_context(|| format!("plugin[{i}]"))?;
-        instances.push(loaded.instantiate(&step.config).with_context(|| format!("plugin[{i}]"))?);
-    }
-    let chain = sluice::chain::Chain::new(instances)?;
+    let chain = sluice::pipeline::build_chain(&pipeline, &runtime)?;
     let mut out = std::io::stdout().lock();
     let s = &pipeline.source;
     writeln!(out, "pipeline {}: OK", pipeline.name)?;
@@ -299,6 +300,50 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A flag that SIGINT and SIGTERM set: the loop finishes its batch and returns.
+fn stop_on_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("cannot install the signal handler")?;
+    }
+    Ok(stop)
+}
+
+fn run(path: &std::path::Path, available_now: bool) -> anyhow::Result<()> {
+    use sluice::config::{Pipeline, Sink};
+    use sluice::pipeline::Until;
+    let pipeline = Pipeline::load(path)?;
+    let mut sink: Box<dyn sluice::sink::Sink> = match &pipeline.sink {
+        Sink::Jsonl { path } => Box::new(sluice::sink::JsonlSink::open(path)?),
+        Sink::Parquet { .. } | Sink::Kafka { .. } => {
+            bail!("{}: sink formats `parquet` and `kafka` are not implemented yet; use format = \"jsonl\"", path.display())
+        }
+    };
+    let stop = stop_on_signal()?;
+    let runtime = Runtime::with_default_cache()?;
+    let until = if available_now { Until::AvailableNow } else { Until::Stopped };
+    let summary = sluice::pipeline::run(&pipeline, &runtime, until, &stop, sink.as_mut(), &mut |p| {
+        eprintln!(
+            "batch {} | {} records | {:.0} records/s processed | {:.1} ms | {} rows out | lag {} | watermark {}",
+            p.batch_id,
+            p.records,
+            p.processed_per_sec,
+            p.duration.as_secs_f64() * 1000.0,
+            p.output_rows,
+            p.lag,
+            p.watermark_ms.map(|w| if w == i64::MAX { "end".to_string() } else { w.to_string() }).unwrap_or_else(|| "-".into())
+        );
+        for r in &p.rejected {
+            eprintln!("rejected {}/{}@{} by {}: {}", r.topic, r.partition, r.offset, r.plugin, r.reason);
+        }
+    })?;
+    eprintln!(
+        "{}: stopped after {} batches: {} records in, {} rows out, {} rejected",
+        pipeline.name, summary.batches, summary.records, summary.output_rows, summary.rejected
+    );
+    Ok(())
+}
+
 fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     if args.rate == 0 || args.interval.is_zero() || args.speedup == 0 {
         bail!("--rate, --interval and --speedup must be greater than zero");
@@ -306,6 +351,6 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let options = demo::DemoOptions { duration: args.duration, rate: args.rate, interval: args.interval, speedup: args.speedup };
     let mut out = std::io::stdout().lock();
     let mut progress = std::io::stderr().lock();
-    demo::run(&options, &mut out, &mut progress)?;
+    demo::run(&options, stop_on_signal()?, &mut out, &mut progress)?;
     Ok(())
 }

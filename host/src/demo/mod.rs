@@ -1,29 +1,34 @@
-//! `sluice demo`: seed-style ad events through the embedded example plugins —
-//! `json-filter` keeps the clicks, `ad-clicks` aggregates them in sliding windows — with a
-//! progress line per batch and each window printed as it closes.
+//! `sluice demo`: zero setup. Starts librdkafka's in-process mock cluster, produces
+//! seed-style ad events into it at a steady rate, and runs the real pipeline loop over
+//! it — `json-filter` keeps the clicks, `ad-clicks` aggregates them in sliding windows —
+//! printing a progress line per batch and each window as it closes.
 //!
-//! Until the Kafka source lands, events come from an in-process generator, paced in real
-//! time. Event time runs `speedup` times faster than the wall clock so that one-minute
-//! windows close within a short demo.
+//! Event time runs `speedup` times faster than the wall clock so that one-minute windows
+//! close within a short demo.
 
 pub mod generator;
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::RecordBatch;
-use sluice_sdk::{Context, OffsetRange, RecordParts, RecordsBuilder};
+use rdkafka::mocking::MockCluster;
 
-use crate::chain::Chain;
-use crate::examples;
+use crate::config::{Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
+use crate::kafka::{Loader, Outgoing};
+use crate::pipeline::{self, Until};
 use crate::runtime::{Limits, Runtime};
+use crate::sink::{Sink, SinkError};
 use generator::{EventGenerator, EventSpec};
 
-/// Topic name the generated events carry.
+/// Topic the generated events go to.
 pub const TOPIC: &str = "ad-events";
-/// Partitions the generated events are spread over (by campaign).
+/// Partitions of the topic (events are spread by campaign).
 pub const PARTITIONS: i32 = 4;
 
 /// Demo settings.
@@ -31,7 +36,7 @@ pub const PARTITIONS: i32 = 4;
 pub struct DemoOptions {
     /// How long to run (wall clock).
     pub duration: Duration,
-    /// Events per second (wall clock).
+    /// Events per second produced (wall clock).
     pub rate: u64,
     /// Batch interval.
     pub interval: Duration,
@@ -48,126 +53,145 @@ impl Default for DemoOptions {
 /// Totals of a demo run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DemoSummary {
-    /// Batches run, including the final flush.
+    /// Events produced.
+    pub produced: u64,
+    /// Events consumed by the pipeline.
+    pub consumed: u64,
+    /// Batches run.
     pub batches: u64,
-    /// Events generated.
-    pub events: u64,
     /// Windows emitted.
     pub windows: u64,
-    /// Clicks counted in emitted windows (each click counts once per window it falls in).
-    pub window_clicks: u64,
 }
 
 /// The json-filter configuration of the demo: keep clicks, keep the fields ad-clicks reads.
 pub const FILTER_CONFIG: &str = r#"{"where": [{"field": "event", "op": "eq", "value": "click"}],
  "select": ["campaign_id", "user_id", "cost", "timestamp"]}"#;
 
-/// Run the demo, writing windows to `out` and progress lines to `progress`.
-pub fn run(options: &DemoOptions, out: &mut dyn Write, progress: &mut dyn Write) -> anyhow::Result<DemoSummary> {
-    let runtime = Runtime::with_default_cache()?;
-    let filter = runtime.load(examples::JSON_FILTER, "builtin:json-filter", Limits::default())?;
-    let clicks = runtime.load(examples::AD_CLICKS, "builtin:ad-clicks", Limits::default())?;
-    let mut chain = Chain::new(vec![filter.instantiate(FILTER_CONFIG)?, clicks.instantiate("{}")?])?;
+/// Prints ad-clicks windows as they close.
+struct WindowPrinter<'o> {
+    out: &'o mut dyn Write,
+    windows: u64,
+}
 
-    let per_batch = (options.rate as f64 * options.interval.as_secs_f64()).round().max(1.0) as usize;
-    let mut gen = EventGenerator::new(EventSpec {
-        events_per_sec: (options.rate / options.speedup.max(1)).max(1),
-        ..EventSpec::default()
-    });
-    let mut offsets = [0i64; PARTITIONS as usize];
-    let mut summary = DemoSummary::default();
-    let mut watermark = None;
+impl Sink for WindowPrinter<'_> {
+    fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
+        for b in batches {
+            self.windows += print_windows(b, self.out)
+                .map_err(|error| SinkError::Write { target: "stdout".into(), batch_id, error })?;
+        }
+        Ok(())
+    }
+}
+
+/// Produce events at `rate` per second until `stop`; returns how many.
+fn produce(loader: Loader, options: DemoOptions, stop: Arc<AtomicBool>, produced: Arc<AtomicU64>) {
+    let mut gen = EventGenerator::new(EventSpec { events_per_sec: (options.rate / options.speedup.max(1)).max(1), ..EventSpec::default() });
     let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let due = (started.elapsed().as_secs_f64() * options.rate as f64) as u64;
+        while sent < due {
+            let event = gen.next_event();
+            let value = serde_json::to_vec(&event).expect("events serialize");
+            let campaign: u64 = event.campaign_id.trim_start_matches("campaign-").parse().unwrap_or(0);
+            let record = Outgoing { partition: (campaign % PARTITIONS as u64) as i32, key: Some(event.campaign_id.as_bytes()), value: &value };
+            if let Err(e) = loader.send(TOPIC, record) {
+                tracing::error!("demo producer: {e}");
+                return;
+            }
+            sent += 1;
+        }
+        produced.store(sent, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = loader.flush(Duration::from_secs(5));
+    produced.store(sent, Ordering::SeqCst);
+}
+
+/// Run the demo until `options.duration` has passed or `stop` is set; windows go to
+/// `out`, progress lines to `progress`.
+pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, progress: &mut dyn Write) -> anyhow::Result<DemoSummary> {
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic(TOPIC, PARTITIONS, 1)?;
+    let bootstrap = cluster.bootstrap_servers();
+
+    let step = |name: &str, config: &str| Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default() };
+    let pipeline = Pipeline {
+        name: "demo".into(),
+        source: Source {
+            topics: vec![TOPIC.into()],
+            starting_offsets: StartingOffsets::Earliest,
+            max_offsets_per_trigger: None,
+            group_id: "sluice-demo".into(),
+        },
+        trigger_interval: options.interval,
+        kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
+        steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
+        sink: SinkConfig::Jsonl { path: "-".into() },
+    };
     writeln!(
         progress,
-        "sluice demo: {} events/s in batches every {} ms for {} s (event time ×{}), json-filter → ad-clicks",
+        "sluice demo: mock Kafka cluster at {bootstrap}, topic {TOPIC} ({PARTITIONS} partitions), {} events/s, batches every {} ms, for {} s (event time ×{}); json-filter -> ad-clicks",
         options.rate,
         options.interval.as_millis(),
         options.duration.as_secs(),
         options.speedup
     )?;
 
-    loop {
-        let batch_started = Instant::now();
-        let last = batch_started.duration_since(started) >= options.duration;
-        let (batch, ranges) = if last {
-            (RecordsBuilder::default().finish(), Vec::new())
-        } else {
-            next_batch(&mut gen, per_batch, &mut offsets)
-        };
-        let ctx = Context {
-            batch_id: summary.batches,
-            offset_ranges: ranges,
-            processing_time_ms: 0,
-            watermark_ms: if last { Some(i64::MAX) } else { watermark },
-        };
-        let processing = Instant::now();
-        let result = chain.process(batch, &ctx)?;
-        let took = processing.elapsed();
-        watermark = result.watermark_ms.or(watermark);
-        summary.batches += 1;
-        let mut windows = 0;
-        for b in &result.batches {
-            windows += b.num_rows() as u64;
-            summary.window_clicks += print_windows(b, out)?;
-        }
-        summary.windows += windows;
-        if !last {
-            summary.events += per_batch as u64;
-            writeln!(
-                progress,
-                "batch {:>3} | {:>6} events | {:>6.0} events/s in | {:>9.0} events/s processed | {:>7.2} ms | {} windows closed | watermark {} | lag n/a (no broker yet)",
-                ctx.batch_id,
-                per_batch,
-                per_batch as f64 / options.interval.as_secs_f64(),
-                per_batch as f64 / took.as_secs_f64().max(1e-9),
-                took.as_secs_f64() * 1000.0,
-                windows,
-                watermark.map(clock).unwrap_or_else(|| "-".into()),
-            )?;
-        }
-        for r in &result.rejected {
-            writeln!(progress, "rejected {}/{}@{} by {}: {}", r.topic, r.partition, r.offset, r.plugin, r.reason)?;
-        }
-        if last {
-            break;
-        }
-        if let Some(rest) = options.interval.checked_sub(batch_started.elapsed()) {
-            std::thread::sleep(rest);
-        }
+    // Compile the plugins before the clock starts (the runtime keeps them for the run).
+    let runtime = Runtime::with_default_cache()?;
+    for (name, bytes) in [("json-filter", crate::examples::JSON_FILTER), ("ad-clicks", crate::examples::AD_CLICKS)] {
+        runtime.load(bytes, &format!("builtin:{name}"), Limits::default())?;
     }
+
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let loader = Loader::connect(&bootstrap, &[])?;
+        let (options, stop, produced) = (options.clone(), stop.clone(), produced.clone());
+        std::thread::spawn(move || produce(loader, options, stop, produced))
+    };
+    let timer = {
+        let (stop, duration) = (stop.clone(), options.duration);
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while started.elapsed() < duration && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+
+    let mut printer = WindowPrinter { out, windows: 0 };
+    let mut consumed = 0;
+    let result = pipeline::run(&pipeline, &runtime, Until::Stopped, &stop, &mut printer, &mut |p| {
+        consumed += p.records;
+        let _ = writeln!(
+            progress,
+            "batch {:>3} | {:>6} events | {:>7.0} events/s in | {:>9.0} events/s processed | {:>7.1} ms | {} windows closed | lag {} | watermark {}",
+            p.batch_id,
+            p.records,
+            p.records as f64 / options.interval.as_secs_f64(),
+            p.processed_per_sec,
+            p.duration.as_secs_f64() * 1000.0,
+            p.output_rows,
+            p.lag,
+            p.watermark_ms.map(clock).unwrap_or_else(|| "-".into()),
+        );
+        for r in &p.rejected {
+            let _ = writeln!(progress, "rejected {}/{}@{} by {}: {}", r.topic, r.partition, r.offset, r.plugin, r.reason);
+        }
+    });
+    stop.store(true, Ordering::SeqCst);
+    let _ = timer.join();
+    let _ = producer.join();
+    let summary = result?;
+    let summary = DemoSummary { produced: produced.load(Ordering::SeqCst), consumed, batches: summary.batches, windows: printer.windows };
     writeln!(
         progress,
-        "done: {} events in {} batches, {} windows emitted",
-        summary.events, summary.batches, summary.windows
+        "done: {} events produced, {} consumed in {} batches, {} windows emitted; windows still open when the demo stopped are not shown",
+        summary.produced, summary.consumed, summary.batches, summary.windows
     )?;
     Ok(summary)
-}
-
-fn next_batch(gen: &mut EventGenerator, n: usize, offsets: &mut [i64]) -> (RecordBatch, Vec<OffsetRange>) {
-    let from = offsets.to_vec();
-    let mut builder = RecordsBuilder::with_capacity(n, n * 120);
-    for _ in 0..n {
-        let event = gen.next_event();
-        let value = serde_json::to_vec(&event).expect("events serialize");
-        let campaign: u64 = event.campaign_id.trim_start_matches("campaign-").parse().unwrap_or(0);
-        let partition = (campaign % PARTITIONS as u64) as usize;
-        let parts = RecordParts {
-            topic: TOPIC,
-            partition: partition as i32,
-            offset: offsets[partition],
-            timestamp: Some(event.timestamp),
-            key: Some(event.campaign_id.as_bytes()),
-            value: Some(&value),
-        };
-        builder.append(parts, []);
-        offsets[partition] += 1;
-    }
-    let ranges = (0..offsets.len())
-        .filter(|&p| offsets[p] > from[p])
-        .map(|p| OffsetRange { topic: TOPIC.into(), partition: p as i32, from: from[p], until: offsets[p] })
-        .collect();
-    (builder.finish(), ranges)
 }
 
 fn print_windows(batch: &RecordBatch, out: &mut dyn Write) -> std::io::Result<u64> {
@@ -178,7 +202,6 @@ fn print_windows(batch: &RecordBatch, out: &mut dyn Write) -> std::io::Result<u6
     let clicks = col("clicks").as_primitive::<Int64Type>();
     let cost = col("total_cost").as_primitive::<Float64Type>();
     let users = col("unique_users").as_primitive::<Int64Type>();
-    let mut total = 0;
     for i in 0..batch.num_rows() {
         writeln!(
             out,
@@ -190,9 +213,8 @@ fn print_windows(batch: &RecordBatch, out: &mut dyn Write) -> std::io::Result<u6
             cost.value(i),
             users.value(i)
         )?;
-        total += clicks.value(i) as u64;
     }
-    Ok(total)
+    Ok(batch.num_rows() as u64)
 }
 
 /// `HH:MM:SS` (UTC) of an epoch-millisecond time.

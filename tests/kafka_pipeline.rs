@@ -1,0 +1,183 @@
+//! The micro-batch pipeline end to end against librdkafka's in-process mock cluster, which
+//! speaks the Kafka protocol on a loopback port: known data in, sink contents compared
+//! with an independent computation, starting offsets, several topics and partitions, and
+//! a sink failure that must not move the consumer group's offsets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+use sluice::config::{Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice::kafka::{Loader, Outgoing};
+use sluice::pipeline::{self, Until};
+use sluice::runtime::{Limits, Runtime};
+use sluice::sink::{JsonlSink, Sink, SinkError};
+use sluice_tests::reference::{self, AdClicksParams, WindowRow};
+
+fn runtime() -> Runtime {
+    Runtime::new(None).unwrap()
+}
+
+fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Option<u64>, steps: Vec<Step>) -> Pipeline {
+    Pipeline {
+        name: "test".into(),
+        source: Source { topics: topics.iter().map(|t| t.to_string()).collect(), starting_offsets: start, max_offsets_per_trigger: max, group_id: "sluice-test".into() },
+        trigger_interval: Duration::from_millis(50),
+        kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
+        steps,
+        sink: SinkConfig::Jsonl { path: "-".into() },
+    }
+}
+
+fn builtin(name: &str, config: &str) -> Step {
+    Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default() }
+}
+
+/// Produce seed-style events round-robin over the partitions of `topics`; returns them in
+/// production order.
+fn produce(bootstrap: &str, topics: &[(&str, i32)], n: usize) -> Vec<Value> {
+    let loader = Loader::connect(bootstrap, &[]).unwrap();
+    let mut gen = EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() });
+    let slots: Vec<(&str, i32)> = topics.iter().flat_map(|&(t, parts)| (0..parts).map(move |p| (t, p))).collect();
+    let events: Vec<Value> = (0..n).map(|_| serde_json::to_value(gen.next_event()).unwrap()).collect();
+    for (i, e) in events.iter().enumerate() {
+        let (topic, partition) = slots[i % slots.len()];
+        let value = serde_json::to_vec(e).unwrap();
+        loader.send(topic, Outgoing { partition, key: e["campaign_id"].as_str().map(str::as_bytes), value: &value }).unwrap();
+    }
+    loader.flush(Duration::from_secs(30)).unwrap();
+    events
+}
+
+fn read_dir_rows(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<Value>>())
+        .collect()
+}
+
+fn committed(bootstrap: &str, group: &str, parts: &[(&str, i32)]) -> HashMap<(String, i32), i64> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for &(t, p) in parts {
+        tpl.add_partition(t, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| ((e.topic().to_string(), e.partition()), match e.offset() { Offset::Offset(o) => o, _ => -1 }))
+        .collect()
+}
+
+#[test]
+fn ad_clicks_over_two_topics_and_five_partitions_equals_the_independent_computation() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("clicks-a", 3, 1).unwrap();
+    cluster.create_topic("clicks-b", 2, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let events = produce(&bootstrap, &[("clicks-a", 3), ("clicks-b", 2)], 6_000);
+
+    let out = tempfile::tempdir().unwrap();
+    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    let p = pipeline(&bootstrap, &["clicks-a", "clicks-b"], StartingOffsets::Earliest, Some(1_000), vec![builtin("ad-clicks", "{}")]);
+    let mut batches = Vec::new();
+    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |b| batches.push(b.clone())).unwrap();
+    assert_eq!(summary.records, 6_000);
+    assert!(batches.len() >= 6, "maxOffsetsPerTrigger 1000 splits 6000 records into at least 6 batches, got {}", batches.len());
+    assert!(batches.iter().all(|b| b.records <= 1_000));
+
+    let mut actual: Vec<WindowRow> = read_dir_rows(out.path()).iter().map(WindowRow::from_json).collect();
+    actual.sort_by(|a, b| (a.window_start, &a.campaign_id).cmp(&(b.window_start, &b.campaign_id)));
+    let expected = reference::ad_clicks(&events, AdClicksParams::default(), None);
+    assert_eq!(actual.len(), expected.len());
+    for (a, e) in actual.iter().zip(&expected) {
+        // Batches hold partitions in turn, so costs are added in another order than produced.
+        assert_eq!((a.window_start, &a.campaign_id, a.clicks, a.unique_users), (e.window_start, &e.campaign_id, e.clicks, e.unique_users));
+        assert!((a.total_cost - e.total_cost).abs() <= 1e-9 * e.total_cost.abs().max(1.0), "{a:?} vs {e:?}");
+    }
+    let offsets = committed(&bootstrap, "sluice-test", &[("clicks-a", 0), ("clicks-a", 1), ("clicks-a", 2), ("clicks-b", 0), ("clicks-b", 1)]);
+    assert_eq!(offsets.values().sum::<i64>(), 6_000, "the group's offsets reach the end: {offsets:?}");
+}
+
+#[test]
+fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_start() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    produce(&bootstrap, &[("events", 2)], 100);
+    let filter = builtin("json-filter", "{}");
+    for (start, expected, group) in [(StartingOffsets::Latest, 0, "g-latest"), (StartingOffsets::Earliest, 100, "g-earliest")] {
+        let mut p = pipeline(&bootstrap, &["events"], start, None, vec![filter.clone()]);
+        p.source.group_id = group.into();
+        let out = tempfile::tempdir().unwrap();
+        let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+        let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap();
+        assert_eq!(summary.records, expected, "{start:?}");
+        assert_eq!(read_dir_rows(out.path()).len() as u64, expected, "{start:?}");
+    }
+    // A second run of the earliest group resumes from its committed offsets: nothing new.
+    let p = {
+        let mut p = pipeline(&bootstrap, &["events"], StartingOffsets::Earliest, None, vec![filter]);
+        p.source.group_id = "g-earliest".into();
+        p
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap();
+    assert_eq!(summary.records, 0);
+}
+
+/// Accepts `ok` batches, then fails.
+struct FailingSink {
+    ok: usize,
+    written: Vec<u64>,
+}
+
+impl Sink for FailingSink {
+    fn write(&mut self, batch_id: u64, _batches: &[RecordBatch]) -> Result<(), SinkError> {
+        if self.written.len() == self.ok {
+            return Err(SinkError::Write {
+                target: "test-sink".into(),
+                batch_id,
+                error: std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full"),
+            });
+        }
+        self.written.push(batch_id);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_sink_that_cannot_write_stops_the_run_and_offsets_stay_at_the_last_written_batch() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    produce(&bootstrap, &[("events", 1)], 500);
+    let p = pipeline(&bootstrap, &["events"], StartingOffsets::Earliest, Some(100), vec![builtin("json-filter", "{}")]);
+    let mut sink = FailingSink { ok: 2, written: Vec::new() };
+    let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("sink test-sink: cannot write batch 2: disk full"), "{err}");
+    assert_eq!(sink.written, vec![0, 1]);
+    assert_eq!(committed(&bootstrap, "sluice-test", &[("events", 0)])[&("events".to_string(), 0)], 200, "only the two written batches are committed");
+}
+
+#[test]
+fn a_missing_topic_or_unreachable_broker_is_reported_clearly() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 1, 1).unwrap();
+    let p = pipeline(&cluster.bootstrap_servers(), &["nope"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
+    let mut sink = FailingSink { ok: 0, written: Vec::new() };
+    let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("topic `nope` does not exist"), "{err}");
+}
