@@ -133,7 +133,7 @@ fn produce_clicks(bootstrap: &str, topic: &str, n: usize) -> Vec<Value> {
     let events: Vec<Value> = (0..n).map(|_| serde_json::to_value(g.next_event()).unwrap()).collect();
     for e in &events {
         let value = serde_json::to_vec(e).unwrap();
-        loader.send(topic, sluice::kafka::Outgoing { partition: 0, key: None, value: &value }).unwrap();
+        loader.send(topic, sluice::kafka::Outgoing { partition: Some(0), key: None, value: Some(&value), headers: &[] }).unwrap();
     }
     loader.flush(std::time::Duration::from_secs(30)).unwrap();
     events

@@ -50,7 +50,7 @@ fn produce(bootstrap: &str, topics: &[(&str, i32)], n: usize) -> Vec<Value> {
     for (i, e) in events.iter().enumerate() {
         let (topic, partition) = slots[i % slots.len()];
         let value = serde_json::to_vec(e).unwrap();
-        loader.send(topic, Outgoing { partition, key: e["campaign_id"].as_str().map(str::as_bytes), value: &value }).unwrap();
+        loader.send(topic, Outgoing { partition: Some(partition), key: e["campaign_id"].as_str().map(str::as_bytes), value: Some(&value), headers: &[] }).unwrap();
     }
     loader.flush(Duration::from_secs(30)).unwrap();
     events
@@ -179,5 +179,57 @@ fn a_missing_topic_or_unreachable_broker_is_reported_clearly() {
     let p = pipeline(&cluster.bootstrap_servers(), &["nope"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
     let mut sink = FailingSink { ok: 0, written: Vec::new() };
     let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap_err();
-    assert!(err.to_string().contains("topic `nope` does not exist"), "{err}");
+    assert!(err.to_string().contains("topic `nope` does not exist on the brokers; create it or fix source.topics"), "{err}");
+
+    // Nothing listens on port 1 of the loopback address.
+    let p = pipeline("127.0.0.1:1", &["events"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
+    let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("reading metadata of topic `events`") && text.contains("check that the brokers in kafka.\"bootstrap.servers\" are reachable"), "{text}");
+    assert!(sink.written.is_empty());
+}
+
+#[test]
+fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("in", 2, 1).unwrap();
+    cluster.create_topic("out", 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let loader = Loader::connect(&bootstrap, &[]).unwrap();
+    for i in 0..50 {
+        let value = serde_json::json!({"id": i, "keep": i % 2 == 0, "noise": "x"}).to_string();
+        let key = format!("k{i}");
+        let trace = format!("t{i}");
+        let headers = [("trace", Some(trace.as_bytes())), ("empty", None)];
+        loader.send("in", Outgoing { partition: Some(i % 2), key: Some(key.as_bytes()), value: Some(value.as_bytes()), headers: &headers }).unwrap();
+    }
+    loader.flush(Duration::from_secs(30)).unwrap();
+
+    let mut p = pipeline(&bootstrap, &["in"], StartingOffsets::Earliest, None, vec![builtin("json-filter", r#"{"where": [{"field": "keep", "op": "eq", "value": true}], "select": ["id"]}"#)]);
+    p.sink = SinkConfig::Kafka { topic: "out".into() };
+    let mut sink = sluice::sink::open(&p.sink, &p.kafka).unwrap();
+    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), sink.as_mut(), &mut |_| {}).unwrap();
+    assert_eq!((summary.records, summary.output_rows), (50, 25));
+
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "reader").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("out", 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut seen = Vec::new();
+    let started = std::time::Instant::now();
+    while seen.len() < 25 && started.elapsed() < Duration::from_secs(30) {
+        use rdkafka::message::{Headers, Message};
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let value: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let id = value["id"].as_i64().unwrap();
+            assert_eq!(value, serde_json::json!({"id": id}), "projected value");
+            assert_eq!(m.key(), Some(format!("k{id}").as_bytes()), "key kept");
+            let h = m.headers().expect("headers kept");
+            assert_eq!((h.get(0).key, h.get(0).value), ("trace", Some(format!("t{id}").as_bytes())));
+            assert_eq!((h.get(1).key, h.get(1).value), ("empty", None));
+            seen.push(id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..50).step_by(2).collect::<Vec<i64>>());
 }

@@ -18,3 +18,8 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         _ => None,
     }
 }
+
+/// The embedded component called `name`, or a message listing the names there are.
+pub fn named(name: &str) -> Result<&'static [u8], String> {
+    by_name(name).ok_or_else(|| format!("there is no built-in plugin `{name}`; built-in plugins are: {}", NAMES.join(", ")))
+}

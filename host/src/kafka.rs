@@ -44,6 +44,14 @@ pub enum SourceError {
     /// A source topic does not exist.
     #[error("topic `{0}` does not exist on the brokers; create it or fix source.topics")]
     NoTopic(String),
+    /// Produced records were not acknowledged.
+    #[error("{failed} produced records were not acknowledged by the brokers; the first error: {first}")]
+    Delivery {
+        /// How many.
+        failed: u64,
+        /// The first delivery error.
+        first: String,
+    },
     /// A fetch did not complete in time.
     #[error("fetching batch ranges timed out after {secs} s; still waiting for {pending}")]
     FetchTimeout {
@@ -310,36 +318,80 @@ mod tests {
 /// One record to produce.
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
-    /// Target partition.
-    pub partition: i32,
+    /// Target partition; `None` lets the partitioner choose by key.
+    pub partition: Option<i32>,
     /// Key bytes.
     pub key: Option<&'a [u8]>,
     /// Value bytes.
-    pub value: &'a [u8],
+    pub value: Option<&'a [u8]>,
+    /// Headers.
+    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
 }
 
-/// A small producer for loading data (the demo's generator, tests, benchmarks).
+/// Counts records the brokers did not acknowledge.
+#[derive(Default)]
+pub struct DeliveryTracker {
+    failed: std::sync::atomic::AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for DeliveryTracker {}
+
+impl rdkafka::producer::ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.first_error.lock().expect("delivery lock").get_or_insert_with(|| error.to_string());
+        }
+    }
+}
+
+/// A producer that knows whether everything it sent arrived: for the Kafka sink, the
+/// demo's generator, tests and benchmarks.
 pub struct Loader {
-    producer: rdkafka::producer::BaseProducer,
+    producer: rdkafka::producer::BaseProducer<DeliveryTracker>,
 }
 
 impl Loader {
     /// Connect to `bootstrap` with librdkafka `extra` settings.
     pub fn connect(bootstrap: &str, extra: &[(&str, &str)]) -> Result<Self, SourceError> {
+        let mut properties: Vec<(&str, &str)> = vec![("bootstrap.servers", bootstrap)];
+        properties.extend_from_slice(extra);
+        Self::with_properties(properties)
+    }
+
+    /// Connect with these librdkafka properties (after sluice's producer defaults).
+    pub fn with_properties<'p>(properties: impl IntoIterator<Item = (&'p str, &'p str)>) -> Result<Self, SourceError> {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", bootstrap).set("linger.ms", "5").set("queue.buffering.max.messages", "1000000");
-        for (k, v) in extra {
-            config.set(*k, *v);
+        config.set("linger.ms", "5").set("queue.buffering.max.messages", "1000000");
+        for (k, v) in properties {
+            config.set(k, v);
         }
-        Ok(Self { producer: config.create().map_err(SourceError::Config)? })
+        Ok(Self { producer: config.create_with_context(DeliveryTracker::default()).map_err(SourceError::Config)? })
     }
 
     /// Queue one record, waiting while librdkafka's queue is full.
     pub fn send(&self, topic: &str, record: Outgoing<'_>) -> Result<(), SourceError> {
+        use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::BaseRecord;
-        let mut base = BaseRecord::to(topic).partition(record.partition).payload(record.value);
+        let mut base: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(p) = record.partition {
+            base = base.partition(p);
+        }
         if let Some(k) = record.key {
             base = base.key(k);
+        }
+        if let Some(v) = record.value {
+            base = base.payload(v);
+        }
+        if !record.headers.is_empty() {
+            let headers = record
+                .headers
+                .iter()
+                .fold(OwnedHeaders::new_with_capacity(record.headers.len()), |h, (key, value)| h.insert(Header { key, value: *value }));
+            base = base.headers(headers);
         }
         let mut attempt = base;
         loop {
@@ -357,9 +409,16 @@ impl Loader {
         }
     }
 
-    /// Wait until every queued record is acknowledged.
+    /// Wait until every queued record is acknowledged; an error if any was not.
     pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
-        use rdkafka::producer::Producer;
-        self.producer.flush(timeout).map_err(failed("flushing produced records"))
+        use rdkafka::producer::Producer as _;
+        self.producer.flush(timeout).map_err(failed("waiting for produced records to be acknowledged"))?;
+        let tracker = self.producer.context();
+        let failed_count = tracker.failed.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if failed_count > 0 {
+            let first = tracker.first_error.lock().expect("delivery lock").take().unwrap_or_default();
+            return Err(SourceError::Delivery { failed: failed_count, first });
+        }
+        Ok(())
     }
 }

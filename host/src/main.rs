@@ -150,10 +150,7 @@ fn main() -> ExitCode {
 
 fn load(runtime: &Runtime, plugin: &str, limits: Limits) -> anyhow::Result<LoadedPlugin> {
     if let Some(name) = plugin.strip_prefix("builtin:") {
-        let bytes = examples::by_name(name).with_context(|| {
-            format!("there is no built-in plugin `{name}`; built-in plugins are: {}", examples::NAMES.join(", "))
-        })?;
-        return Ok(runtime.load(bytes, plugin, limits)?);
+        return Ok(runtime.load(examples::named(name).map_err(anyhow::Error::msg)?, plugin, limits)?);
     }
     Ok(runtime.load_file(plugin, limits)?)
 }
@@ -310,15 +307,10 @@ fn stop_on_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
 }
 
 fn run(path: &std::path::Path, available_now: bool) -> anyhow::Result<()> {
-    use sluice::config::{Pipeline, Sink};
+    use sluice::config::Pipeline;
     use sluice::pipeline::Until;
     let pipeline = Pipeline::load(path)?;
-    let mut sink: Box<dyn sluice::sink::Sink> = match &pipeline.sink {
-        Sink::Jsonl { path } => Box::new(sluice::sink::JsonlSink::open(path)?),
-        Sink::Parquet { .. } | Sink::Kafka { .. } => {
-            bail!("{}: sink formats `parquet` and `kafka` are not implemented yet; use format = \"jsonl\"", path.display())
-        }
-    };
+    let mut sink = sluice::sink::open(&pipeline.sink, &pipeline.kafka).with_context(|| path.display().to_string())?;
     let stop = stop_on_signal()?;
     let runtime = Runtime::with_default_cache()?;
     let until = if available_now { Until::AvailableNow } else { Until::Stopped };

@@ -65,9 +65,7 @@ pub fn build_chain(pipeline: &Pipeline, runtime: &Runtime) -> anyhow::Result<Cha
     for (i, step) in pipeline.steps.iter().enumerate() {
         let loaded = match &step.source {
             PluginSource::Builtin(name) => {
-                let bytes = examples::by_name(name).ok_or_else(|| {
-                    anyhow::anyhow!("plugin[{i}]: there is no built-in plugin `{name}`; built-in plugins are: {}", examples::NAMES.join(", "))
-                })?;
+                let bytes = examples::named(name).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?;
                 runtime.load(bytes, &format!("builtin:{name}"), step.limits)
             }
             PluginSource::File(path) => runtime.load_file(path, step.limits),

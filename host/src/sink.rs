@@ -1,12 +1,20 @@
 //! Sinks: where a batch's output goes. Output is named by batch id, so re-running a batch
 //! replaces what it wrote instead of adding to it.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
+use sluice_sdk::is_record_schema;
 
+use crate::config::Sink as SinkConfig;
+use crate::kafka::{Loader, Outgoing, SourceError, TUNED_DEFAULTS};
 use crate::offline::json_lines;
+
+/// How long a Kafka sink waits for the brokers to acknowledge a batch.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A sink that could not take a batch; the batch's offsets are not committed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +29,19 @@ pub enum SinkError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// The Kafka sink could not deliver a batch.
+    #[error("sink kafka topic `{topic}`: batch {batch_id}: {error}")]
+    Kafka {
+        /// Output topic.
+        topic: String,
+        /// Which batch.
+        batch_id: u64,
+        /// What went wrong.
+        error: SourceError,
+    },
+    /// A sink format this version cannot write yet.
+    #[error("sink format `{0}` is not implemented yet; use format = \"jsonl\" or \"kafka\"")]
+    Unsupported(&'static str),
     /// The sink cannot be opened.
     #[error("sink {target}: {error}")]
     Open {
@@ -95,5 +116,58 @@ impl Sink for JsonlSink {
                     .map_err(|error| SinkError::Write { target: dir.display().to_string(), batch_id, error })
             }
         }
+    }
+}
+
+/// Open the sink a pipeline names; `kafka` is the pipeline's librdkafka table.
+pub fn open(config: &SinkConfig, kafka: &BTreeMap<String, String>) -> Result<Box<dyn Sink>, SinkError> {
+    Ok(match config {
+        SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
+        SinkConfig::Kafka { topic } => Box::new(KafkaSink::open(topic, kafka)?),
+        SinkConfig::Parquet { .. } => return Err(SinkError::Unsupported("parquet")),
+    })
+}
+
+/// Writes output rows to a Kafka topic, at least once: every record of a batch is
+/// acknowledged by the brokers before the batch's input offsets are committed, so a crash
+/// in between repeats the batch. Record-schema output keeps its key, value and headers;
+/// other output is written one JSON row per record, without a key.
+pub struct KafkaSink {
+    loader: Loader,
+    topic: String,
+}
+
+impl KafkaSink {
+    /// Connect with the pipeline's librdkafka table (consumer-only fetch defaults left out).
+    pub fn open(topic: &str, kafka: &BTreeMap<String, String>) -> Result<Self, SinkError> {
+        let properties = kafka
+            .iter()
+            .filter(|(k, _)| !TUNED_DEFAULTS.iter().any(|(d, _)| d == k))
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let loader = Loader::with_properties(properties)
+            .map_err(|error| SinkError::Kafka { topic: topic.to_string(), batch_id: 0, error })?;
+        Ok(Self { loader, topic: topic.to_string() })
+    }
+}
+
+impl Sink for KafkaSink {
+    fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
+        let fail = |error| SinkError::Kafka { topic: self.topic.clone(), batch_id, error };
+        for b in batches {
+            if is_record_schema(b.schema_ref()) {
+                let batch = sluice_sdk::Batch::new(b.clone()).expect("checked to be the record schema");
+                for r in batch.records() {
+                    let headers: Vec<(&str, Option<&[u8]>)> = r.headers().collect();
+                    let out = Outgoing { partition: None, key: r.key(), value: r.value(), headers: &headers };
+                    self.loader.send(&self.topic, out).map_err(fail)?;
+                }
+            } else {
+                for line in json_lines(b) {
+                    let out = Outgoing { partition: None, key: None, value: Some(line.as_bytes()), headers: &[] };
+                    self.loader.send(&self.topic, out).map_err(fail)?;
+                }
+            }
+        }
+        self.loader.flush(ACK_TIMEOUT).map_err(fail)
     }
 }

@@ -94,7 +94,12 @@ fn produce(loader: Loader, options: DemoOptions, stop: Arc<AtomicBool>, produced
             let event = gen.next_event();
             let value = serde_json::to_vec(&event).expect("events serialize");
             let campaign: u64 = event.campaign_id.trim_start_matches("campaign-").parse().unwrap_or(0);
-            let record = Outgoing { partition: (campaign % PARTITIONS as u64) as i32, key: Some(event.campaign_id.as_bytes()), value: &value };
+            let record = Outgoing {
+                partition: Some((campaign % PARTITIONS as u64) as i32),
+                key: Some(event.campaign_id.as_bytes()),
+                value: Some(&value),
+                headers: &[],
+            };
             if let Err(e) = loader.send(TOPIC, record) {
                 tracing::error!("demo producer: {e}");
                 return;
