@@ -126,7 +126,8 @@ fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_start() {
         assert_eq!(summary.records, expected, "{start:?}");
         assert_eq!(read_dir_rows(out.path()).len() as u64, expected, "{start:?}");
     }
-    // A second run of the earliest group resumes from its committed offsets: nothing new.
+    // A second run of the earliest group resumes from its committed offsets: only what was
+    // produced since, and its output lands next to the first run's instead of replacing it.
     let p = {
         let mut p = pipeline(&bootstrap, &["events"], StartingOffsets::Earliest, None, vec![filter]);
         p.source.group_id = "g-earliest".into();
@@ -136,6 +137,19 @@ fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_start() {
     let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
     let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap();
     assert_eq!(summary.records, 0);
+    produce(&bootstrap, &[("events", 2)], 10);
+    let mut batches = Vec::new();
+    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |b| batches.push(b.batch_id)).unwrap();
+    let first_run_files = std::fs::read_dir(out.path()).unwrap().count();
+    assert_eq!(read_dir_rows(out.path()).len(), 10);
+    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    produce(&bootstrap, &[("events", 2)], 10);
+    let mut later = Vec::new();
+    pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |b| later.push(b.batch_id)).unwrap();
+    assert!(later[0] > batches[0], "batch ids continue after the files already there: {batches:?} then {later:?}");
+    assert!(std::fs::read_dir(out.path()).unwrap().count() > first_run_files);
+    assert_eq!(read_dir_rows(out.path()).len(), 20, "nothing written by the earlier run was replaced");
 }
 
 /// Accepts `ok` batches, then fails.

@@ -97,6 +97,7 @@ pub fn run(
     };
     let fetch_timeout = pipeline.trigger_interval.max(Duration::from_secs(30));
     let mut summary = RunSummary::default();
+    let first_batch_id = sink.last_batch_id().map_or(0, |last| last + 1);
     let mut watermark = None;
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -115,7 +116,7 @@ pub fn run(
         if records > 0 || caught_up {
             let batch = if records > 0 { source.fetch(&ranges, fetch_timeout)? } else { RecordBatch::new_empty(record_schema()) };
             let ctx = Context {
-                batch_id: summary.batches,
+                batch_id: first_batch_id + summary.batches,
                 offset_ranges: ranges.clone(),
                 processing_time_ms: now_ms(),
                 watermark_ms: if caught_up { Some(i64::MAX) } else { watermark },

@@ -57,6 +57,13 @@ pub trait Sink {
     /// Write the output of batch `batch_id`. Called once per batch, in order; a batch that
     /// is re-run is written again under the same id and replaces the earlier output.
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError>;
+
+    /// The highest batch id this sink already holds output for, if it keeps output by
+    /// batch id. A new run numbers its batches after it, so it never replaces output of
+    /// an earlier run.
+    fn last_batch_id(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// JSON lines, one row a line: to stdout, or one file per batch in a directory
@@ -89,6 +96,11 @@ impl JsonlSink {
     }
 }
 
+/// The batch id of a file named by [`JsonlSink::batch_file`].
+fn batch_id_of(name: &str) -> Option<u64> {
+    name.strip_prefix("batch-")?.strip_suffix(".jsonl")?.parse().ok()
+}
+
 impl Sink for JsonlSink {
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
         let mut text = Vec::new();
@@ -116,6 +128,14 @@ impl Sink for JsonlSink {
                     .map_err(|error| SinkError::Write { target: dir.display().to_string(), batch_id, error })
             }
         }
+    }
+
+    fn last_batch_id(&self) -> Option<u64> {
+        let JsonlSink::Dir(dir) = self else { return None };
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(batch_id_of)))
+            .max()
     }
 }
 
