@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice::config::{Pipeline, PluginSource, Sink, StartingOffsets};
+use sluice::config::{ParquetCompression, Pipeline, PluginSource, Sink, StartingOffsets};
 
 fn files(kind: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines").join(kind);
@@ -60,7 +60,7 @@ fn the_commented_example_means_what_it_says() {
     assert_eq!(p.steps[1].limits.call_timeout, Duration::from_secs(30));
     let clicks: serde_json::Value = serde_json::from_str(&p.steps[1].config).unwrap();
     assert_eq!(clicks["slide_ms"], 10000);
-    assert_eq!(p.sink, Sink::Parquet { path: "out/ad-performance".into() });
+    assert_eq!(p.sink, Sink::Parquet { path: "out/ad-performance".into(), compression: ParquetCompression::Zstd, options: Default::default() });
 }
 
 #[test]

@@ -4,9 +4,43 @@
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type};
 use arrow_array::RecordBatch;
-use sluice_sdk::{is_record_schema, record_schema, Context, PluginKind};
+use arrow_schema::SchemaRef;
+use sluice_sdk::{is_record_schema, record_schema, Context, Finished, PluginKind};
 
 use crate::runtime::{CallError, PluginInstance};
+
+/// One step of a chain: a WebAssembly plugin instance, or (in benchmarks) the same plugin
+/// compiled natively.
+pub trait Stage {
+    /// Plugin name.
+    fn name(&self) -> &str;
+    /// Plugin version.
+    fn version(&self) -> &str;
+    /// Transform or aggregate.
+    fn kind(&self) -> PluginKind;
+    /// The schema of its output.
+    fn output_schema(&self) -> &SchemaRef;
+    /// Process one batch in the record schema.
+    fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError>;
+}
+
+impl Stage for PluginInstance {
+    fn name(&self) -> &str {
+        &self.info().name
+    }
+    fn version(&self) -> &str {
+        &self.info().version
+    }
+    fn kind(&self) -> PluginKind {
+        self.info().kind
+    }
+    fn output_schema(&self) -> &SchemaRef {
+        PluginInstance::output_schema(self)
+    }
+    fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError> {
+        PluginInstance::process(self, batch, ctx)
+    }
+}
 
 /// A record one stage rejected, located by its source coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,39 +86,50 @@ pub enum ChainError {
 
 /// Plugin instances run in order on every batch.
 pub struct Chain {
-    stages: Vec<PluginInstance>,
+    stages: Vec<Box<dyn Stage>>,
 }
 
 impl Chain {
+    /// Check the order of `instances` and build the chain.
+    pub fn new(instances: Vec<PluginInstance>) -> Result<Self, ChainError> {
+        Self::of_stages(instances.into_iter().map(|i| Box::new(i) as Box<dyn Stage>).collect())
+    }
+
     /// Check the order of `stages` and build the chain.
-    pub fn new(stages: Vec<PluginInstance>) -> Result<Self, ChainError> {
+    pub fn of_stages(stages: Vec<Box<dyn Stage>>) -> Result<Self, ChainError> {
         if stages.is_empty() {
             return Err(ChainError::Empty);
         }
         for stage in &stages[..stages.len() - 1] {
-            if stage.info().kind == PluginKind::Aggregate {
-                return Err(ChainError::AggregateNotLast(stage.info().name.clone()));
+            if stage.kind() == PluginKind::Aggregate {
+                return Err(ChainError::AggregateNotLast(stage.name().to_string()));
             }
             if !is_record_schema(stage.output_schema()) {
-                return Err(ChainError::NotRecordSchema(stage.info().name.clone()));
+                return Err(ChainError::NotRecordSchema(stage.name().to_string()));
             }
         }
         Ok(Self { stages })
     }
 
-    /// What each step's plugin says about itself, in order.
-    pub fn plugins(&self) -> impl Iterator<Item = &crate::runtime::PluginInfo> {
-        self.stages.iter().map(|s| s.info())
+    /// A chain without plugins whose batches produce no output: what the broker and the
+    /// source deliver on their own, for benchmarks.
+    pub fn consume_only() -> Self {
+        Self { stages: Vec::new() }
+    }
+
+    /// The steps, in order.
+    pub fn stages(&self) -> impl Iterator<Item = &dyn Stage> {
+        self.stages.iter().map(|s| s.as_ref())
     }
 
     /// Run `batch` (record schema) through every stage.
     pub fn process(&mut self, batch: RecordBatch, ctx: &Context) -> Result<ChainOutput, CallError> {
         let mut out = ChainOutput::default();
         let mut input = batch;
-        let last = self.stages.len() - 1;
+        let last = self.stages.len().saturating_sub(1);
         for (i, stage) in self.stages.iter_mut().enumerate() {
             let finished = stage.process(&input, ctx)?;
-            let name = &stage.info().name;
+            let name = stage.name();
             for e in finished.record_errors {
                 out.rejected.push(locate(&input, e.row as usize, name, e.reason));
             }

@@ -14,8 +14,11 @@
 //! * [`offline`] — feeds a plugin from a JSON-lines file in batches (`sluice plugin test`).
 //! * [`examples`] — the example plugins, built from `plugins/` and embedded.
 //! * [`demo`] — seed-style ad-click events and the embedded demo.
+//! * [`broker`] — brokers sluice starts itself: the mock cluster and a local tansu process.
+//! * [`bench`] — the benchmarks.
 
 pub mod bench;
+pub mod broker;
 pub mod chain;
 pub mod config;
 pub mod demo;

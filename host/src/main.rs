@@ -52,6 +52,9 @@ enum Command {
 enum BenchCommand {
     /// Plugin throughput: WebAssembly vs the same plugin code compiled natively.
     Plugins(sluice::bench::BenchArgs),
+    /// Whole pipelines on a real broker (tansu, started on a loopback port): consume-only,
+    /// then json-filter and ad-clicks, native and WebAssembly.
+    Pipeline(sluice::bench::pipeline::PipelineBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -138,6 +141,7 @@ fn main() -> ExitCode {
         Command::Check { pipeline } => check(&pipeline),
         Command::Run { pipeline, available_now } => run(&pipeline, available_now),
         Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Pipeline(args)) => sluice::bench::pipeline::run(&args, &mut std::io::stdout()).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,12 +288,12 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     writeln!(out, "  brokers  {}", pipeline.kafka["bootstrap.servers"])?;
     writeln!(out, "  trigger  every {}", humantime::format_duration(pipeline.trigger_interval))?;
     let steps: Vec<String> = chain
-        .plugins()
-        .map(|info| format!("{} {} ({})", info.name, info.version, format!("{:?}", info.kind).to_lowercase()))
+        .stages()
+        .map(|s| format!("{} {} ({})", s.name(), s.version(), format!("{:?}", s.kind()).to_lowercase()))
         .collect();
     writeln!(out, "  plugins  {}", steps.join(" -> "))?;
     let sink = match &pipeline.sink {
-        Sink::Parquet { path } => format!("parquet {path}"),
+        Sink::Parquet { path, compression, .. } => format!("parquet {path} ({compression:?})"),
         Sink::Jsonl { path } => format!("jsonl {path}"),
         Sink::Kafka { topic } => format!("kafka topic {topic}"),
     };

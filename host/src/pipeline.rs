@@ -90,6 +90,18 @@ pub fn run(
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
     let mut chain = build_chain(pipeline, runtime)?;
+    run_chain(pipeline, &mut chain, until, stop, sink, progress)
+}
+
+/// [`run`] with a chain built by the caller (the pipeline's `steps` are not used).
+pub fn run_chain(
+    pipeline: &Pipeline,
+    chain: &mut Chain,
+    until: Until,
+    stop: &AtomicBool,
+    sink: &mut dyn Sink,
+    progress: &mut dyn FnMut(&BatchProgress),
+) -> anyhow::Result<RunSummary> {
     let mut source = KafkaSource::connect(&pipeline.source, &pipeline.kafka)?;
     let targets: Option<Vec<PartitionLag>> = match until {
         Until::AvailableNow => Some(source.lag()?),

@@ -7,9 +7,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
 use sluice_sdk::is_record_schema;
 
-use crate::config::Sink as SinkConfig;
+use crate::config::{ParquetCompression, Sink as SinkConfig};
 use crate::kafka::{Loader, Outgoing, SourceError, TUNED_DEFAULTS};
 use crate::offline::json_lines;
 
@@ -39,9 +45,16 @@ pub enum SinkError {
         /// What went wrong.
         error: SourceError,
     },
-    /// A sink format this version cannot write yet.
-    #[error("sink format `{0}` is not implemented yet; use format = \"jsonl\" or \"kafka\"")]
-    Unsupported(&'static str),
+    /// The object store refused a write, or the output could not be encoded.
+    #[error("sink {target}: cannot write batch {batch_id}: {error}")]
+    Store {
+        /// Where.
+        target: String,
+        /// Which batch.
+        batch_id: u64,
+        /// What the store or the encoder said.
+        error: String,
+    },
     /// The sink cannot be opened.
     #[error("sink {target}: {error}")]
     Open {
@@ -144,7 +157,7 @@ pub fn open(config: &SinkConfig, kafka: &BTreeMap<String, String>) -> Result<Box
     Ok(match config {
         SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
         SinkConfig::Kafka { topic } => Box::new(KafkaSink::open(topic, kafka)?),
-        SinkConfig::Parquet { .. } => return Err(SinkError::Unsupported("parquet")),
+        SinkConfig::Parquet { path, compression, options } => Box::new(ParquetSink::open(path, *compression, options)?),
     })
 }
 
@@ -189,5 +202,163 @@ impl Sink for KafkaSink {
             }
         }
         self.loader.flush(ACK_TIMEOUT).map_err(fail)
+    }
+}
+
+/// Parquet files on a local directory or any object store, one file per batch
+/// (`batch-<id>.parquet`). Each file is uploaded whole in one put, which the stores make
+/// atomic (a local file is written under a temporary name and renamed), so a reader never
+/// sees part of a batch, and a re-run batch replaces its file.
+pub struct ParquetSink {
+    store: Box<dyn ObjectStore>,
+    prefix: ObjectPath,
+    target: String,
+    compression: ParquetCompression,
+    io: tokio::runtime::Runtime,
+}
+
+impl ParquetSink {
+    /// Open `location`: a local directory (created if missing) or an object-store URL;
+    /// `options` configure the store (credentials, region, endpoint …; see the README).
+    pub fn open(location: &str, compression: ParquetCompression, options: &BTreeMap<String, String>) -> Result<Self, SinkError> {
+        let open_error = |message: String| SinkError::Open { target: location.to_string(), error: std::io::Error::other(message) };
+        let url = match location.split_once("://") {
+            None => None,
+            Some(_) => Some(url::Url::parse(location).map_err(|e| open_error(format!("not a valid URL: {e}")))?),
+        };
+        let local_dir = match &url {
+            None => Some(PathBuf::from(location)),
+            Some(u) if u.scheme() == "file" => {
+                Some(u.to_file_path().map_err(|()| open_error("a file:// URL needs an absolute path, like file:///data/out".into()))?)
+            }
+            Some(_) => None,
+        };
+        let (store, prefix): (Box<dyn ObjectStore>, ObjectPath) = match (local_dir, url) {
+            (Some(dir), _) => {
+                std::fs::create_dir_all(&dir).map_err(|error| SinkError::Open {
+                    target: dir.display().to_string(),
+                    error: std::io::Error::new(error.kind(), format!("cannot create the output directory: {error}")),
+                })?;
+                let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_error(e.to_string()))?;
+                (Box::new(store), ObjectPath::default())
+            }
+            (None, Some(url)) => object_store::parse_url_opts(&url, options.iter())
+                .map_err(|e| open_error(format!("cannot open the object store: {e}")))?,
+            (None, None) => unreachable!("a location is a local directory or a URL"),
+        };
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| SinkError::Open { target: location.to_string(), error })?;
+        Ok(Self { store, prefix, target: location.to_string(), compression, io })
+    }
+
+    /// The object batch `batch_id` goes to, under `prefix`.
+    fn batch_object(&self, batch_id: u64) -> ObjectPath {
+        self.prefix.clone().join(format!("batch-{batch_id:012}.parquet"))
+    }
+
+    /// Encode `batches` (one schema) as one Parquet file.
+    pub fn encode(batches: &[RecordBatch], compression: ParquetCompression) -> Result<Vec<u8>, String> {
+        let schema = batches.first().map(|b| b.schema()).ok_or("no batches to encode")?;
+        let codec = match compression {
+            ParquetCompression::Snappy => Compression::SNAPPY,
+            ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::default()),
+            ParquetCompression::None => Compression::UNCOMPRESSED,
+        };
+        let properties = WriterProperties::builder().set_compression(codec).build();
+        let mut writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(properties)).map_err(|e| e.to_string())?;
+        for b in batches {
+            if b.schema() != schema {
+                return Err(format!("the plugin chain produced batches with different schemas: {} and {}", schema, b.schema()));
+            }
+            writer.write(b).map_err(|e| e.to_string())?;
+        }
+        writer.into_inner().map_err(|e| e.to_string())
+    }
+}
+
+/// The batch id of an object named by [`ParquetSink::batch_object`].
+fn parquet_batch_id(name: &str) -> Option<u64> {
+    name.strip_prefix("batch-")?.strip_suffix(".parquet")?.parse().ok()
+}
+
+impl Sink for ParquetSink {
+    fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
+        let batches: Vec<RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).cloned().collect();
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let fail = |error: String| SinkError::Store { target: self.target.clone(), batch_id, error };
+        let bytes = Self::encode(&batches, self.compression).map_err(fail)?;
+        let object = self.batch_object(batch_id);
+        self.io
+            .block_on(self.store.put(&object, PutPayload::from(bytes)))
+            .map(drop)
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    fn last_batch_id(&self) -> Option<u64> {
+        let listing = self.io.block_on(self.store.list_with_delimiter(Some(&self.prefix))).ok()?;
+        listing.objects.iter().filter_map(|o| o.location.filename().and_then(parquet_batch_id)).max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    use super::*;
+
+    fn rows(names: &[&str], counts: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("campaign_id", DataType::Utf8, false), Field::new("clicks", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(names.to_vec())), Arc::new(Int64Array::from(counts.to_vec()))]).unwrap()
+    }
+
+    fn read(sink: &ParquetSink, batch_id: u64) -> Vec<RecordBatch> {
+        let bytes = sink.io.block_on(async { sink.store.get(&sink.batch_object(batch_id)).await?.bytes().await }).unwrap();
+        ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn memory_store_round_trips_and_a_rerun_replaces_the_batch() {
+        for compression in [ParquetCompression::Snappy, ParquetCompression::Zstd, ParquetCompression::None] {
+            let mut sink = ParquetSink::open("memory://", compression, &BTreeMap::new()).unwrap();
+            assert_eq!(sink.last_batch_id(), None);
+            sink.write(3, &[rows(&["a", "b"], &[1, 2]), rows(&["c"], &[3])]).unwrap();
+            sink.write(3, &[rows(&["a"], &[7])]).unwrap();
+            sink.write(4, &[rows(&[], &[])]).unwrap();
+            assert_eq!(read(&sink, 3), vec![rows(&["a"], &[7])], "{compression:?}");
+            assert_eq!(sink.last_batch_id(), Some(3), "an empty batch writes no file");
+        }
+    }
+
+    #[test]
+    fn local_directory_and_file_url_name_files_by_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("nested/out");
+        let mut sink = ParquetSink::open(out.to_str().unwrap(), ParquetCompression::Snappy, &BTreeMap::new()).unwrap();
+        sink.write(12, &[rows(&["x"], &[1])]).unwrap();
+        assert!(out.join("batch-000000000012.parquet").is_file());
+        let url = format!("file://{}", out.display());
+        let mut again = ParquetSink::open(&url, ParquetCompression::Snappy, &BTreeMap::new()).unwrap();
+        assert_eq!(again.last_batch_id(), Some(12));
+        again.write(13, &[rows(&["y"], &[2])]).unwrap();
+        assert_eq!(read(&again, 13), vec![rows(&["y"], &[2])]);
+        let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(names.len(), 2, "only the batch files, no temporary leftovers: {names:?}");
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_created_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, "x").unwrap();
+        let error = ParquetSink::open(file.join("out").to_str().unwrap(), ParquetCompression::Snappy, &BTreeMap::new()).err().unwrap();
+        assert!(error.to_string().contains("cannot create the output directory"), "{error}");
     }
 }

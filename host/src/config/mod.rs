@@ -61,8 +61,13 @@ pub struct Step {
 pub enum Sink {
     /// Parquet files under a local path or an object-store URL.
     Parquet {
-        /// Directory or URL.
+        /// Local directory or object-store URL (`file://`, `s3://`, `gs://`, `az://`,
+        /// `memory://`, …).
         path: String,
+        /// Column compression.
+        compression: ParquetCompression,
+        /// Object-store options (credentials, region, endpoint), passed to the store.
+        options: BTreeMap<String, String>,
     },
     /// JSON lines to a file, or stdout for `-`.
     Jsonl {
@@ -74,6 +79,47 @@ pub enum Sink {
         /// Topic name.
         topic: String,
     },
+}
+
+/// Compression of Parquet column chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ParquetCompression {
+    /// Snappy (Spark's default): fast, moderate ratio.
+    #[default]
+    Snappy,
+    /// Zstandard at its default level: smaller files, a little slower.
+    Zstd,
+    /// No compression.
+    None,
+}
+
+impl ParquetCompression {
+    /// The names accepted in a pipeline file.
+    pub const NAMES: &'static str = "\"snappy\" (default), \"zstd\" or \"none\"";
+
+    fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "snappy" => Some(Self::Snappy),
+            "zstd" => Some(Self::Zstd),
+            "none" | "uncompressed" => Some(Self::None),
+            _ => None,
+        }
+    }
+}
+
+/// URL schemes a Parquet sink can write to; anything without `://` is a local directory.
+pub const OBJECT_STORE_SCHEMES: [&str; 10] = ["file", "memory", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss"];
+
+/// Check a Parquet sink location: a local path, or a URL with a known scheme.
+fn check_store_location(path: &str) -> Result<(), String> {
+    let Some((scheme, _)) = path.split_once("://") else { return Ok(()) };
+    if !OBJECT_STORE_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "`{path}`: unknown scheme `{scheme}://`; use a local directory or one of {}",
+            OBJECT_STORE_SCHEMES.map(|s| format!("{s}://")).join(", ")
+        ));
+    }
+    url::Url::parse(path).map(drop).map_err(|e| format!("`{path}` is not a valid URL: {e}"))
 }
 
 /// A checked pipeline, ready to run.
@@ -270,7 +316,7 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()?;
 
         let sink = match raw.sink {
-            raw::RawSink::Parquet { path } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty".into())),
+            raw::RawSink::Parquet { path, .. } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty".into())),
             raw::RawSink::Jsonl { path } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty; use `-` for stdout".into())),
             raw::RawSink::Kafka { topic } if !valid_topic(&topic) => {
                 return Err(invalid("sink.topic", format!("`{topic}` is not a Kafka topic name")))
@@ -278,7 +324,19 @@ impl Pipeline {
             raw::RawSink::Kafka { topic } if source.topics.contains(&topic) => {
                 return Err(invalid("sink.topic", format!("`{topic}` is also a source topic: the pipeline would read its own output")))
             }
-            raw::RawSink::Parquet { path } => Sink::Parquet { path },
+            raw::RawSink::Parquet { path, compression, options } => {
+                check_store_location(&path).map_err(|message| invalid("sink.path", message))?;
+                let compression = match compression {
+                    None => ParquetCompression::default(),
+                    Some(name) => ParquetCompression::parse(&name).ok_or_else(|| {
+                        invalid("sink.compression", format!("`{name}` is not a Parquet compression; use {}", ParquetCompression::NAMES))
+                    })?,
+                };
+                if !options.is_empty() && !path.contains("://") {
+                    return Err(invalid("sink.options", "object-store options apply to URLs like `s3://bucket/prefix`; remove them for a local directory".into()));
+                }
+                Sink::Parquet { path, compression, options }
+            }
             raw::RawSink::Jsonl { path } => Sink::Jsonl { path },
             raw::RawSink::Kafka { topic } => Sink::Kafka { topic },
         };

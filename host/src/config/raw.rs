@@ -60,7 +60,12 @@ pub struct RawPlugin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "format", rename_all = "lowercase")]
 pub enum RawSink {
-    Parquet { path: String },
+    Parquet {
+        path: String,
+        compression: Option<String>,
+        #[serde(default)]
+        options: BTreeMap<String, String>,
+    },
     Jsonl { path: String },
     Kafka { topic: String },
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::RecordBatch;
-use rdkafka::mocking::MockCluster;
 
+use crate::broker::{Broker, Mock};
 use crate::config::{Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
 use crate::kafka::{Loader, Outgoing};
 use crate::pipeline::{self, Until};
@@ -116,9 +116,9 @@ fn produce(loader: Loader, options: DemoOptions, stop: Arc<AtomicBool>, produced
 /// Run the demo until `options.duration` has passed or `stop` is set; windows go to
 /// `out`, progress lines to `progress`.
 pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, progress: &mut dyn Write) -> anyhow::Result<DemoSummary> {
-    let cluster = MockCluster::new(1)?;
-    cluster.create_topic(TOPIC, PARTITIONS, 1)?;
-    let bootstrap = cluster.bootstrap_servers();
+    let cluster = Mock::start()?;
+    cluster.create_topic(TOPIC, PARTITIONS)?;
+    let bootstrap = cluster.bootstrap();
 
     let step = |name: &str, config: &str| Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default() };
     let pipeline = Pipeline {

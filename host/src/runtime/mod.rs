@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine, OptLevel};
+use wasmtime::{Config, Engine, OptLevel, ProfilingStrategy};
 
 pub use cache::default_cache_dir;
 pub use error::{CallError, LoadError, TrapKind};
@@ -31,6 +31,9 @@ pub use instance::PluginInstance;
 pub use load::{LoadedPlugin, PluginInfo};
 
 use self::store::StoreState;
+
+/// Set to `1` to write a perf map of compiled plugin code, for profiling with `perf`.
+pub const PERFMAP_ENV: &str = "SLUICE_WASM_PERFMAP";
 
 /// How often the engine's epoch advances; the granularity of time budgets.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -109,6 +112,10 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
+        if std::env::var_os(PERFMAP_ENV).is_some_and(|v| v == "1") {
+            // Names compiled plugin functions in /tmp/perf-<pid>.map for `perf report`.
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot configure the WebAssembly engine: {e}"))?;
 
         let mut linker = Linker::new(&engine);

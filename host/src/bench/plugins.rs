@@ -13,7 +13,7 @@ use arrow_array::RecordBatch;
 use sluice_sdk::testing::{AggregateDriver, Driver, Harness, TransformDriver};
 use sluice_sdk::{Context, RecordParts, RecordsBuilder};
 
-use crate::demo::generator::{EventGenerator, EventSpec};
+use super::events;
 use crate::demo::FILTER_CONFIG;
 use crate::examples;
 use crate::runtime::{Limits, LoadedPlugin, Runtime};
@@ -50,11 +50,6 @@ impl BenchRow {
     pub fn time_ratio(&self) -> f64 {
         self.native_rps / self.wasm_rps
     }
-}
-
-fn events(n: usize) -> Vec<Vec<u8>> {
-    let mut gen = EventGenerator::new(EventSpec::default());
-    (0..n).map(|_| gen.next_json()).collect()
 }
 
 fn batches(values: &[Vec<u8>], size: usize) -> Vec<RecordBatch> {

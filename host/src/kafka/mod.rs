@@ -1,20 +1,27 @@
 //! The Kafka source: the one module that owns librdkafka on the consuming side.
 //!
 //! It resolves where each partition starts, plans a batch as offset ranges `[from, until)`
-//! from the brokers' high watermarks, fetches exactly those ranges (assign + seek, stop at
-//! `until`), turns them into one Arrow batch in the record schema, and commits the group's
-//! offsets after the batch is written. It knows nothing about plugins or sinks.
+//! from the brokers' high watermarks, fetches exactly those ranges (a consumer thread reads
+//! ahead from the assigned positions, see [`prefetch`]; a batch that does not continue
+//! where the last one ended re-assigns and seeks), turns them into one Arrow batch in the
+//! record schema, and commits the group's offsets after the batch is written. It knows
+//! nothing about plugins or sinks.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+mod prefetch;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_sdk::{record_schema, OffsetRange, RecordParts, RecordsBuilder};
+use sluice_sdk::{record_schema, OffsetRange};
+
+use self::prefetch::{Prefetcher, TakeError};
+pub use self::prefetch::PREFETCH_ROWS;
 
 use crate::config::{Source, StartingOffsets};
 
@@ -82,7 +89,8 @@ pub struct PartitionLag {
 
 /// Reads exact offset ranges from Kafka.
 pub struct KafkaSource {
-    consumer: BaseConsumer,
+    consumer: Arc<BaseConsumer>,
+    prefetcher: Option<Prefetcher>,
     /// Next offset to plan, per (topic, partition), in a stable order.
     next: BTreeMap<(String, i32), i64>,
     max_offsets_per_trigger: Option<u64>,
@@ -141,7 +149,7 @@ impl KafkaSource {
             };
             next.insert((e.topic().to_string(), e.partition()), start);
         }
-        Ok(Self { consumer, next, max_offsets_per_trigger: source.max_offsets_per_trigger })
+        Ok(Self { consumer: Arc::new(consumer), prefetcher: None, next, max_offsets_per_trigger: source.max_offsets_per_trigger })
     }
 
     /// Current position and high watermark of every partition.
@@ -166,58 +174,30 @@ impl KafkaSource {
 
     /// Fetch exactly `ranges` and return them as one batch, partitions in plan order and
     /// records in offset order within each.
-    pub fn fetch(&self, ranges: &[OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
+    pub fn fetch(&mut self, ranges: &[OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
         let wanted: Vec<&OffsetRange> = ranges.iter().filter(|r| r.until > r.from).collect();
         if wanted.is_empty() {
             return Ok(RecordBatch::new_empty(record_schema()));
         }
-        let mut tpl = TopicPartitionList::new();
-        for r in &wanted {
-            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.from))
-                .map_err(failed("building the assignment"))?;
-        }
-        self.consumer.assign(&tpl).map_err(failed("assigning the batch's partitions"))?;
-        let mut builders: HashMap<(String, i32), (usize, RecordsBuilder, i64)> = wanted
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ((r.topic.clone(), r.partition), (i, RecordsBuilder::with_capacity((r.until - r.from) as usize, 0), r.until)))
-            .collect();
-        let mut pending = builders.len();
-        let started = Instant::now();
-        while pending > 0 {
-            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
-                if started.elapsed() > timeout {
-                    return Err(SourceError::FetchTimeout { secs: timeout.as_secs(), pending: describe_pending(&builders) });
-                }
-                continue;
+        if !self.prefetcher.as_ref().is_some_and(|p| p.continues(&wanted)) {
+            // First batch, or one that does not continue where the last ended: read from
+            // the ranges' starts (other partitions from where they are).
+            let mut positions: BTreeMap<(String, i32), i64> = match self.prefetcher.take() {
+                Some(p) => p.positions().into_iter().collect(),
+                None => self.next.clone(),
             };
-            let m = message.map_err(failed("fetching records"))?;
-            let Some((_, builder, until)) = builders.get_mut(&(m.topic().to_string(), m.partition())) else { continue };
-            if *until == i64::MIN || m.offset() >= *until {
-                continue;
+            for r in &wanted {
+                positions.insert((r.topic.clone(), r.partition), r.from);
             }
-            let headers = m.headers();
-            let header_iter = (0..headers.map_or(0, |h| h.count())).filter_map(|i| headers.and_then(|h| h.try_get(i)).map(|h| (h.key, h.value)));
-            builder.append(
-                RecordParts {
-                    topic: m.topic(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis(),
-                    key: m.key(),
-                    value: m.payload(),
-                },
-                header_iter,
-            );
-            if m.offset() + 1 >= *until {
-                *until = i64::MIN;
-                pending -= 1;
-            }
+            let positions: Vec<_> = positions.into_iter().collect();
+            self.prefetcher = Some(Prefetcher::start(self.consumer.clone(), &positions).map_err(failed("assigning the batch's partitions"))?);
         }
-        let mut parts: Vec<_> = builders.into_values().collect();
-        parts.sort_by_key(|(i, _, _)| *i);
-        let batches: Vec<RecordBatch> = parts.into_iter().map(|(_, mut b, _)| b.finish()).collect();
-        Ok(arrow_select::concat::concat_batches(&record_schema(), &batches).expect("batches share the record schema"))
+        let prefetcher = self.prefetcher.as_ref().expect("started above");
+        let chunks = prefetcher.take(&wanted, timeout).map_err(|e| match e {
+            TakeError::Kafka(error) => SourceError::Kafka { what: "fetching records".into(), error },
+            TakeError::Timeout(pending) => SourceError::FetchTimeout { secs: timeout.as_secs(), pending },
+        })?;
+        Ok(arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema"))
     }
 
     /// Mark `ranges` as done: the next plan starts after them, and the consumer group's
@@ -238,16 +218,6 @@ impl KafkaSource {
         }
         Ok(())
     }
-}
-
-fn describe_pending(builders: &HashMap<(String, i32), (usize, RecordsBuilder, i64)>) -> String {
-    let mut pending: Vec<String> = builders
-        .iter()
-        .filter(|(_, (_, _, until))| *until != i64::MIN)
-        .map(|((t, p), (_, b, until))| format!("{t}/{p} ({} of the records up to offset {until} read)", b.len()))
-        .collect();
-    pending.sort();
-    pending.join(", ")
 }
 
 /// Split a budget over partitions in proportion to their lag (Spark's

@@ -1,0 +1,67 @@
+//! The benchmarks: `sluice bench plugins` (WebAssembly vs native on in-memory batches) and
+//! `sluice bench pipeline` (whole pipelines on a real broker). Each measures everything it
+//! compares in one run and reports ratios.
+
+pub mod pipeline;
+pub mod plugins;
+
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use sluice_sdk::testing::{Driver, Harness};
+use sluice_sdk::{Context, Finished, PluginKind};
+
+use crate::chain::Stage;
+use crate::demo::generator::{EventGenerator, EventSpec};
+use crate::runtime::CallError;
+
+pub use plugins::{run, BenchArgs, BenchRow};
+
+/// `n` seed-style ad events as JSON.
+pub(crate) fn events(n: usize) -> Vec<Vec<u8>> {
+    let mut gen = EventGenerator::new(EventSpec::default());
+    (0..n).map(|_| gen.next_json()).collect()
+}
+
+/// An example plugin compiled natively into the host, as a chain step: the baseline the
+/// WebAssembly plugin is measured against.
+pub struct NativeStage<D: Driver> {
+    name: &'static str,
+    harness: Harness<D>,
+}
+
+impl<D: Driver> NativeStage<D> {
+    /// Configure the native plugin.
+    pub fn new(name: &'static str, config: &str) -> anyhow::Result<Self> {
+        Ok(Self { name, harness: Harness::with_config(config).map_err(|e| anyhow::anyhow!("native {name}: {}", e.message()))? })
+    }
+}
+
+impl<D: Driver> Stage for NativeStage<D> {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn version(&self) -> &str {
+        "native"
+    }
+    fn kind(&self) -> PluginKind {
+        D::KIND
+    }
+    fn output_schema(&self) -> &SchemaRef {
+        self.harness.output_schema()
+    }
+    fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError> {
+        self.harness.push_batch(batch.clone(), ctx.watermark_ms).map_err(|e| CallError::Plugin {
+            plugin: self.name.to_string(),
+            call: "process",
+            kind: e.kind(),
+            message: e.message().to_string(),
+        })
+    }
+}
+
+/// Records per second.
+pub(crate) fn per_sec(records: u64, elapsed: Duration) -> f64 {
+    records as f64 / elapsed.as_secs_f64().max(1e-9)
+}

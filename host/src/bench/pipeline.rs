@@ -1,0 +1,210 @@
+//! `sluice bench pipeline`: whole pipelines on a real broker, in one run. N seed-style
+//! events are produced to a topic, then each pipeline reads all of them from the earliest
+//! offset with its own consumer group, through the real micro-batch loop (plan, exact
+//! fetch, Arrow batch, plugins, sink, offset commit), into a sink that discards:
+//!
+//! * consume-only — no plugins: what the broker and the source deliver;
+//! * json-filter and ad-clicks, each natively compiled into the host and as WebAssembly.
+//!
+//! Records/s are compared with consume-only and, for each plugin, WebAssembly with native.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use sluice_sdk::testing::{AggregateDriver, TransformDriver};
+
+use super::{per_sec, NativeStage};
+use crate::broker::{Broker, Tansu};
+use crate::chain::{Chain, Stage};
+use crate::config::{Pipeline, Sink as SinkConfig, Source, StartingOffsets};
+use crate::demo::generator::{EventGenerator, EventSpec};
+use crate::demo::FILTER_CONFIG;
+use crate::examples;
+use crate::kafka::{Loader, Outgoing};
+use crate::pipeline::{run_chain, Until};
+use crate::runtime::{Limits, Runtime};
+use crate::sink::{Sink, SinkError};
+
+/// The topic the benchmark produces to and reads.
+pub const TOPIC: &str = "sluice-bench-events";
+
+/// Options of `sluice bench pipeline`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineBenchArgs {
+    /// Events to produce and read.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Most records per batch (`maxOffsetsPerTrigger`).
+    #[arg(long, default_value_t = 100_000)]
+    pub batch: u64,
+    /// Repetitions of each pipeline; the fastest is reported.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Use this broker (`host:port`) instead of starting tansu; the topic
+    /// `sluice-bench-events` must not exist yet.
+    #[arg(long)]
+    pub bootstrap: Option<String>,
+}
+
+/// One measured pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineRow {
+    /// What ran.
+    pub pipeline: &'static str,
+    /// Records read.
+    pub records: u64,
+    /// Rows the sink received.
+    pub output_rows: u64,
+    /// Batches.
+    pub batches: u64,
+    /// Records per second, from connecting to the final commit.
+    pub records_per_sec: f64,
+}
+
+/// Counts what it is given and keeps nothing.
+struct Discard;
+
+impl Sink for Discard {
+    fn write(&mut self, _batch_id: u64, _batches: &[RecordBatch]) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+type ChainFn = fn(&Runtime) -> anyhow::Result<Chain>;
+
+fn wasm(runtime: &Runtime, name: &str, config: &str) -> anyhow::Result<Chain> {
+    let plugin = runtime.load(examples::named(name).map_err(anyhow::Error::msg)?, &format!("builtin:{name}"), Limits::default())?;
+    Ok(Chain::new(vec![plugin.instantiate(config)?])?)
+}
+
+fn native(stage: impl Stage + 'static) -> anyhow::Result<Chain> {
+    Ok(Chain::of_stages(vec![Box::new(stage)])?)
+}
+
+const CASES: [(&str, ChainFn); 5] = [
+    ("consume-only", |_| Ok(Chain::consume_only())),
+    ("json-filter native", |_| native(NativeStage::<TransformDriver<json_filter::JsonFilter>>::new("json-filter", FILTER_CONFIG)?)),
+    ("json-filter WASM", |r| wasm(r, "json-filter", FILTER_CONFIG)),
+    ("ad-clicks native", |_| native(NativeStage::<AggregateDriver<ad_clicks::AdClicks>>::new("ad-clicks", "{}")?)),
+    ("ad-clicks WASM", |r| wasm(r, "ad-clicks", "{}")),
+];
+
+/// Produce `n` events round-robin over the partitions, keyed by campaign; returns the
+/// time it took until every record was acknowledged.
+fn produce(broker: &dyn Broker, partitions: i32, n: usize) -> anyhow::Result<Duration> {
+    let mut gen = EventGenerator::new(EventSpec::default());
+    let events: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|_| {
+            let e = gen.next_event();
+            let value = serde_json::to_vec(&e).expect("events serialize");
+            (e.campaign_id, value)
+        })
+        .collect();
+    let loader = Loader::connect(&broker.bootstrap(), broker.producer_settings())?;
+    let started = Instant::now();
+    for (i, (key, value)) in events.iter().enumerate() {
+        let record = Outgoing { partition: Some(i as i32 % partitions), key: Some(key.as_bytes()), value: Some(value), headers: &[] };
+        loader.send(TOPIC, record)?;
+    }
+    loader.flush(Duration::from_secs(300))?;
+    Ok(started.elapsed())
+}
+
+/// Create the topic on `broker`, produce the events, run every pipeline over them and
+/// print a table to `out`.
+pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write) -> anyhow::Result<Vec<PipelineRow>> {
+    if args.records == 0 || args.repeat == 0 || args.batch == 0 || args.partitions < 1 {
+        anyhow::bail!("--records, --repeat, --batch and --partitions must be at least 1");
+    }
+    broker.create_topic(TOPIC, args.partitions)?;
+    let produced = produce(broker, args.partitions, args.records)?;
+    let bootstrap = broker.bootstrap();
+    writeln!(
+        out,
+        "sluice bench pipeline: {} events produced to {} partitions at {:.0} records/s; batches of at most {} records; best of {}",
+        args.records,
+        args.partitions,
+        per_sec(args.records as u64, produced),
+        args.batch,
+        args.repeat
+    )?;
+    let runtime = Runtime::new(crate::runtime::default_cache_dir())?;
+    let mut rows_out = Vec::new();
+    for (name, make) in CASES {
+        let mut best: Option<PipelineRow> = None;
+        for rep in 0..args.repeat {
+            let group = format!("sluice-bench-{}-{rep}", name.replace(' ', "-"));
+            let pipeline = Pipeline {
+                name: group.clone(),
+                source: Source {
+                    topics: vec![TOPIC.into()],
+                    starting_offsets: StartingOffsets::Earliest,
+                    max_offsets_per_trigger: Some(args.batch),
+                    group_id: group,
+                },
+                trigger_interval: Duration::ZERO,
+                kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
+                steps: Vec::new(),
+                sink: SinkConfig::Jsonl { path: "-".into() },
+            };
+            let mut chain = make(&runtime)?;
+            let mut output_rows = 0;
+            let started = Instant::now();
+            let summary = run_chain(&pipeline, &mut chain, Until::AvailableNow, &AtomicBool::new(false), &mut Discard, &mut |_| {})?;
+            let elapsed = started.elapsed();
+            output_rows += summary.output_rows;
+            anyhow::ensure!(
+                summary.records == args.records as u64,
+                "{name}: read {} records of the {} produced",
+                summary.records,
+                args.records
+            );
+            let row = PipelineRow { pipeline: name, records: summary.records, output_rows, batches: summary.batches, records_per_sec: per_sec(summary.records, elapsed) };
+            if best.as_ref().is_none_or(|b| row.records_per_sec > b.records_per_sec) {
+                best = Some(row);
+            }
+        }
+        rows_out.push(best.expect("at least one repetition"));
+    }
+    for pair in rows_out[1..].chunks(2) {
+        if let [n, w] = pair {
+            anyhow::ensure!(n.output_rows == w.output_rows, "{} wrote {} rows but {} wrote {}", n.pipeline, n.output_rows, w.pipeline, w.output_rows);
+        }
+    }
+    let consume = rows_out[0].records_per_sec;
+    writeln!(out, "| pipeline | records/s | output rows | batches | vs consume-only | WASM / native |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+    for (i, r) in rows_out.iter().enumerate() {
+        let vs_native = if i >= 2 && i % 2 == 0 { format!("{:.2}×", r.records_per_sec / rows_out[i - 1].records_per_sec) } else { "".into() };
+        writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {:.2}× | {} |",
+            r.pipeline,
+            r.records_per_sec,
+            r.output_rows,
+            r.batches,
+            r.records_per_sec / consume,
+            vs_native
+        )?;
+    }
+    Ok(rows_out)
+}
+
+/// `sluice bench pipeline`: start tansu (unless `--bootstrap` is given), run [`run_on`],
+/// stop the broker.
+pub fn run(args: &PipelineBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<PipelineRow>> {
+    match &args.bootstrap {
+        Some(bootstrap) => run_on(args, &crate::broker::External(bootstrap.clone()), out),
+        None => {
+            let broker = Tansu::start()?;
+            writeln!(out, "broker: tansu {} (pid {}) at {}, in-memory storage", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+            run_on(args, &broker, out)
+        }
+    }
+}

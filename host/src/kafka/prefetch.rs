@@ -1,0 +1,319 @@
+//! The consumer's own thread. It keeps reading every assigned partition ahead of the batch
+//! loop into Arrow chunks, so fetching overlaps the plugins' and the sink's work. A batch
+//! takes exactly its offset ranges out of the chunks (zero-copy slices); whatever was read
+//! beyond them stays for the next batch. A partition with more than its share of
+//! [`PREFETCH_ROWS`] buffered is paused until the loop catches up, so memory stays bounded.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int64Type;
+use arrow_array::RecordBatch;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_sdk::{OffsetRange, RecordParts, RecordsBuilder};
+
+/// Records read ahead, over all partitions, before partitions are paused.
+pub const PREFETCH_ROWS: usize = 500_000;
+/// The least a single partition may read ahead.
+const MIN_PARTITION_ROWS: usize = 10_000;
+/// The consumer thread hands over what it read at least this often …
+const HANDOVER_EVERY: Duration = Duration::from_millis(5);
+/// … or after this many records, whichever comes first.
+const HANDOVER_ROWS: usize = 4096;
+/// How long one poll waits for a record.
+const POLL: Duration = Duration::from_millis(20);
+
+type Key = (String, i32);
+
+/// What one partition has read ahead.
+struct Buffer {
+    chunks: VecDeque<RecordBatch>,
+    /// One past the last offset buffered (the start position while nothing was read).
+    covered: i64,
+    /// Where the next batch must start to be served from this buffer.
+    consumed: i64,
+    rows: usize,
+    /// The offset a waiting batch needs the buffer to reach; never paused below it.
+    demand: i64,
+}
+
+impl Buffer {
+    fn new(start: i64) -> Self {
+        Self { chunks: VecDeque::new(), covered: start, consumed: start, rows: 0, demand: start }
+    }
+
+    /// Take the rows with offsets in `[from, until)`; rows before `from` are dropped.
+    fn take(&mut self, from: i64, until: i64, out: &mut Vec<RecordBatch>) {
+        while let Some(chunk) = self.chunks.pop_front() {
+            let offsets = chunk.column(OFFSET_COLUMN).as_primitive::<Int64Type>().values();
+            let start = offsets.partition_point(|&o| o < from);
+            let end = offsets.partition_point(|&o| o < until);
+            if end > start {
+                out.push(chunk.slice(start, end - start));
+            }
+            self.rows -= end;
+            if end < chunk.num_rows() {
+                self.chunks.push_front(chunk.slice(end, chunk.num_rows() - end));
+                break;
+            }
+        }
+        self.consumed = until;
+    }
+}
+
+/// Index of `offset` in the record schema (checked by a test).
+const OFFSET_COLUMN: usize = 2;
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<Key, Buffer>,
+    error: Option<KafkaError>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    ready: Condvar,
+    stop: AtomicBool,
+    /// Rows a partition may buffer before it is paused.
+    cap: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Why a batch could not be taken.
+pub enum TakeError {
+    /// The consumer reported an error.
+    Kafka(KafkaError),
+    /// The ranges were not all read within the timeout; what is missing.
+    Timeout(String),
+}
+
+/// Reads ahead on its own thread; see the module docs.
+pub struct Prefetcher {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// Assign every partition in `positions` at its offset and start reading.
+    pub fn start(consumer: Arc<BaseConsumer>, positions: &[(Key, i64)]) -> Result<Self, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in positions {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        }
+        consumer.assign(&tpl)?;
+        let cap = (PREFETCH_ROWS / positions.len().max(1)).max(MIN_PARTITION_ROWS);
+        let state = State { parts: positions.iter().map(|(k, o)| (k.clone(), Buffer::new(*o))).collect(), error: None };
+        let shared = Arc::new(Shared { state: Mutex::new(state), ready: Condvar::new(), stop: AtomicBool::new(false), cap });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("sluice-consumer".into())
+                .spawn(move || read_ahead(&consumer, &shared))
+                .expect("spawn the consumer thread")
+        };
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// Where each partition's next batch must start to be served without a restart.
+    pub fn positions(&self) -> Vec<(Key, i64)> {
+        self.shared.lock().parts.iter().map(|(k, b)| (k.clone(), b.consumed)).collect()
+    }
+
+    /// Whether every range starts where its partition's buffer continues.
+    pub fn continues(&self, ranges: &[&OffsetRange]) -> bool {
+        let state = self.shared.lock();
+        ranges.iter().all(|r| state.parts.get(&(r.topic.clone(), r.partition)).is_some_and(|b| b.consumed == r.from))
+    }
+
+    /// Wait until every range is read, then take them out of the buffers, in order.
+    pub fn take(&self, ranges: &[&OffsetRange], timeout: Duration) -> Result<Vec<RecordBatch>, TakeError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        for r in ranges {
+            if let Some(b) = state.parts.get_mut(&(r.topic.clone(), r.partition)) {
+                b.demand = b.demand.max(r.until);
+            }
+        }
+        loop {
+            if let Some(error) = state.error.take() {
+                return Err(TakeError::Kafka(error));
+            }
+            let missing: Vec<String> = ranges
+                .iter()
+                .filter_map(|r| {
+                    let b = state.parts.get(&(r.topic.clone(), r.partition))?;
+                    (b.covered < r.until).then(|| format!("{}/{} (read up to offset {} of {})", r.topic, r.partition, b.covered, r.until))
+                })
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TakeError::Timeout(missing.join(", ")));
+            }
+            state = self.shared.ready.wait_timeout(state, (deadline - now).min(Duration::from_millis(100))).map(|(s, _)| s).unwrap_or_else(|p| p.into_inner().0);
+        }
+        let mut out = Vec::new();
+        for r in ranges {
+            if let Some(b) = state.parts.get_mut(&(r.topic.clone(), r.partition)) {
+                b.take(r.from, r.until, &mut out);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The consumer thread: poll, append to per-partition builders, hand over, pause/resume.
+fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
+    let mut local: HashMap<Key, (RecordsBuilder, i64)> = HashMap::new();
+    let mut unhanded = 0;
+    let mut last_handover = Instant::now();
+    let mut paused: HashSet<Key> = HashSet::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let idle = match consumer.poll(POLL) {
+            None => true,
+            Some(Err(error)) => {
+                shared.lock().error = Some(error);
+                shared.ready.notify_all();
+                // Give the loop time to see it; librdkafka keeps retrying meanwhile.
+                std::thread::sleep(POLL);
+                true
+            }
+            Some(Ok(m)) => {
+                let key = (m.topic().to_string(), m.partition());
+                let (builder, last) = local.entry(key).or_insert_with(|| (RecordsBuilder::default(), -1));
+                let headers = m.headers();
+                let header_iter = (0..headers.map_or(0, |h| h.count())).filter_map(|i| headers.and_then(|h| h.try_get(i)).map(|h| (h.key, h.value)));
+                builder.append(
+                    RecordParts {
+                        topic: m.topic(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp: m.timestamp().to_millis(),
+                        key: m.key(),
+                        value: m.payload(),
+                    },
+                    header_iter,
+                );
+                *last = m.offset();
+                unhanded += 1;
+                false
+            }
+        };
+        if unhanded > 0 && (idle || unhanded >= HANDOVER_ROWS || last_handover.elapsed() >= HANDOVER_EVERY) {
+            hand_over(&mut local, shared);
+            unhanded = 0;
+            last_handover = Instant::now();
+        }
+        if idle || unhanded == 0 {
+            adjust_pauses(consumer, shared, &mut paused);
+        }
+    }
+}
+
+fn hand_over(local: &mut HashMap<Key, (RecordsBuilder, i64)>, shared: &Shared) {
+    let mut state = shared.lock();
+    for (key, (builder, last)) in local.iter_mut() {
+        if builder.is_empty() {
+            continue;
+        }
+        let chunk = builder.finish();
+        if let Some(b) = state.parts.get_mut(key) {
+            b.rows += chunk.num_rows();
+            b.covered = b.covered.max(*last + 1);
+            b.chunks.push_back(chunk);
+        }
+    }
+    drop(state);
+    shared.ready.notify_all();
+}
+
+/// Pause partitions that read far enough ahead; resume them when the loop catches up.
+fn adjust_pauses(consumer: &BaseConsumer, shared: &Shared, paused: &mut HashSet<Key>) {
+    let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+    {
+        let state = shared.lock();
+        for (key, b) in &state.parts {
+            let wants_pause = b.rows >= shared.cap && b.covered >= b.demand;
+            let wants_resume = b.rows < shared.cap / 2 || b.covered < b.demand;
+            if wants_pause && !paused.contains(key) {
+                pause.add_partition(&key.0, key.1);
+                paused.insert(key.clone());
+            } else if wants_resume && paused.remove(key) {
+                resume.add_partition(&key.0, key.1);
+            }
+        }
+    }
+    if pause.count() > 0 {
+        let _ = consumer.pause(&pause);
+    }
+    if resume.count() > 0 {
+        let _ = consumer.resume(&resume);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offsets: std::ops::Range<i64>) -> RecordBatch {
+        let mut b = RecordsBuilder::default();
+        for o in offsets {
+            let value = o.to_string();
+            b.append(RecordParts { topic: "t", partition: 0, offset: o, timestamp: None, key: None, value: Some(value.as_bytes()) }, []);
+        }
+        b.finish()
+    }
+
+    fn offsets(batches: &[RecordBatch]) -> Vec<i64> {
+        batches.iter().flat_map(|b| b.column(OFFSET_COLUMN).as_primitive::<Int64Type>().values().to_vec()).collect()
+    }
+
+    #[test]
+    fn the_offset_column_index_matches_the_record_schema() {
+        assert_eq!(sluice_sdk::record_schema().index_of(sluice_sdk::columns::OFFSET).unwrap(), OFFSET_COLUMN);
+    }
+
+    #[test]
+    fn a_batch_takes_exactly_its_range_and_leaves_the_rest_for_the_next() {
+        let mut b = Buffer::new(10);
+        for c in [chunk(10..14), chunk(14..20), chunk(22..25)] {
+            b.rows += c.num_rows();
+            b.chunks.push_back(c);
+        }
+        b.covered = 25;
+        let mut out = Vec::new();
+        b.take(10, 16, &mut out);
+        assert_eq!(offsets(&out), vec![10, 11, 12, 13, 14, 15]);
+        assert_eq!((b.consumed, b.rows), (16, 7));
+        let mut out = Vec::new();
+        b.take(16, 23, &mut out);
+        assert_eq!(offsets(&out), vec![16, 17, 18, 19, 22], "offsets may have gaps (compaction)");
+        let mut out = Vec::new();
+        b.take(23, 25, &mut out);
+        assert_eq!(offsets(&out), vec![23, 24]);
+        assert_eq!((b.rows, b.chunks.len()), (0, 0));
+    }
+}
