@@ -46,14 +46,22 @@ fn builtin(name: &str, config: &str) -> Step {
 /// Produce seed-style events round-robin over the partitions of `topics`; returns them in
 /// production order.
 fn produce(broker: &dyn Broker, topics: &[(&str, i32)], n: usize) -> Vec<Value> {
-    let loader = Loader::connect(&broker.bootstrap(), broker.producer_settings()).unwrap();
+    let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
     let mut gen = EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() });
     let slots: Vec<(&str, i32)> = topics.iter().flat_map(|&(t, parts)| (0..parts).map(move |p| (t, p))).collect();
     let events: Vec<Value> = (0..n).map(|_| serde_json::to_value(gen.next_event()).unwrap()).collect();
-    for (i, e) in events.iter().enumerate() {
-        let (topic, partition) = slots[i % slots.len()];
-        let value = serde_json::to_vec(e).unwrap();
-        loader.send(topic, Outgoing { partition: Some(partition), key: e["campaign_id"].as_str().map(str::as_bytes), value: Some(&value), headers: &[] }).unwrap();
+    let values: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+    let records: Vec<(&str, Outgoing)> = events
+        .iter()
+        .zip(&values)
+        .enumerate()
+        .map(|(i, (e, value))| {
+            let (topic, partition) = slots[i % slots.len()];
+            (topic, Outgoing { partition: Some(partition), key: e["campaign_id"].as_str().map(str::as_bytes), value: Some(value), headers: &[] })
+        })
+        .collect();
+    for (topic, record) in records {
+        loader.send(topic, record).unwrap();
     }
     loader.flush(Duration::from_secs(30)).unwrap();
     events
@@ -207,13 +215,19 @@ fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers(broker:
     broker.create_topic("in", 2).unwrap();
     broker.create_topic("out", 1).unwrap();
     let bootstrap = broker.bootstrap();
-    let loader = Loader::connect(&bootstrap, broker.producer_settings()).unwrap();
-    for i in 0..50 {
-        let value = serde_json::json!({"id": i, "keep": i % 2 == 0, "noise": "x"}).to_string();
-        let key = format!("k{i}");
-        let trace = format!("t{i}");
-        let headers = [("trace", Some(trace.as_bytes())), ("empty", None)];
-        loader.send("in", Outgoing { partition: Some(i % 2), key: Some(key.as_bytes()), value: Some(value.as_bytes()), headers: &headers }).unwrap();
+    let loader = Loader::connect(&bootstrap, broker.exact_producer_settings()).unwrap();
+    let texts: Vec<[String; 3]> = (0..50)
+        .map(|i| [serde_json::json!({"id": i, "keep": i % 2 == 0, "noise": "x"}).to_string(), format!("k{i}"), format!("t{i}")])
+        .collect();
+    let headers: Vec<[(&str, Option<&[u8]>); 2]> = texts.iter().map(|[_, _, trace]| [("trace", Some(trace.as_bytes())), ("empty", None)]).collect();
+    let records: Vec<(&str, Outgoing)> = texts
+        .iter()
+        .zip(&headers)
+        .enumerate()
+        .map(|(i, ([value, key, _], headers))| ("in", Outgoing { partition: Some(i as i32 % 2), key: Some(key.as_bytes()), value: Some(value.as_bytes()), headers }))
+        .collect();
+    for (topic, record) in records {
+        loader.send(topic, record).unwrap();
     }
     loader.flush(Duration::from_secs(30)).unwrap();
 

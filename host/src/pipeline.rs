@@ -109,7 +109,7 @@ pub fn run_chain(
     };
     let fetch_timeout = pipeline.trigger_interval.max(Duration::from_secs(30));
     let mut summary = RunSummary::default();
-    let first_batch_id = sink.last_batch_id().map_or(0, |last| last + 1);
+    let first_batch_id = sink.last_batch_id()?.map_or(0, |last| last + 1);
     let mut watermark = None;
     loop {
         if stop.load(Ordering::SeqCst) {

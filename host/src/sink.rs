@@ -73,9 +73,10 @@ pub trait Sink {
 
     /// The highest batch id this sink already holds output for, if it keeps output by
     /// batch id. A new run numbers its batches after it, so it never replaces output of
-    /// an earlier run.
-    fn last_batch_id(&self) -> Option<u64> {
-        None
+    /// an earlier run. An error when the sink cannot be listed: starting at batch 0
+    /// instead could replace earlier output.
+    fn last_batch_id(&self) -> Result<Option<u64>, SinkError> {
+        Ok(None)
     }
 }
 
@@ -143,12 +144,13 @@ impl Sink for JsonlSink {
         }
     }
 
-    fn last_batch_id(&self) -> Option<u64> {
-        let JsonlSink::Dir(dir) = self else { return None };
-        std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(batch_id_of)))
-            .max()
+    fn last_batch_id(&self) -> Result<Option<u64>, SinkError> {
+        let JsonlSink::Dir(dir) = self else { return Ok(None) };
+        let entries = std::fs::read_dir(dir).map_err(|error| SinkError::Open {
+            target: dir.display().to_string(),
+            error: std::io::Error::new(error.kind(), format!("cannot list the output directory: {error}")),
+        })?;
+        Ok(entries.filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(batch_id_of))).max())
     }
 }
 
@@ -242,8 +244,7 @@ impl ParquetSink {
                 let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_error(e.to_string()))?;
                 (Box::new(store), ObjectPath::default())
             }
-            (None, Some(url)) => object_store::parse_url_opts(&url, options.iter())
-                .map_err(|e| open_error(format!("cannot open the object store: {e}")))?,
+            (None, Some(url)) => open_store(&url, options).map_err(open_error)?,
             (None, None) => unreachable!("a location is a local directory or a URL"),
         };
         let io = tokio::runtime::Builder::new_current_thread()
@@ -278,6 +279,48 @@ impl ParquetSink {
     }
 }
 
+/// The store behind an object-store URL, configured from the environment (the variables
+/// each cloud's own tools read, e.g. `AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`,
+/// `AZURE_STORAGE_ACCOUNT_NAME`) and then `options`, and the path under it.
+fn open_store(url: &url::Url, options: &BTreeMap<String, String>) -> Result<(Box<dyn ObjectStore>, ObjectPath), String> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+    use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+    use object_store::ObjectStoreScheme;
+
+    fn keys<K: std::str::FromStr>(options: &BTreeMap<String, String>, store: &str) -> Result<Vec<(K, String)>, String> {
+        options
+            .iter()
+            .map(|(k, v)| {
+                k.to_ascii_lowercase().parse().map(|key| (key, v.clone())).map_err(|_| format!("`{k}` is not an option of the {store} store (see the README for examples)"))
+            })
+            .collect()
+    }
+    let (scheme, path) = ObjectStoreScheme::parse(url).map_err(|e| e.to_string())?;
+    let path = ObjectPath::parse(path).map_err(|e| e.to_string())?;
+    let built = |e: object_store::Error| format!("cannot open the object store: {e}");
+    let store: Box<dyn ObjectStore> = match scheme {
+        ObjectStoreScheme::Memory if options.is_empty() => Box::new(object_store::memory::InMemory::new()),
+        ObjectStoreScheme::Memory => return Err("the memory:// store takes no options".into()),
+        ObjectStoreScheme::AmazonS3 => {
+            let builder = keys::<AmazonS3ConfigKey>(options, "S3")?.into_iter().fold(AmazonS3Builder::from_env().with_url(url.as_str()), |b, (k, v)| b.with_config(k, v));
+            Box::new(builder.build().map_err(built)?)
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            let builder = keys::<GoogleConfigKey>(options, "Google Cloud Storage")?
+                .into_iter()
+                .fold(GoogleCloudStorageBuilder::from_env().with_url(url.as_str()), |b, (k, v)| b.with_config(k, v));
+            Box::new(builder.build().map_err(built)?)
+        }
+        ObjectStoreScheme::MicrosoftAzure => {
+            let builder = keys::<AzureConfigKey>(options, "Azure")?.into_iter().fold(MicrosoftAzureBuilder::from_env().with_url(url.as_str()), |b, (k, v)| b.with_config(k, v));
+            Box::new(builder.build().map_err(built)?)
+        }
+        other => return Err(format!("{other:?} URLs are not supported by the Parquet sink")),
+    };
+    Ok((store, path))
+}
+
 /// The batch id of an object named by [`ParquetSink::batch_object`].
 fn parquet_batch_id(name: &str) -> Option<u64> {
     name.strip_prefix("batch-")?.strip_suffix(".parquet")?.parse().ok()
@@ -298,9 +341,12 @@ impl Sink for ParquetSink {
             .map_err(|e| fail(e.to_string()))
     }
 
-    fn last_batch_id(&self) -> Option<u64> {
-        let listing = self.io.block_on(self.store.list_with_delimiter(Some(&self.prefix))).ok()?;
-        listing.objects.iter().filter_map(|o| o.location.filename().and_then(parquet_batch_id)).max()
+    fn last_batch_id(&self) -> Result<Option<u64>, SinkError> {
+        let listing = self.io.block_on(self.store.list_with_delimiter(Some(&self.prefix))).map_err(|e| SinkError::Open {
+            target: self.target.clone(),
+            error: std::io::Error::other(format!("cannot list existing output: {e}")),
+        })?;
+        Ok(listing.objects.iter().filter_map(|o| o.location.filename().and_then(parquet_batch_id)).max())
     }
 }
 
@@ -328,12 +374,12 @@ mod tests {
     fn memory_store_round_trips_and_a_rerun_replaces_the_batch() {
         for compression in [ParquetCompression::Snappy, ParquetCompression::Zstd, ParquetCompression::None] {
             let mut sink = ParquetSink::open("memory://", compression, &BTreeMap::new()).unwrap();
-            assert_eq!(sink.last_batch_id(), None);
+            assert_eq!(sink.last_batch_id().unwrap(), None);
             sink.write(3, &[rows(&["a", "b"], &[1, 2]), rows(&["c"], &[3])]).unwrap();
             sink.write(3, &[rows(&["a"], &[7])]).unwrap();
             sink.write(4, &[rows(&[], &[])]).unwrap();
             assert_eq!(read(&sink, 3), vec![rows(&["a"], &[7])], "{compression:?}");
-            assert_eq!(sink.last_batch_id(), Some(3), "an empty batch writes no file");
+            assert_eq!(sink.last_batch_id().unwrap(), Some(3), "an empty batch writes no file");
         }
     }
 
@@ -346,11 +392,26 @@ mod tests {
         assert!(out.join("batch-000000000012.parquet").is_file());
         let url = format!("file://{}", out.display());
         let mut again = ParquetSink::open(&url, ParquetCompression::Snappy, &BTreeMap::new()).unwrap();
-        assert_eq!(again.last_batch_id(), Some(12));
+        assert_eq!(again.last_batch_id().unwrap(), Some(12));
         again.write(13, &[rows(&["y"], &[2])]).unwrap();
         assert_eq!(read(&again, 13), vec![rows(&["y"], &[2])]);
         let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names.len(), 2, "only the batch files, no temporary leftovers: {names:?}");
+    }
+
+    #[test]
+    fn cloud_urls_take_their_own_options_and_name_a_wrong_one() {
+        let options = BTreeMap::from([
+            ("aws_endpoint".to_string(), "http://127.0.0.1:1".to_string()),
+            ("aws_allow_http".to_string(), "true".to_string()),
+            ("aws_region".to_string(), "eu-west-1".to_string()),
+        ]);
+        assert!(ParquetSink::open("s3://bucket/out", ParquetCompression::Snappy, &options).is_ok());
+        let wrong = BTreeMap::from([("aws_regoin".to_string(), "eu-west-1".to_string())]);
+        let error = ParquetSink::open("s3://bucket/out", ParquetCompression::Snappy, &wrong).err().unwrap().to_string();
+        assert!(error.contains("`aws_regoin` is not an option of the S3 store"), "{error}");
+        let error = ParquetSink::open("gs://bucket/out", ParquetCompression::Snappy, &options).err().unwrap().to_string();
+        assert!(error.contains("`aws_allow_http` is not an option of the Google Cloud Storage store"), "{error}");
     }
 
     #[test]

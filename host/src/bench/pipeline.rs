@@ -106,11 +106,15 @@ fn produce(broker: &dyn Broker, partitions: i32, n: usize) -> anyhow::Result<Dur
             (e.campaign_id, value)
         })
         .collect();
-    let loader = Loader::connect(&broker.bootstrap(), broker.producer_settings())?;
+    let loader = Loader::connect(&broker.bootstrap(), &[])?;
     let started = Instant::now();
-    for (i, (key, value)) in events.iter().enumerate() {
-        let record = Outgoing { partition: Some(i as i32 % partitions), key: Some(key.as_bytes()), value: Some(value), headers: &[] };
-        loader.send(TOPIC, record)?;
+    let records: Vec<(&str, Outgoing)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (key, value))| (TOPIC, Outgoing { partition: Some(i as i32 % partitions), key: Some(key.as_bytes()), value: Some(value), headers: &[] }))
+        .collect();
+    for (topic, record) in records {
+        loader.send(topic, record)?;
     }
     loader.flush(Duration::from_secs(300))?;
     Ok(started.elapsed())

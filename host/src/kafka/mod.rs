@@ -34,6 +34,13 @@ pub const TUNED_DEFAULTS: [(&str, &str); 3] =
 /// as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long connecting waits for the first fetch responses, which carry each partition's
+/// high watermark.
+const WATERMARK_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a batch whose records do not fit the plan is read before it fails.
+pub const FETCH_ATTEMPTS: u32 = 3;
+
 /// A Kafka failure, with what the source was doing.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -59,6 +66,9 @@ pub enum SourceError {
         /// The first delivery error.
         first: String,
     },
+    /// The brokers returned records that do not fit the plan.
+    #[error("fetched records do not match the planned offset ranges: {0}")]
+    Inconsistent(String),
     /// A fetch did not complete in time.
     #[error("fetching batch ranges timed out after {secs} s; still waiting for {pending}")]
     FetchTimeout {
@@ -149,18 +159,35 @@ impl KafkaSource {
             };
             next.insert((e.topic().to_string(), e.partition()), start);
         }
-        Ok(Self { consumer: Arc::new(consumer), prefetcher: None, next, max_offsets_per_trigger: source.max_offsets_per_trigger })
+        let consumer = Arc::new(consumer);
+        let positions: Vec<_> = next.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let prefetcher = Prefetcher::start(consumer.clone(), &positions).map_err(failed("assigning the source's partitions"))?;
+        let source = Self { consumer, prefetcher: Some(prefetcher), next, max_offsets_per_trigger: source.max_offsets_per_trigger };
+        source.await_fetched_watermarks(WATERMARK_WAIT);
+        Ok(source)
     }
 
-    /// Current position and high watermark of every partition.
+    /// Wait (at most `limit`) until the first fetch response of every partition has told
+    /// librdkafka its high watermark.
+    fn await_fetched_watermarks(&self, limit: Duration) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit && self.next.keys().any(|(t, p)| fetched_high_watermark(&self.consumer, t, *p).is_none()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Current position and high watermark of every partition: the larger of what the
+    /// brokers answer to a ListOffsets request and what their last fetch response said
+    /// (some brokers, e.g. tansu 0.6, under-report the former).
     pub fn lag(&self) -> Result<Vec<PartitionLag>, SourceError> {
         self.next
             .iter()
             .map(|((topic, partition), &next)| {
-                let (_, high) = self
+                let (_, listed) = self
                     .consumer
                     .fetch_watermarks(topic, *partition, REQUEST_TIMEOUT)
                     .map_err(failed(format!("reading the high watermark of {topic}/{partition}")))?;
+                let high = listed.max(fetched_high_watermark(&self.consumer, topic, *partition).unwrap_or(-1));
                 Ok(PartitionLag { topic: topic.clone(), partition: *partition, next, high })
             })
             .collect()
@@ -174,30 +201,50 @@ impl KafkaSource {
 
     /// Fetch exactly `ranges` and return them as one batch, partitions in plan order and
     /// records in offset order within each.
+    /// Records that do not fit the plan (out of order, twice, beyond the range) are a
+    /// broker or client fault: the ranges are read again from their starts, up to
+    /// [`FETCH_ATTEMPTS`] times in all, before the batch fails with the reason.
     pub fn fetch(&mut self, ranges: &[OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
         let wanted: Vec<&OffsetRange> = ranges.iter().filter(|r| r.until > r.from).collect();
         if wanted.is_empty() {
             return Ok(RecordBatch::new_empty(record_schema()));
         }
-        if !self.prefetcher.as_ref().is_some_and(|p| p.continues(&wanted)) {
+        let mut attempt = 1;
+        loop {
+            match self.fetch_once(&wanted, timeout) {
+                Err(SourceError::Inconsistent(why)) if attempt < FETCH_ATTEMPTS => {
+                    tracing::warn!("fetched records do not match the plan ({why}); reading the batch's ranges again");
+                    // Dropping the reader makes the next attempt assign at the ranges' starts.
+                    self.prefetcher = None;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn fetch_once(&mut self, wanted: &[&OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
+        if !self.prefetcher.as_ref().is_some_and(|p| p.continues(wanted)) {
             // First batch, or one that does not continue where the last ended: read from
             // the ranges' starts (other partitions from where they are).
             let mut positions: BTreeMap<(String, i32), i64> = match self.prefetcher.take() {
                 Some(p) => p.positions().into_iter().collect(),
                 None => self.next.clone(),
             };
-            for r in &wanted {
+            for r in wanted {
                 positions.insert((r.topic.clone(), r.partition), r.from);
             }
             let positions: Vec<_> = positions.into_iter().collect();
             self.prefetcher = Some(Prefetcher::start(self.consumer.clone(), &positions).map_err(failed("assigning the batch's partitions"))?);
         }
         let prefetcher = self.prefetcher.as_ref().expect("started above");
-        let chunks = prefetcher.take(&wanted, timeout).map_err(|e| match e {
+        let chunks = prefetcher.take(wanted, timeout).map_err(|e| match e {
             TakeError::Kafka(error) => SourceError::Kafka { what: "fetching records".into(), error },
             TakeError::Timeout(pending) => SourceError::FetchTimeout { secs: timeout.as_secs(), pending },
         })?;
-        Ok(arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema"))
+        let batch = arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema");
+        check_fetched(wanted, &batch)?;
+        Ok(batch)
     }
 
     /// Mark `ranges` as done: the next plan starts after them, and the consumer group's
@@ -218,6 +265,43 @@ impl KafkaSource {
         }
         Ok(())
     }
+}
+
+/// The high watermark of a partition as the last fetch response reported it, if one came.
+fn fetched_high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
+    use rdkafka::bindings::{rd_kafka_get_watermark_offsets, rd_kafka_resp_err_t};
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` lives, `topic` is NUL-terminated
+    // and outlives the call, and `low`/`high` are valid out-parameters. The call only reads
+    // librdkafka's cached partition state.
+    let error = unsafe { rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high) };
+    (error == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
+/// Check that a fetched batch holds, for each range in order, records of that partition
+/// with strictly increasing offsets inside the range: a cheap guard against a broker or
+/// client handing back records twice or out of place.
+fn check_fetched(ranges: &[&OffsetRange], batch: &RecordBatch) -> Result<(), SourceError> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type};
+    let partitions = batch.column(1).as_primitive::<Int32Type>().values();
+    let offsets = batch.column(2).as_primitive::<Int64Type>().values();
+    let mut row = 0;
+    for r in ranges {
+        let mut previous = r.from - 1;
+        while row < batch.num_rows() && partitions[row] == r.partition && offsets[row] > previous && offsets[row] < r.until {
+            previous = offsets[row];
+            row += 1;
+        }
+    }
+    if row < batch.num_rows() {
+        return Err(SourceError::Inconsistent(format!(
+            "record at row {row} (partition {}, offset {}) is out of order or outside the planned ranges",
+            partitions[row], offsets[row]
+        )));
+    }
+    Ok(())
 }
 
 /// Split a budget over partitions in proportion to their lag (Spark's

@@ -1,10 +1,13 @@
 //! The consumer's own thread. It keeps reading every assigned partition ahead of the batch
 //! loop into Arrow chunks, so fetching overlaps the plugins' and the sink's work. A batch
 //! takes exactly its offset ranges out of the chunks (zero-copy slices); whatever was read
-//! beyond them stays for the next batch. A partition with more than its share of
-//! [`PREFETCH_ROWS`] buffered is paused until the loop catches up, so memory stays bounded.
+//! beyond them stays for the next batch. With more than [`PREFETCH_ROWS`] records
+//! buffered and nothing the batch in flight still waits for, the thread stops taking
+//! records from librdkafka (whose own queue is bounded by `queued.max.messages.kbytes`)
+//! until the loop catches up. It never pauses partitions: librdkafka could lose the
+//! position of records queued at the moment of a pause.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,10 +22,10 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{OffsetRange, RecordParts, RecordsBuilder};
 
-/// Records read ahead, over all partitions, before partitions are paused.
+/// Records read ahead, over all partitions, before the consumer thread waits.
 pub const PREFETCH_ROWS: usize = 500_000;
-/// The least a single partition may read ahead.
-const MIN_PARTITION_ROWS: usize = 10_000;
+/// How long the consumer thread waits before it looks again whether to read on.
+const THROTTLE: Duration = Duration::from_millis(2);
 /// The consumer thread hands over what it read at least this often …
 const HANDOVER_EVERY: Duration = Duration::from_millis(5);
 /// … or after this many records, whichever comes first.
@@ -40,7 +43,7 @@ struct Buffer {
     /// Where the next batch must start to be served from this buffer.
     consumed: i64,
     rows: usize,
-    /// The offset a waiting batch needs the buffer to reach; never paused below it.
+    /// The offset a waiting batch needs the buffer to reach; read on until it is.
     demand: i64,
 }
 
@@ -81,13 +84,17 @@ struct Shared {
     state: Mutex<State>,
     ready: Condvar,
     stop: AtomicBool,
-    /// Rows a partition may buffer before it is paused.
-    cap: usize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether enough is buffered and no waiting batch needs more.
+    fn has_enough(&self) -> bool {
+        let state = self.lock();
+        state.parts.values().map(|b| b.rows).sum::<usize>() >= PREFETCH_ROWS && state.parts.values().all(|b| b.covered >= b.demand)
     }
 }
 
@@ -113,9 +120,8 @@ impl Prefetcher {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
         consumer.assign(&tpl)?;
-        let cap = (PREFETCH_ROWS / positions.len().max(1)).max(MIN_PARTITION_ROWS);
         let state = State { parts: positions.iter().map(|(k, o)| (k.clone(), Buffer::new(*o))).collect(), error: None };
-        let shared = Arc::new(Shared { state: Mutex::new(state), ready: Condvar::new(), stop: AtomicBool::new(false), cap });
+        let shared = Arc::new(Shared { state: Mutex::new(state), ready: Condvar::new(), stop: AtomicBool::new(false) });
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -185,13 +191,19 @@ impl Drop for Prefetcher {
     }
 }
 
-/// The consumer thread: poll, append to per-partition builders, hand over, pause/resume.
+/// The consumer thread: poll, append to per-partition builders, hand over, and wait while
+/// enough is buffered.
 fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
     let mut local: HashMap<Key, (RecordsBuilder, i64)> = HashMap::new();
     let mut unhanded = 0;
     let mut last_handover = Instant::now();
-    let mut paused: HashSet<Key> = HashSet::new();
+    let mut throttled = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        if throttled {
+            std::thread::sleep(THROTTLE);
+            throttled = shared.has_enough();
+            continue;
+        }
         let idle = match consumer.poll(POLL) {
             None => true,
             Some(Err(error)) => {
@@ -226,9 +238,7 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
             hand_over(&mut local, shared);
             unhanded = 0;
             last_handover = Instant::now();
-        }
-        if idle || unhanded == 0 {
-            adjust_pauses(consumer, shared, &mut paused);
+            throttled = shared.has_enough();
         }
     }
 }
@@ -248,30 +258,6 @@ fn hand_over(local: &mut HashMap<Key, (RecordsBuilder, i64)>, shared: &Shared) {
     }
     drop(state);
     shared.ready.notify_all();
-}
-
-/// Pause partitions that read far enough ahead; resume them when the loop catches up.
-fn adjust_pauses(consumer: &BaseConsumer, shared: &Shared, paused: &mut HashSet<Key>) {
-    let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-    {
-        let state = shared.lock();
-        for (key, b) in &state.parts {
-            let wants_pause = b.rows >= shared.cap && b.covered >= b.demand;
-            let wants_resume = b.rows < shared.cap / 2 || b.covered < b.demand;
-            if wants_pause && !paused.contains(key) {
-                pause.add_partition(&key.0, key.1);
-                paused.insert(key.clone());
-            } else if wants_resume && paused.remove(key) {
-                resume.add_partition(&key.0, key.1);
-            }
-        }
-    }
-    if pause.count() > 0 {
-        let _ = consumer.pause(&pause);
-    }
-    if resume.count() > 0 {
-        let _ = consumer.resume(&resume);
-    }
 }
 
 #[cfg(test)]
