@@ -351,6 +351,32 @@ mod tests {
         ranges.iter().map(|r| r.until - r.from).collect()
     }
 
+    fn fetched(rows: &[(i32, i64)]) -> RecordBatch {
+        let mut b = sluice_sdk::RecordsBuilder::default();
+        for &(partition, offset) in rows {
+            b.append(sluice_sdk::RecordParts { topic: "t", partition, offset, timestamp: None, key: None, value: Some(b"{}") }, []);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn a_fetched_batch_must_follow_its_plan() {
+        let plan = [OffsetRange { topic: "t".into(), partition: 0, from: 10, until: 13 }, OffsetRange { topic: "t".into(), partition: 1, from: 5, until: 8 }];
+        let plan: Vec<&OffsetRange> = plan.iter().collect();
+        assert!(check_fetched(&plan, &fetched(&[(0, 10), (0, 11), (0, 12), (1, 5), (1, 6), (1, 7)])).is_ok());
+        assert!(check_fetched(&plan, &fetched(&[(0, 10), (0, 12), (1, 7)])).is_ok(), "gaps (compaction, transaction markers) are allowed");
+        for (bad, why) in [
+            (vec![(0, 10), (0, 10), (1, 5)], "a record twice"),
+            (vec![(0, 11), (0, 10), (1, 5)], "out of order"),
+            (vec![(0, 10), (0, 13), (1, 5)], "beyond the range"),
+            (vec![(0, 9), (1, 5)], "before the range"),
+            (vec![(1, 5), (0, 10)], "partitions out of plan order"),
+        ] {
+            let error = check_fetched(&plan, &fetched(&bad)).expect_err(why);
+            assert!(matches!(error, SourceError::Inconsistent(_)), "{why}: {error}");
+        }
+    }
+
     #[test]
     fn without_a_cap_every_partition_is_read_to_its_high_watermark() {
         let ranges = plan_ranges(&lag(&[(0, 10), (5, 5), (7, 100)]), None);
