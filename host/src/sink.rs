@@ -97,10 +97,7 @@ impl JsonlSink {
             return Ok(Self::Stdout);
         }
         let dir = PathBuf::from(path);
-        std::fs::create_dir_all(&dir).map_err(|error| SinkError::Open {
-            target: dir.display().to_string(),
-            error: std::io::Error::new(error.kind(), format!("cannot create the output directory: {error}")),
-        })?;
+        create_output_dir(&dir)?;
         Ok(Self::Dir(dir))
     }
 
@@ -108,6 +105,14 @@ impl JsonlSink {
     pub fn batch_file(dir: &Path, batch_id: u64) -> PathBuf {
         dir.join(format!("batch-{batch_id:012}.jsonl"))
     }
+}
+
+/// Create a sink's output directory (and its parents) if missing.
+fn create_output_dir(dir: &Path) -> Result<(), SinkError> {
+    std::fs::create_dir_all(dir).map_err(|error| SinkError::Open {
+        target: dir.display().to_string(),
+        error: std::io::Error::new(error.kind(), format!("cannot create the output directory: {error}")),
+    })
 }
 
 /// The batch id of a file named by [`JsonlSink::batch_file`].
@@ -237,10 +242,7 @@ impl ParquetSink {
         };
         let (store, prefix): (Box<dyn ObjectStore>, ObjectPath) = match (local_dir, url) {
             (Some(dir), _) => {
-                std::fs::create_dir_all(&dir).map_err(|error| SinkError::Open {
-                    target: dir.display().to_string(),
-                    error: std::io::Error::new(error.kind(), format!("cannot create the output directory: {error}")),
-                })?;
+                create_output_dir(&dir)?;
                 let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_error(e.to_string()))?;
                 (Box::new(store), ObjectPath::default())
             }

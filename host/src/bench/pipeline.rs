@@ -158,18 +158,16 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                 sink: SinkConfig::Jsonl { path: "-".into() },
             };
             let mut chain = make(&runtime)?;
-            let mut output_rows = 0;
             let started = Instant::now();
             let summary = run_chain(&pipeline, &mut chain, Until::AvailableNow, &AtomicBool::new(false), &mut Discard, &mut |_| {})?;
             let elapsed = started.elapsed();
-            output_rows += summary.output_rows;
             anyhow::ensure!(
                 summary.records == args.records as u64,
                 "{name}: read {} records of the {} produced",
                 summary.records,
                 args.records
             );
-            let row = PipelineRow { pipeline: name, records: summary.records, output_rows, batches: summary.batches, records_per_sec: per_sec(summary.records, elapsed) };
+            let row = PipelineRow { pipeline: name, records: summary.records, output_rows: summary.output_rows, batches: summary.batches, records_per_sec: per_sec(summary.records, elapsed) };
             if best.as_ref().is_none_or(|b| row.records_per_sec > b.records_per_sec) {
                 best = Some(row);
             }
