@@ -146,8 +146,9 @@ fn pipeline_file(dir: &Path, bootstrap: &str, out: &Path) -> std::path::PathBuf 
         format!(
             "[source]\ntopics = [\"events\"]\nstartingOffsets = \"earliest\"\n[trigger]\nprocessingTime = \"100ms\"\n[kafka]\n\"bootstrap.servers\" = \"{bootstrap}\"\n\
              [[plugin]]\nbuiltin = \"json-filter\"\nconfig = {{ where = [{{ field = \"event\", op = \"eq\", value = \"click\" }}], select = [\"user_id\"] }}\n\
-             [sink]\nformat = \"jsonl\"\npath = \"{}\"\n",
-            out.display()
+             [sink]\nformat = \"jsonl\"\npath = \"{}\"\n[checkpoint]\nlocation = \"{}\"\n",
+            out.display(),
+            dir.join("checkpoint").display()
         ),
     )
     .unwrap();
@@ -173,6 +174,29 @@ fn run_available_now_processes_a_topic_and_exits() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(sink_rows(&out_dir), clicks);
     assert!(text(&out.stderr).contains(&format!("500 records in, {clicks} rows out, 0 rejected")), "{}", text(&out.stderr));
+
+    // The checkpoint it left, as `sluice checkpoint show` lists it.
+    let checkpoint = dir.path().join("checkpoint");
+    let out = sluice(&["checkpoint", "show", checkpoint.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for expected in ["pipeline clicks, topics events, format 1", "batch 0 ", "committed", "next offsets events/0@500", "json-filter 1.0.0 (sha256:", "stateless"] {
+        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    }
+    let out = sluice(&["checkpoint", "show", checkpoint.to_str().unwrap(), "--json"], dir.path());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = doc["checkpoints"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["tasks"][0]["positions"][0]["next"], 500);
+    assert_eq!(last["committed"], true);
+
+    // A second run resumes from the checkpoint: nothing new, nothing read again.
+    let again = sluice(&["run", file.to_str().unwrap(), "--available-now"], dir.path());
+    assert!(text(&again.stderr).contains("0 records in"), "{}", text(&again.stderr));
+    assert_eq!(sink_rows(&out_dir), clicks);
+
+    let out = sluice(&["checkpoint", "show", out_dir.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("holds no sluice checkpoint"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -21,7 +21,10 @@ use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::kafka::{Loader, Outgoing};
 use sluice::pipeline::{self, Until};
 use sluice::runtime::{Limits, Runtime};
-use sluice::sink::{JsonlSink, Sink, SinkError};
+use sluice::checkpoint::CheckpointStore;
+use sluice::config::Checkpointing;
+use sluice::pipeline::RunOptions;
+use sluice::sink::{FileFormat, FileSink, Sink, SinkError};
 use sluice_tests::reference::{self, AdClicksParams, WindowRow};
 
 fn runtime() -> Runtime {
@@ -36,6 +39,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
         steps,
         sink: SinkConfig::Jsonl { path: "-".into() },
+        checkpoint: None,
     }
 }
 
@@ -67,9 +71,24 @@ fn produce(broker: &dyn Broker, topics: &[(&str, i32)], n: usize) -> Vec<Value> 
     events
 }
 
-fn read_dir_rows(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+/// A JSON-lines file sink on `dir`.
+fn jsonl_dir(dir: &Path) -> FileSink {
+    FileSink::open(dir.to_str().unwrap(), FileFormat::Jsonl, &BTreeMap::new()).unwrap()
+}
+
+/// The batch files a file sink shows to readers, sorted.
+fn batch_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("batch-"))
+        .collect();
     files.sort();
+    files
+}
+
+fn read_dir_rows(dir: &Path) -> Vec<Value> {
+    let files = batch_files(dir);
     files
         .iter()
         .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<Value>>())
@@ -111,7 +130,7 @@ fn ad_clicks_over_two_topics_and_five_partitions_equals_the_independent_computat
     let events = produce(broker, &[("clicks-a", 3), ("clicks-b", 2)], 6_000);
 
     let out = tempfile::tempdir().unwrap();
-    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    let mut sink = jsonl_dir(out.path());
     let p = pipeline(&bootstrap, &["clicks-a", "clicks-b"], StartingOffsets::Earliest, Some(1_000), vec![builtin("ad-clicks", "{}")]);
     let mut batches = Vec::new();
     let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |b| batches.push(b.clone())).unwrap();
@@ -133,7 +152,7 @@ fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_start(broke
         let mut p = pipeline(&bootstrap, &["events"], start, None, vec![filter.clone()]);
         p.source.group_id = group.into();
         let out = tempfile::tempdir().unwrap();
-        let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+        let mut sink = jsonl_dir(out.path());
         let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap();
         assert_eq!(summary.records, expected, "{start:?}");
         assert_eq!(read_dir_rows(out.path()).len() as u64, expected, "{start:?}");
@@ -146,21 +165,21 @@ fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_start(broke
         p
     };
     let out = tempfile::tempdir().unwrap();
-    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    let mut sink = jsonl_dir(out.path());
     let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap();
     assert_eq!(summary.records, 0);
     produce(broker, &[("events", 2)], 10);
     let mut batches = Vec::new();
-    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    let mut sink = jsonl_dir(out.path());
     pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |b| batches.push(b.batch_id)).unwrap();
-    let first_run_files = std::fs::read_dir(out.path()).unwrap().count();
+    let first_run_files = batch_files(out.path()).len();
     assert_eq!(read_dir_rows(out.path()).len(), 10);
-    let mut sink = JsonlSink::open(out.path().to_str().unwrap()).unwrap();
+    let mut sink = jsonl_dir(out.path());
     produce(broker, &[("events", 2)], 10);
     let mut later = Vec::new();
     pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |b| later.push(b.batch_id)).unwrap();
     assert!(later[0] > batches[0], "batch ids continue after the files already there: {batches:?} then {later:?}");
-    assert!(std::fs::read_dir(out.path()).unwrap().count() > first_run_files);
+    assert!(batch_files(out.path()).len() > first_run_files);
     assert_eq!(read_dir_rows(out.path()).len(), 20, "nothing written by the earlier run was replaced");
 }
 
@@ -272,8 +291,7 @@ fn the_parquet_sink_holds_one_file_per_batch_with_the_windows_of_the_independent
     let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), sink.as_mut(), &mut |b| batches.push((b.batch_id, b.output_rows))).unwrap();
     assert_eq!(summary.records, 4_000);
 
-    let mut files: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    files.sort();
+    let files: Vec<String> = batch_files(out.path()).iter().map(|f| f.file_name().unwrap().to_str().unwrap().to_string()).collect();
     let expected_files: Vec<String> = batches.iter().filter(|(_, rows)| *rows > 0).map(|(id, _)| format!("batch-{id:012}.parquet")).collect();
     assert_eq!(files, expected_files, "one file per batch with output, named by batch id");
     let mut rows = Vec::new();
@@ -288,6 +306,167 @@ fn the_parquet_sink_holds_one_file_per_batch_with_the_windows_of_the_independent
         }
     }
     assert_same_windows(&rows, &events);
+}
+
+fn with_checkpoint(mut p: Pipeline, dir: &Path) -> Pipeline {
+    p.checkpoint = Some(Checkpointing { location: dir.display().to_string(), options: BTreeMap::new(), retain: 10 });
+    p
+}
+
+/// Forwards to a file sink and remembers which batches were written.
+struct Recording {
+    inner: FileSink,
+    written: Vec<u64>,
+    fail_commit_of: Option<u64>,
+}
+
+impl Recording {
+    fn new(dir: &Path) -> Self {
+        Self { inner: jsonl_dir(dir), written: Vec::new(), fail_commit_of: None }
+    }
+}
+
+impl Sink for Recording {
+    fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
+        self.written.push(batch_id);
+        self.inner.write(batch_id, batches)
+    }
+    fn commit(&mut self, batch_id: u64) -> Result<(), SinkError> {
+        if self.fail_commit_of == Some(batch_id) {
+            return Err(SinkError::Store { target: "test".into(), batch_id, error: "the process died".into() });
+        }
+        self.inner.commit(batch_id)
+    }
+    fn is_committed(&self, batch_id: u64) -> bool {
+        self.inner.is_committed(batch_id)
+    }
+    fn last_batch_id(&self) -> Result<Option<u64>, SinkError> {
+        self.inner.last_batch_id()
+    }
+}
+
+fn sorted_rows(dir: &Path) -> Vec<String> {
+    let mut rows: Vec<String> = read_dir_rows(dir).iter().map(Value::to_string).collect();
+    rows.sort();
+    rows
+}
+
+/// Run `p` to the end of what is there, stopping early after `stop_after` batches; the ids
+/// of the batches run.
+fn run_with_checkpoint(p: &Pipeline, sink: &mut dyn Sink, stop_after: Option<usize>) -> Vec<u64> {
+    let stop = AtomicBool::new(false);
+    let mut ids = Vec::new();
+    pipeline::run(p, &runtime(), Until::AvailableNow, &stop, sink, &mut |b| {
+        ids.push(b.batch_id);
+        if Some(ids.len()) == stop_after {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    ids
+}
+
+/// Short windows, so that the watermark closes some within a few thousand test events
+/// (100 events a second of event time).
+const SHORT_WINDOWS: &str = r#"{"window_ms": 10000, "slide_ms": 5000, "watermark_delay_ms": 5000}"#;
+const SHORT_PARAMS: AdClicksParams = AdClicksParams { window_ms: 10_000, slide_ms: 5_000, delay_ms: 5_000 };
+
+/// ad-clicks with [`SHORT_WINDOWS`] over `clicks`, checkpointed in `ck`.
+fn short_window_pipeline(broker: &dyn Broker, max: u64, ck: &Path) -> Pipeline {
+    with_checkpoint(pipeline(&broker.bootstrap(), &["clicks"], StartingOffsets::Earliest, Some(max), vec![builtin("ad-clicks", SHORT_WINDOWS)]), ck)
+}
+
+/// Windows of an uninterrupted checkpointed run over what `broker` holds in `clicks`.
+fn uninterrupted_windows(broker: &dyn Broker, max: u64) -> Vec<String> {
+    let (ck, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut p = short_window_pipeline(broker, max, ck.path());
+    p.source.group_id = "uninterrupted".into();
+    run_with_checkpoint(&p, &mut jsonl_dir(out.path()), None);
+    let rows = sorted_rows(out.path());
+    assert!(rows.len() > 10, "the watermark closed windows: {rows:?}");
+    rows
+}
+
+fn a_restart_resumes_from_the_checkpoint_with_plugin_state_and_matches_an_uninterrupted_run(broker: &dyn Broker) {
+    broker.create_topic("clicks", 3).unwrap();
+    let events = produce(broker, &[("clicks", 3)], 3_000);
+    let expected = uninterrupted_windows(broker, 300);
+    let key = |w: &WindowRow| format!("{} {} {} {}", w.window_start, w.campaign_id, w.clicks, w.unique_users);
+    let reference: Vec<String> = reference::ad_clicks(&events, SHORT_PARAMS, None).iter().map(key).collect();
+    for row in &expected {
+        let w = WindowRow::from_json(&serde_json::from_str(row).unwrap());
+        assert!(reference.contains(&key(&w)), "{row} is a window of the independent computation");
+    }
+
+    let (ck, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = short_window_pipeline(broker, 300, ck.path());
+    let first = run_with_checkpoint(&p, &mut jsonl_dir(out.path()), Some(3));
+    assert_eq!(first, [0, 1, 2]);
+    let second = run_with_checkpoint(&p, &mut jsonl_dir(out.path()), None);
+    assert_eq!(second.first(), Some(&3), "batch ids continue after the checkpoint");
+    assert_eq!(sorted_rows(out.path()), expected, "windows carried across the restart in plugin state");
+}
+
+/// Produce `{"id": i}` for each id, round-robin over `partitions` of `topic`.
+fn produce_ids(broker: &dyn Broker, topic: &str, partitions: &[i32], ids: std::ops::Range<i64>) {
+    let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+    for (n, id) in ids.enumerate() {
+        let value = serde_json::json!({ "id": id }).to_string();
+        loader.send(topic, Outgoing { partition: Some(partitions[n % partitions.len()]), key: None, value: Some(value.as_bytes()), headers: &[] }).unwrap();
+    }
+    loader.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn ids_in(text: &str) -> Vec<i64> {
+    let mut ids: Vec<i64> = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    ids
+}
+
+fn a_batch_that_failed_after_it_was_planned_is_replayed_with_its_recorded_ranges(broker: &dyn Broker) {
+    broker.create_topic("events", 2).unwrap();
+    // id i lands on partition i % 2 at offset i / 2.
+    produce_ids(broker, "events", &[0, 1], 0..500);
+    let (ck, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = with_checkpoint(pipeline(&broker.bootstrap(), &["events"], StartingOffsets::Earliest, Some(100), vec![builtin("json-filter", "{}")]), ck.path());
+    let mut sink = Recording::new(out.path());
+    sink.fail_commit_of = Some(2);
+    let error = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut sink, &mut |_| {}).unwrap_err();
+    assert!(error.to_string().contains("the process died"), "{error}");
+    assert_eq!(batch_files(out.path()).len(), 2, "the failed batch's file is not visible");
+    let store = CheckpointStore::open(p.checkpoint.as_ref().unwrap()).unwrap();
+    let recorded = store.planned(2).unwrap().expect("batch 2 was planned before it failed");
+    let ranges: Vec<(i32, i64, i64)> = recorded.tasks[0].ranges.iter().map(|r| (r.partition, r.from, r.until)).collect();
+    assert_eq!(ranges, [(0, 100, 150), (1, 100, 150)]);
+
+    // More records on partition 0 only: a fresh plan would now split the budget otherwise.
+    produce_ids(broker, "events", &[0], 500..900);
+    let mut sink = Recording::new(out.path());
+    run_with_checkpoint(&p, &mut sink, None);
+    assert_eq!(sink.written.first(), Some(&2), "the failed batch runs first");
+    let batch2 = std::fs::read_to_string(out.path().join("batch-000000000002.jsonl")).unwrap();
+    assert_eq!(ids_in(&batch2), (200..300).collect::<Vec<_>>(), "replayed with exactly its recorded ranges");
+    let all: String = batch_files(out.path()).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert_eq!(ids_in(&all), (0..900).collect::<Vec<_>>(), "every record exactly once");
+}
+
+fn a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_batch_twice(broker: &dyn Broker) {
+    broker.create_topic("clicks", 2).unwrap();
+    produce(broker, &[("clicks", 2)], 2_000);
+    let expected = uninterrupted_windows(broker, 250);
+    let (ck, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = short_window_pipeline(broker, 250, ck.path());
+    let first = run_with_checkpoint(&p, &mut jsonl_dir(out.path()), Some(4));
+    assert_eq!(first, [0, 1, 2, 3]);
+    let newest = ck.path().join("checkpoints").join(format!("{:020}", 3));
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() - 7]).unwrap();
+
+    let mut sink = Recording::new(out.path());
+    run_with_checkpoint(&p, &mut sink, None);
+    assert!(!sink.written.contains(&3), "batch 3 was replayed for state, not written again: {:?}", sink.written);
+    assert_eq!(sink.written.first(), Some(&4));
+    assert_eq!(sorted_rows(out.path()), expected);
 }
 
 /// Each test body runs once on the mock cluster and once on tansu.
@@ -309,7 +488,33 @@ on_each_broker!(
     a_missing_topic_or_unreachable_broker_is_reported_clearly,
     the_kafka_sink_writes_transformed_records_with_their_keys_and_headers,
     the_parquet_sink_holds_one_file_per_batch_with_the_windows_of_the_independent_computation,
+    a_restart_resumes_from_the_checkpoint_with_plugin_state_and_matches_an_uninterrupted_run,
+    a_batch_that_failed_after_it_was_planned_is_replayed_with_its_recorded_ranges,
+    a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_batch_twice,
 );
+
+#[test]
+fn state_a_plugin_cannot_read_is_refused_with_the_way_out_and_ignore_state_starts_it_fresh() {
+    let broker = Mock::start().unwrap();
+    broker.create_topic("clicks", 1).unwrap();
+    produce(&broker, &[("clicks", 1)], 300);
+    let (ck, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = with_checkpoint(pipeline(&broker.bootstrap(), &["clicks"], StartingOffsets::Earliest, Some(100), vec![builtin("ad-clicks", "{}")]), ck.path());
+    run_with_checkpoint(&p, &mut jsonl_dir(out.path()), None);
+    // Rewrite the newest checkpoint as if an ad-clicks with another state layout wrote it.
+    let store = CheckpointStore::open(p.checkpoint.as_ref().unwrap()).unwrap();
+    let mut newest = store.recover().unwrap().checkpoint.unwrap();
+    newest.batch_id += 1;
+    newest.tasks[0].plugins[0].identity.state_version = 99;
+    store.commit(&newest).unwrap();
+
+    produce(&broker, &[("clicks", 1)], 10);
+    let error = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap_err().to_string();
+    assert!(error.contains("state version 99") && error.contains("--ignore-state"), "{error}");
+    let options = RunOptions { until: Until::AvailableNow, ignore_state: true };
+    let summary = pipeline::run(&p, &runtime(), options, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+    assert_eq!(summary.records, 10, "fresh state, resumed at the checkpoint's offsets");
+}
 
 #[test]
 fn the_pipeline_benchmark_reads_every_record_in_each_pipeline_and_compares_outputs() {

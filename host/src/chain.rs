@@ -7,6 +7,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use sluice_sdk::{is_record_schema, record_schema, Context, Finished, PluginKind};
 
+use crate::checkpoint::{PluginIdentity, SavedPlugin};
 use crate::runtime::{CallError, PluginInstance};
 
 /// One step of a chain: a WebAssembly plugin instance, or (in benchmarks) the same plugin
@@ -22,6 +23,12 @@ pub trait Stage {
     fn output_schema(&self) -> &SchemaRef;
     /// Process one batch in the record schema.
     fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError>;
+    /// Who it is, for checkpoints.
+    fn identity(&self) -> PluginIdentity;
+    /// Its state, for a checkpoint.
+    fn snapshot(&mut self) -> Result<Vec<u8>, CallError>;
+    /// Restore state written by a plugin whose state version was `state_version`.
+    fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError>;
 }
 
 impl Stage for PluginInstance {
@@ -39,6 +46,16 @@ impl Stage for PluginInstance {
     }
     fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError> {
         PluginInstance::process(self, batch, ctx)
+    }
+    fn identity(&self) -> PluginIdentity {
+        let info = self.info();
+        PluginIdentity { name: info.name.clone(), version: info.version.clone(), content_hash: info.content_hash.clone(), state_version: info.state_version }
+    }
+    fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
+        PluginInstance::snapshot(self)
+    }
+    fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError> {
+        PluginInstance::restore(self, state, state_version)
     }
 }
 
@@ -84,6 +101,31 @@ pub enum ChainError {
     Empty,
 }
 
+/// Why saved state cannot be handed to the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The chain has other steps than the checkpoint.
+    #[error("the checkpoint holds state of the plugins [{saved}] but the pipeline has [{now}]; keep the steps, or run with --ignore-state to start them fresh at the checkpoint's offsets")]
+    DifferentSteps {
+        /// Names in the checkpoint.
+        saved: String,
+        /// Names now.
+        now: String,
+    },
+    /// A plugin refused the state (an incompatible state version without a migration).
+    #[error("{error}; the checkpoint's state was written by {name} {version} (state version {state_version}); install a version that can read it, or run with --ignore-state to start it fresh at the checkpoint's offsets")]
+    Refused {
+        /// Plugin that wrote the state.
+        name: String,
+        /// Its version.
+        version: String,
+        /// Its state version.
+        state_version: u32,
+        /// What the plugin said.
+        error: CallError,
+    },
+}
+
 /// Plugin instances run in order on every batch.
 pub struct Chain {
     stages: Vec<Box<dyn Stage>>,
@@ -120,6 +162,48 @@ impl Chain {
     /// The steps, in order.
     pub fn stages(&self) -> impl Iterator<Item = &dyn Stage> {
         self.stages.iter().map(|s| s.as_ref())
+    }
+
+    /// The state of every step, for a checkpoint; stateless transforms have none.
+    pub fn snapshot(&mut self) -> Result<Vec<SavedPlugin>, CallError> {
+        self.stages
+            .iter_mut()
+            .map(|s| {
+                let state = if s.kind() == PluginKind::Aggregate { Some(s.snapshot()?) } else { None };
+                Ok(SavedPlugin { identity: s.identity(), state })
+            })
+            .collect()
+    }
+
+    /// Hand each step the state a checkpoint saved for it. Steps are matched by position
+    /// and name; a changed version with the same state version restores as-is, another
+    /// state version goes to the plugin's migration.
+    pub fn restore(&mut self, saved: &[SavedPlugin]) -> Result<(), RestoreError> {
+        let names = |it: &mut dyn Iterator<Item = String>| it.collect::<Vec<_>>().join(", ");
+        let same = saved.len() == self.stages.len() && saved.iter().zip(&self.stages).all(|(p, s)| p.identity.name == s.name());
+        if !same {
+            return Err(RestoreError::DifferentSteps {
+                saved: names(&mut saved.iter().map(|p| p.identity.name.clone())),
+                now: names(&mut self.stages.iter().map(|s| s.name().to_string())),
+            });
+        }
+        for (p, stage) in saved.iter().zip(self.stages.iter_mut()) {
+            let Some(state) = &p.state else { continue };
+            let now = stage.identity();
+            if now.content_hash != p.identity.content_hash {
+                tracing::info!(
+                    "plugin {}: restoring state written by version {} (state version {}) into version {} (state version {})",
+                    now.name, p.identity.version, p.identity.state_version, now.version, now.state_version
+                );
+            }
+            stage.restore(state, p.identity.state_version).map_err(|error| RestoreError::Refused {
+                name: p.identity.name.clone(),
+                version: p.identity.version.clone(),
+                state_version: p.identity.state_version,
+                error,
+            })?;
+        }
+        Ok(())
     }
 
     /// Run `batch` (record schema) through every stage.

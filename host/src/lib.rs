@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod broker;
 pub mod chain;
+pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod examples;
@@ -28,3 +29,4 @@ pub mod offline;
 pub mod pipeline;
 pub mod runtime;
 pub mod sink;
+pub mod store;

@@ -1,6 +1,7 @@
 //! The micro-batch loop: plan → fetch → plugins → sink → commit, once per trigger
 //! interval, until stopped. It wires the other modules together and owns none of them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -8,6 +9,7 @@ use arrow_array::RecordBatch;
 use sluice_sdk::{record_schema, Context, OffsetRange};
 
 use crate::chain::{Chain, Rejected};
+use crate::checkpoint::{self, Checkpoint, CheckpointStore, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
 use crate::kafka::{KafkaSource, PartitionLag};
@@ -80,87 +82,243 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Run `pipeline` until `until`, writing to `sink` and reporting each batch.
+/// How to run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// When to stop.
+    pub until: Until,
+    /// Resume from the checkpoint's offsets, but start the plugins with fresh state.
+    pub ignore_state: bool,
+}
+
+impl From<Until> for RunOptions {
+    fn from(until: Until) -> Self {
+        Self { until, ignore_state: false }
+    }
+}
+
+/// Run `pipeline` until `options.until`, writing to `sink` and reporting each batch.
 pub fn run(
     pipeline: &Pipeline,
     runtime: &Runtime,
-    until: Until,
+    options: impl Into<RunOptions>,
     stop: &AtomicBool,
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
     let mut chain = build_chain(pipeline, runtime)?;
-    run_chain(pipeline, &mut chain, until, stop, sink, progress)
+    run_chain(pipeline, &mut chain, options, stop, sink, progress)
 }
 
+/// The one task over all partitions (see DESIGN.md: state is kept per task so that one
+/// task per partition can be added later).
+const TASK: u32 = 0;
+
 /// [`run`] with a chain built by the caller (the pipeline's `steps` are not used).
+///
+/// With checkpointing on, the run first recovers: it restores plugin state and the
+/// watermark from the newest usable checkpoint, continues from its offsets, and replays
+/// batches that were planned after it with their recorded plans (a batch the sink already
+/// committed is replayed for plugin state only, and not written again).
 pub fn run_chain(
     pipeline: &Pipeline,
     chain: &mut Chain,
-    until: Until,
+    options: impl Into<RunOptions>,
     stop: &AtomicBool,
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
-    let mut source = KafkaSource::connect(&pipeline.source, &pipeline.kafka)?;
-    let targets: Option<Vec<PartitionLag>> = match until {
-        Until::AvailableNow => Some(source.lag()?),
-        Until::Stopped => None,
+    let options = options.into();
+    let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?;
+    let recovered = match &checkpoints {
+        Some(c) => c.recover()?,
+        None => Recovered::default(),
     };
-    let fetch_timeout = pipeline.trigger_interval.max(Duration::from_secs(30));
-    let mut summary = RunSummary::default();
-    let first_batch_id = sink.last_batch_id()?.map_or(0, |last| last + 1);
-    let mut watermark = None;
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(summary);
+    for w in &recovered.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(m) = &recovered.metadata {
+        if m.topics != pipeline.source.topics {
+            tracing::warn!("the checkpoint was written for topics {:?}; the pipeline now reads {:?}", m.topics, pipeline.source.topics);
         }
-        let tick = Instant::now();
-        let mut lag = source.lag()?;
-        if let Some(targets) = &targets {
-            for (p, t) in lag.iter_mut().zip(targets) {
-                p.high = p.high.min(t.high);
+    }
+    let task = recovered.checkpoint.as_ref().and_then(|c| c.tasks.iter().find(|t| t.task == TASK));
+    if let Some(task) = task {
+        if options.ignore_state {
+            tracing::warn!("--ignore-state: the plugins start with fresh state at the checkpoint's offsets");
+        } else {
+            chain.restore(&task.plugins)?;
+        }
+    }
+    // Where each partition continues: after the checkpoint, or where the first replayed
+    // batch starts when no checkpoint was committed yet.
+    let resume: Option<BTreeMap<(String, i32), i64>> = match (task, recovered.replay.first()) {
+        (Some(task), _) => Some(checkpoint::positions(task)),
+        (None, Some(plan)) => Some(plan.tasks.iter().flat_map(|t| &t.ranges).map(|r| ((r.topic.clone(), r.partition), r.from)).collect()),
+        (None, None) => None,
+    };
+    let source = KafkaSource::connect(&pipeline.source, &pipeline.kafka, resume.as_ref())?;
+    let next_batch_id = match recovered.next_batch_id() {
+        Some(id) => id,
+        None => sink.last_batch_id()?.map_or(0, |last| last + 1),
+    };
+    if let Some(c) = &checkpoints {
+        if recovered.metadata.is_none() {
+            c.create(&Metadata {
+                format_version: checkpoint::FORMAT_VERSION,
+                pipeline: pipeline.name.clone(),
+                topics: pipeline.source.topics.clone(),
+                first_batch_id: next_batch_id,
+            })?;
+        }
+        if let Some(last) = sink.last_batch_id()?.filter(|&last| last >= next_batch_id) {
+            anyhow::bail!(
+                "the sink already holds committed output of batch {last}, but checkpoint {} continues at batch {next_batch_id}: they were not used together. Point checkpoint.location at the checkpoint this output was written with, or write to a new sink location",
+                c.shown()
+            );
+        }
+    }
+    let mut runner = Runner {
+        pipeline,
+        chain,
+        sink,
+        source,
+        checkpoints,
+        watermark: task.and_then(|t| t.watermark_ms),
+        summary: RunSummary::default(),
+        fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)),
+    };
+    for plan in &recovered.replay {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(runner.summary);
+        }
+        tracing::info!("replaying batch {} with its recorded offset ranges", plan.batch_id);
+        let lag = runner.source.lag()?;
+        runner.batch(plan, false, &lag, progress)?;
+    }
+    runner.run(options.until, next_batch_id, stop, progress)
+}
+
+/// The loop's state.
+struct Runner<'a> {
+    pipeline: &'a Pipeline,
+    chain: &'a mut Chain,
+    sink: &'a mut dyn Sink,
+    source: KafkaSource,
+    checkpoints: Option<CheckpointStore>,
+    watermark: Option<i64>,
+    summary: RunSummary,
+    fetch_timeout: Duration,
+}
+
+impl Runner<'_> {
+    /// Plan and run batches from `batch_id` on, once per trigger interval, until `until`.
+    fn run(mut self, until: Until, mut batch_id: u64, stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<RunSummary> {
+        let targets: Option<Vec<PartitionLag>> = match until {
+            Until::AvailableNow => Some(self.source.lag()?),
+            Until::Stopped => None,
+        };
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(self.summary);
+            }
+            let tick = Instant::now();
+            let mut lag = self.source.lag()?;
+            if let Some(targets) = &targets {
+                for (p, t) in lag.iter_mut().zip(targets) {
+                    p.high = p.high.min(t.high);
+                }
+            }
+            let ranges: Vec<OffsetRange> = self.source.plan(&lag);
+            let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
+            let caught_up = targets.is_some() && records == 0;
+            // Without a checkpoint, the last batch of an available-now run flushes open
+            // windows; with one, they stay in the checkpoint for the next run.
+            let flush = caught_up && self.checkpoints.is_none();
+            if records > 0 || flush {
+                if self.sink.is_committed(batch_id) {
+                    anyhow::bail!("the sink already holds committed output of batch {batch_id}, which this run is about to plan anew; the sink and the checkpoint were not used together");
+                }
+                let plan = PlannedBatch {
+                    batch_id,
+                    processing_time_ms: now_ms(),
+                    tasks: vec![TaskPlan {
+                        task: TASK,
+                        ranges: ranges.iter().map(SavedRange::from).collect(),
+                        watermark_ms: if flush { Some(i64::MAX) } else { self.watermark },
+                    }],
+                };
+                self.batch(&plan, true, &lag, progress)?;
+                batch_id += 1;
+            }
+            if caught_up {
+                return Ok(self.summary);
+            }
+            // Wait for the next trigger, waking early to stop.
+            while tick.elapsed() < self.pipeline.trigger_interval && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10).min(self.pipeline.trigger_interval));
             }
         }
-        let ranges: Vec<OffsetRange> = source.plan(&lag);
+    }
+
+    /// Run one planned batch: offset log (when `new`), fetch, plugins, sink, checkpoint
+    /// and commit log, consumer-group offsets. `lag` is the state before it, for progress.
+    fn batch(&mut self, plan: &PlannedBatch, new: bool, lag: &[PartitionLag], progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
+        let tick = Instant::now();
+        let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| anyhow::anyhow!("batch {} has no plan for task {TASK}", plan.batch_id))?;
+        let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
         let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
-        let caught_up = targets.is_some() && records == 0;
-        if records > 0 || caught_up {
-            let batch = if records > 0 { source.fetch(&ranges, fetch_timeout)? } else { RecordBatch::new_empty(record_schema()) };
-            let ctx = Context {
-                batch_id: first_batch_id + summary.batches,
-                offset_ranges: ranges.clone(),
-                processing_time_ms: now_ms(),
-                watermark_ms: if caught_up { Some(i64::MAX) } else { watermark },
-            };
-            let out = chain.process(batch, &ctx)?;
-            sink.write(ctx.batch_id, &out.batches)?;
-            source.commit(&ranges)?;
-            watermark = out.watermark_ms.or(watermark);
-            let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
-            let duration = tick.elapsed();
-            let left: u64 = lag.iter().zip(&ranges).map(|(p, r)| (p.high - r.until).max(0) as u64).sum();
-            summary.batches += 1;
-            summary.records += records as u64;
-            summary.output_rows += output_rows;
-            summary.rejected += out.rejected.len() as u64;
-            progress(&BatchProgress {
-                batch_id: ctx.batch_id,
-                records: records as u64,
-                output_rows,
-                rejected: out.rejected,
-                duration,
-                processed_per_sec: records as f64 / duration.as_secs_f64().max(1e-9),
-                lag: left,
-                watermark_ms: watermark,
-            });
+        if let (Some(c), true) = (&self.checkpoints, new) {
+            c.plan(plan)?;
         }
-        if caught_up {
-            return Ok(summary);
+        let batch = if records > 0 { self.source.fetch(&ranges, self.fetch_timeout)? } else { RecordBatch::new_empty(record_schema()) };
+        let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task.watermark_ms };
+        let out = self.chain.process(batch, &ctx)?;
+        if self.sink.is_committed(plan.batch_id) {
+            tracing::info!("batch {} is already committed in the sink; it was replayed to rebuild plugin state and is not written again", plan.batch_id);
+        } else {
+            self.sink.write(plan.batch_id, &out.batches)?;
+            self.sink.commit(plan.batch_id)?;
         }
-        // Wait for the next trigger, waking early to stop.
-        while tick.elapsed() < pipeline.trigger_interval && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(10).min(pipeline.trigger_interval));
+        self.watermark = out.watermark_ms.or(self.watermark);
+        if let Some(c) = &self.checkpoints {
+            let positions = self
+                .source
+                .positions_after(&ranges)
+                .into_iter()
+                .map(|((topic, partition), next)| Position { topic, partition, next })
+                .collect();
+            c.commit(&Checkpoint {
+                batch_id: plan.batch_id,
+                created_ms: now_ms(),
+                tasks: vec![TaskState { task: TASK, positions, plugins: self.chain.snapshot()?, watermark_ms: self.watermark }],
+                rate_controller: None,
+            })?;
         }
+        self.source.commit(&ranges)?;
+        let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
+        let duration = tick.elapsed();
+        let left: u64 = lag
+            .iter()
+            .map(|p| {
+                let until = ranges.iter().find(|r| r.topic == p.topic && r.partition == p.partition).map_or(p.next, |r| r.until);
+                (p.high - until).max(0) as u64
+            })
+            .sum();
+        self.summary.batches += 1;
+        self.summary.records += records as u64;
+        self.summary.output_rows += output_rows;
+        self.summary.rejected += out.rejected.len() as u64;
+        progress(&BatchProgress {
+            batch_id: plan.batch_id,
+            records: records as u64,
+            output_rows,
+            rejected: out.rejected,
+            duration,
+            processed_per_sec: records as f64 / duration.as_secs_f64().max(1e-9),
+            lag: left,
+            watermark_ms: self.watermark,
+        });
+        Ok(())
     }
 }

@@ -1,15 +1,12 @@
 //! Sinks: where a batch's output goes. Output is named by batch id, so re-running a batch
-//! replaces what it wrote instead of adding to it.
+//! replaces what it wrote instead of adding to it; file sinks keep a manifest of committed
+//! batches and never write a committed batch twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -18,6 +15,7 @@ use sluice_sdk::is_record_schema;
 use crate::config::{ParquetCompression, Sink as SinkConfig};
 use crate::kafka::{Loader, Outgoing, SourceError, TUNED_DEFAULTS};
 use crate::offline::json_lines;
+use crate::store::{Location, StoreError};
 
 /// How long a Kafka sink waits for the brokers to acknowledge a batch.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,6 +69,18 @@ pub trait Sink {
     /// is re-run is written again under the same id and replaces the earlier output.
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError>;
 
+    /// Make batch `batch_id`'s output final. A sink with a manifest records the batch there
+    /// and only then shows its files to readers; others have nothing left to do.
+    fn commit(&mut self, _batch_id: u64) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// True when batch `batch_id` is already committed here, so a batch that is replayed
+    /// after a failure (to rebuild plugin state) must not be written again.
+    fn is_committed(&self, _batch_id: u64) -> bool {
+        false
+    }
+
     /// The highest batch id this sink already holds output for, if it keeps output by
     /// batch id. A new run numbers its batches after it, so it never replaces output of
     /// an earlier run. An error when the sink cannot be listed: starting at batch 0
@@ -80,98 +90,45 @@ pub trait Sink {
     }
 }
 
-/// JSON lines, one row a line: to stdout, or one file per batch in a directory
-/// (`batch-<id>.jsonl`, written to a temporary name and renamed, so a reader never sees
-/// half a batch).
-pub enum JsonlSink {
-    /// Standard output (a re-run batch is printed again).
-    Stdout,
-    /// A directory.
-    Dir(PathBuf),
-}
+/// JSON lines to standard output, one row a line. A batch that is re-run is printed again
+/// (at least once).
+pub struct StdoutSink;
 
-impl JsonlSink {
-    /// `-` for stdout, else a directory (created if missing).
-    pub fn open(path: &str) -> Result<Self, SinkError> {
-        if path == "-" {
-            return Ok(Self::Stdout);
-        }
-        let dir = PathBuf::from(path);
-        create_output_dir(&dir)?;
-        Ok(Self::Dir(dir))
-    }
-
-    /// The file batch `batch_id` goes to.
-    pub fn batch_file(dir: &Path, batch_id: u64) -> PathBuf {
-        dir.join(format!("batch-{batch_id:012}.jsonl"))
-    }
-}
-
-/// Create a sink's output directory (and its parents) if missing.
-fn create_output_dir(dir: &Path) -> Result<(), SinkError> {
-    std::fs::create_dir_all(dir).map_err(|error| SinkError::Open {
-        target: dir.display().to_string(),
-        error: std::io::Error::new(error.kind(), format!("cannot create the output directory: {error}")),
-    })
-}
-
-/// The batch id of a file named by [`JsonlSink::batch_file`].
-fn batch_id_of(name: &str) -> Option<u64> {
-    name.strip_prefix("batch-")?.strip_suffix(".jsonl")?.parse().ok()
-}
-
-impl Sink for JsonlSink {
+impl Sink for StdoutSink {
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
-        let mut text = Vec::new();
-        for b in batches {
-            for line in json_lines(b) {
-                text.extend_from_slice(line.as_bytes());
-                text.push(b'\n');
-            }
-        }
-        match self {
-            JsonlSink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&text)
-                    .and_then(|()| out.flush())
-                    .map_err(|error| SinkError::Write { target: "stdout".into(), batch_id, error })
-            }
-            JsonlSink::Dir(dir) => {
-                if text.is_empty() {
-                    return Ok(());
-                }
-                let file = Self::batch_file(dir, batch_id);
-                let tmp = file.with_extension("jsonl.tmp");
-                std::fs::write(&tmp, &text)
-                    .and_then(|()| std::fs::rename(&tmp, &file))
-                    .map_err(|error| SinkError::Write { target: dir.display().to_string(), batch_id, error })
-            }
-        }
-    }
-
-    fn last_batch_id(&self) -> Result<Option<u64>, SinkError> {
-        let JsonlSink::Dir(dir) = self else { return Ok(None) };
-        let entries = std::fs::read_dir(dir).map_err(|error| SinkError::Open {
-            target: dir.display().to_string(),
-            error: std::io::Error::new(error.kind(), format!("cannot list the output directory: {error}")),
-        })?;
-        Ok(entries.filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(batch_id_of))).max())
+        let text = jsonl_bytes(batches);
+        let mut out = std::io::stdout().lock();
+        out.write_all(&text)
+            .and_then(|()| out.flush())
+            .map_err(|error| SinkError::Write { target: "stdout".into(), batch_id, error })
     }
 }
 
+/// Rows as JSON lines.
+fn jsonl_bytes(batches: &[RecordBatch]) -> Vec<u8> {
+    let mut text = Vec::new();
+    for b in batches {
+        for line in json_lines(b) {
+            text.extend_from_slice(line.as_bytes());
+            text.push(b'\n');
+        }
+    }
+    text
+}
 /// Open the sink a pipeline names; `kafka` is the pipeline's librdkafka table.
 pub fn open(config: &SinkConfig, kafka: &BTreeMap<String, String>) -> Result<Box<dyn Sink>, SinkError> {
     Ok(match config {
-        SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
+        SinkConfig::Jsonl { path } if path == "-" => Box::new(StdoutSink),
+        SinkConfig::Jsonl { path } => Box::new(FileSink::open(path, FileFormat::Jsonl, &BTreeMap::new())?),
         SinkConfig::Kafka { topic } => Box::new(KafkaSink::open(topic, kafka)?),
-        SinkConfig::Parquet { path, compression, options } => Box::new(ParquetSink::open(path, *compression, options)?),
+        SinkConfig::Parquet { path, compression, options } => Box::new(FileSink::open(path, FileFormat::Parquet(*compression), options)?),
     })
 }
 
 /// Writes output rows to a Kafka topic, at least once: every record of a batch is
-/// acknowledged by the brokers before the batch's input offsets are committed, so a crash
-/// in between repeats the batch. Record-schema output keeps its key, value and headers;
-/// other output is written one JSON row per record, without a key.
+/// acknowledged by the brokers before the batch's checkpoint is written, so a crash in
+/// between repeats the batch. Record-schema output keeps its key, value and headers; other
+/// output is written one JSON row per record, without a key.
 pub struct KafkaSink {
     loader: Loader,
     topic: String,
@@ -212,57 +169,110 @@ impl Sink for KafkaSink {
     }
 }
 
-/// Parquet files on a local directory or any object store, one file per batch
-/// (`batch-<id>.parquet`). Each file is uploaded whole in one put, which the stores make
-/// atomic (a local file is written under a temporary name and renamed), so a reader never
-/// sees part of a batch, and a re-run batch replaces its file.
-pub struct ParquetSink {
-    store: Box<dyn ObjectStore>,
-    prefix: ObjectPath,
-    target: String,
-    compression: ParquetCompression,
-    io: tokio::runtime::Runtime,
+/// How a [`FileSink`] encodes a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// One Parquet file per batch.
+    Parquet(ParquetCompression),
+    /// One JSON-lines file per batch.
+    Jsonl,
 }
 
-impl ParquetSink {
-    /// Open `location`: a local directory (created if missing) or an object-store URL;
-    /// `options` configure the store (credentials, region, endpoint …; see the README).
-    pub fn open(location: &str, compression: ParquetCompression, options: &BTreeMap<String, String>) -> Result<Self, SinkError> {
-        let open_error = |message: String| SinkError::Open { target: location.to_string(), error: std::io::Error::other(message) };
-        let url = match location.split_once("://") {
-            None => None,
-            Some(_) => Some(url::Url::parse(location).map_err(|e| open_error(format!("not a valid URL: {e}")))?),
-        };
-        let local_dir = match &url {
-            None => Some(PathBuf::from(location)),
-            Some(u) if u.scheme() == "file" => {
-                Some(u.to_file_path().map_err(|()| open_error("a file:// URL needs an absolute path, like file:///data/out".into()))?)
+impl FileFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Parquet(_) => "parquet",
+            FileFormat::Jsonl => "jsonl",
+        }
+    }
+}
+
+/// Folder of a file sink where a batch's file waits until the batch is committed.
+pub const STAGING_DIR: &str = "_sluice_staging";
+/// Folder of a file sink that lists the committed batches, one entry per batch.
+pub const MANIFEST_DIR: &str = "_sluice_manifest";
+
+/// One manifest entry: a committed batch and the files it made visible.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestEntry {
+    /// Batch id.
+    pub batch_id: u64,
+    /// Data files of the batch (none when it produced no rows), relative to the sink.
+    pub files: Vec<String>,
+    /// Rows in those files.
+    pub rows: u64,
+}
+
+/// Files on a local directory or any object store, one per batch (`batch-<id>.parquet` or
+/// `.jsonl`), exactly once: a batch's file is uploaded whole to [`STAGING_DIR`], and on
+/// commit its entry is written to [`MANIFEST_DIR`] (the commit point) and the file moved
+/// next to the others. Files of a batch that fails before its commit never appear among
+/// them; a committed batch is never written again. A commit interrupted between its entry
+/// and the move is finished when the sink is opened again.
+pub struct FileSink {
+    location: Location,
+    format: FileFormat,
+    committed: BTreeSet<u64>,
+    staged: Option<(u64, u64)>,
+}
+
+impl FileSink {
+    /// Open `location` (a local directory, created if missing, or an object-store URL
+    /// configured by `options`), finish an interrupted commit and drop leftovers of
+    /// batches that never committed.
+    pub fn open(location: &str, format: FileFormat, options: &BTreeMap<String, String>) -> Result<Self, SinkError> {
+        let location = Location::open(location, options).map_err(|e| SinkError::Open { target: location.to_string(), error: std::io::Error::other(e.to_string()) })?;
+        let mut sink = Self { location, format, committed: BTreeSet::new(), staged: None };
+        let open_error = |e: StoreError| SinkError::Open { target: e.location.clone(), error: std::io::Error::other(format!("{}: {}", e.what, e.reason)) };
+        for (name, _) in sink.location.list(MANIFEST_DIR).map_err(open_error)? {
+            if let Some(id) = name.strip_prefix("batch-").and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
+                sink.committed.insert(id);
             }
-            Some(_) => None,
-        };
-        let (store, prefix): (Box<dyn ObjectStore>, ObjectPath) = match (local_dir, url) {
-            (Some(dir), _) => {
-                create_output_dir(&dir)?;
-                let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_error(e.to_string()))?;
-                (Box::new(store), ObjectPath::default())
+        }
+        if let Some(&last) = sink.committed.last() {
+            let entry = sink.manifest_entry(last).map_err(open_error)?;
+            let present: BTreeSet<String> = sink.location.list("").map_err(open_error)?.into_iter().map(|(n, _)| n).collect();
+            for file in entry.files.iter().filter(|f| !present.contains(*f)) {
+                sink.location.rename(&format!("{STAGING_DIR}/{file}"), file).map_err(open_error)?;
             }
-            (None, Some(url)) => open_store(&url, options).map_err(open_error)?,
-            (None, None) => unreachable!("a location is a local directory or a URL"),
-        };
-        let io = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|error| SinkError::Open { target: location.to_string(), error })?;
-        Ok(Self { store, prefix, target: location.to_string(), compression, io })
+        }
+        for (name, _) in sink.location.list(STAGING_DIR).map_err(open_error)? {
+            sink.location.delete(&format!("{STAGING_DIR}/{name}")).map_err(open_error)?;
+        }
+        Ok(sink)
     }
 
-    /// The object batch `batch_id` goes to, under `prefix`.
-    fn batch_object(&self, batch_id: u64) -> ObjectPath {
-        self.prefix.clone().join(format!("batch-{batch_id:012}.parquet"))
+    /// The name of batch `batch_id`'s file.
+    pub fn batch_file(&self, batch_id: u64) -> String {
+        format!("batch-{batch_id:012}.{}", self.format.extension())
+    }
+
+    fn manifest_name(batch_id: u64) -> String {
+        format!("{MANIFEST_DIR}/batch-{batch_id:012}.json")
+    }
+
+    /// The manifest entry of a committed batch.
+    pub fn manifest_entry(&self, batch_id: u64) -> Result<ManifestEntry, StoreError> {
+        let name = Self::manifest_name(batch_id);
+        let bytes = self.location.get(&name)?.ok_or_else(|| StoreError {
+            location: self.location.shown().to_string(),
+            what: format!("cannot read {name}"),
+            reason: "it disappeared".into(),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError {
+            location: self.location.shown().to_string(),
+            what: format!("cannot read {name}"),
+            reason: format!("not a manifest entry: {e}"),
+        })
+    }
+
+    /// The batches committed so far, in order.
+    pub fn committed_batches(&self) -> impl Iterator<Item = u64> + '_ {
+        self.committed.iter().copied()
     }
 
     /// Encode `batches` (one schema) as one Parquet file.
-    pub fn encode(batches: &[RecordBatch], compression: ParquetCompression) -> Result<Vec<u8>, String> {
+    pub fn encode_parquet(batches: &[RecordBatch], compression: ParquetCompression) -> Result<Vec<u8>, String> {
         let schema = batches.first().map(|b| b.schema()).ok_or("no batches to encode")?;
         let codec = match compression {
             ParquetCompression::Snappy => Compression::SNAPPY,
@@ -281,74 +291,52 @@ impl ParquetSink {
     }
 }
 
-/// The store behind an object-store URL, configured from the environment (the variables
-/// each cloud's own tools read, e.g. `AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`,
-/// `AZURE_STORAGE_ACCOUNT_NAME`) and then `options`, and the path under it.
-fn open_store(url: &url::Url, options: &BTreeMap<String, String>) -> Result<(Box<dyn ObjectStore>, ObjectPath), String> {
-    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-    use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-    use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-    use object_store::ObjectStoreScheme;
-
-    fn keys<K: std::str::FromStr>(options: &BTreeMap<String, String>, store: &str) -> Result<Vec<(K, String)>, String> {
-        options
-            .iter()
-            .map(|(k, v)| {
-                k.to_ascii_lowercase().parse().map(|key| (key, v.clone())).map_err(|_| format!("`{k}` is not an option of the {store} store (see the README for examples)"))
-            })
-            .collect()
-    }
-    let (scheme, path) = ObjectStoreScheme::parse(url).map_err(|e| e.to_string())?;
-    let path = ObjectPath::parse(path).map_err(|e| e.to_string())?;
-    let built = |e: object_store::Error| format!("cannot open the object store: {e}");
-    let store: Box<dyn ObjectStore> = match scheme {
-        ObjectStoreScheme::Memory if options.is_empty() => Box::new(object_store::memory::InMemory::new()),
-        ObjectStoreScheme::Memory => return Err("the memory:// store takes no options".into()),
-        ObjectStoreScheme::AmazonS3 => {
-            let builder = keys::<AmazonS3ConfigKey>(options, "S3")?.into_iter().fold(AmazonS3Builder::from_env().with_url(url.as_str()), |b, (k, v)| b.with_config(k, v));
-            Box::new(builder.build().map_err(built)?)
-        }
-        ObjectStoreScheme::GoogleCloudStorage => {
-            let builder = keys::<GoogleConfigKey>(options, "Google Cloud Storage")?
-                .into_iter()
-                .fold(GoogleCloudStorageBuilder::from_env().with_url(url.as_str()), |b, (k, v)| b.with_config(k, v));
-            Box::new(builder.build().map_err(built)?)
-        }
-        ObjectStoreScheme::MicrosoftAzure => {
-            let builder = keys::<AzureConfigKey>(options, "Azure")?.into_iter().fold(MicrosoftAzureBuilder::from_env().with_url(url.as_str()), |b, (k, v)| b.with_config(k, v));
-            Box::new(builder.build().map_err(built)?)
-        }
-        other => return Err(format!("{other:?} URLs are not supported by the Parquet sink")),
-    };
-    Ok((store, path))
-}
-
-/// The batch id of an object named by [`ParquetSink::batch_object`].
-fn parquet_batch_id(name: &str) -> Option<u64> {
-    name.strip_prefix("batch-")?.strip_suffix(".parquet")?.parse().ok()
-}
-
-impl Sink for ParquetSink {
+impl Sink for FileSink {
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
+        let fail = |error: String| SinkError::Store { target: self.location.shown().to_string(), batch_id, error };
         let batches: Vec<RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).cloned().collect();
+        let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        self.staged = Some((batch_id, rows));
         if batches.is_empty() {
             return Ok(());
         }
-        let fail = |error: String| SinkError::Store { target: self.target.clone(), batch_id, error };
-        let bytes = Self::encode(&batches, self.compression).map_err(fail)?;
-        let object = self.batch_object(batch_id);
-        self.io
-            .block_on(self.store.put(&object, PutPayload::from(bytes)))
-            .map(drop)
-            .map_err(|e| fail(e.to_string()))
+        let bytes = match self.format {
+            FileFormat::Parquet(compression) => Self::encode_parquet(&batches, compression).map_err(fail)?,
+            FileFormat::Jsonl => jsonl_bytes(&batches),
+        };
+        let staged = format!("{STAGING_DIR}/{}", self.batch_file(batch_id));
+        self.location.put(&staged, bytes).map_err(|e| fail(format!("{}: {}", e.what, e.reason)))
+    }
+
+    fn commit(&mut self, batch_id: u64) -> Result<(), SinkError> {
+        let fail = |e: StoreError| SinkError::Store { target: e.location, batch_id, error: format!("{}: {}", e.what, e.reason) };
+        let rows = match self.staged.take() {
+            Some((id, rows)) if id == batch_id => rows,
+            _ => {
+                return Err(SinkError::Store {
+                    target: self.location.shown().to_string(),
+                    batch_id,
+                    error: "commit without a write of this batch (a bug in the pipeline loop)".into(),
+                })
+            }
+        };
+        let file = self.batch_file(batch_id);
+        let entry = ManifestEntry { batch_id, files: if rows > 0 { vec![file.clone()] } else { Vec::new() }, rows };
+        let json = serde_json::to_vec(&entry).expect("a manifest entry serializes");
+        self.location.put(&Self::manifest_name(batch_id), json).map_err(fail)?;
+        self.committed.insert(batch_id);
+        if rows > 0 {
+            self.location.rename(&format!("{STAGING_DIR}/{file}"), &file).map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn is_committed(&self, batch_id: u64) -> bool {
+        self.committed.contains(&batch_id)
     }
 
     fn last_batch_id(&self) -> Result<Option<u64>, SinkError> {
-        let listing = self.io.block_on(self.store.list_with_delimiter(Some(&self.prefix))).map_err(|e| SinkError::Open {
-            target: self.target.clone(),
-            error: std::io::Error::other(format!("cannot list existing output: {e}")),
-        })?;
-        Ok(listing.objects.iter().filter_map(|o| o.location.filename().and_then(parquet_batch_id)).max())
+        Ok(self.committed.last().copied())
     }
 }
 
@@ -367,53 +355,76 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(names.to_vec())), Arc::new(Int64Array::from(counts.to_vec()))]).unwrap()
     }
 
-    fn read(sink: &ParquetSink, batch_id: u64) -> Vec<RecordBatch> {
-        let bytes = sink.io.block_on(async { sink.store.get(&sink.batch_object(batch_id)).await?.bytes().await }).unwrap();
-        ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap().collect::<Result<_, _>>().unwrap()
+    fn read(sink: &FileSink, batch_id: u64) -> Vec<RecordBatch> {
+        let bytes = sink.location.get(&sink.batch_file(batch_id)).unwrap().expect("the batch file is visible");
+        ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap().build().unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    fn parquet(location: &str) -> FileSink {
+        FileSink::open(location, FileFormat::Parquet(ParquetCompression::Snappy), &BTreeMap::new()).unwrap()
+    }
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
     }
 
     #[test]
-    fn memory_store_round_trips_and_a_rerun_replaces_the_batch() {
+    fn every_compression_round_trips_and_empty_batches_commit_without_a_file() {
         for compression in [ParquetCompression::Snappy, ParquetCompression::Zstd, ParquetCompression::None] {
-            let mut sink = ParquetSink::open("memory://", compression, &BTreeMap::new()).unwrap();
+            let mut sink = FileSink::open("memory://", FileFormat::Parquet(compression), &BTreeMap::new()).unwrap();
             assert_eq!(sink.last_batch_id().unwrap(), None);
             sink.write(3, &[rows(&["a", "b"], &[1, 2]), rows(&["c"], &[3])]).unwrap();
-            sink.write(3, &[rows(&["a"], &[7])]).unwrap();
+            sink.commit(3).unwrap();
             sink.write(4, &[rows(&[], &[])]).unwrap();
-            assert_eq!(read(&sink, 3), vec![rows(&["a"], &[7])], "{compression:?}");
-            assert_eq!(sink.last_batch_id().unwrap(), Some(3), "an empty batch writes no file");
+            sink.commit(4).unwrap();
+            assert_eq!(read(&sink, 3), vec![rows(&["a", "b", "c"], &[1, 2, 3])], "{compression:?}");
+            assert_eq!(sink.location.get(&sink.batch_file(4)).unwrap(), None, "an empty batch writes no file");
+            assert_eq!(sink.manifest_entry(4).unwrap(), ManifestEntry { batch_id: 4, files: vec![], rows: 0 });
+            assert_eq!(sink.last_batch_id().unwrap(), Some(4));
+            assert!(sink.is_committed(3) && sink.is_committed(4) && !sink.is_committed(5));
         }
     }
 
     #[test]
-    fn local_directory_and_file_url_name_files_by_batch() {
+    fn a_batch_is_visible_only_after_its_commit_and_an_uncommitted_one_is_dropped_on_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("nested/out");
-        let mut sink = ParquetSink::open(out.to_str().unwrap(), ParquetCompression::Snappy, &BTreeMap::new()).unwrap();
+        let mut sink = parquet(out.to_str().unwrap());
         sink.write(12, &[rows(&["x"], &[1])]).unwrap();
-        assert!(out.join("batch-000000000012.parquet").is_file());
-        let url = format!("file://{}", out.display());
-        let mut again = ParquetSink::open(&url, ParquetCompression::Snappy, &BTreeMap::new()).unwrap();
+        assert_eq!(names(&out), vec![STAGING_DIR], "nothing visible before the commit");
+        sink.commit(12).unwrap();
+        sink.write(13, &[rows(&["y"], &[2])]).unwrap();
+        drop(sink); // a crash before batch 13 commits
+        let again = parquet(&format!("file://{}", out.display()));
         assert_eq!(again.last_batch_id().unwrap(), Some(12));
-        again.write(13, &[rows(&["y"], &[2])]).unwrap();
-        assert_eq!(read(&again, 13), vec![rows(&["y"], &[2])]);
-        let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        assert_eq!(names.len(), 2, "only the batch files, no temporary leftovers: {names:?}");
+        assert_eq!(names(&out), vec![MANIFEST_DIR, STAGING_DIR, "batch-000000000012.parquet"]);
+        assert_eq!(names(&out.join(STAGING_DIR)), Vec::<String>::new(), "the uncommitted batch's file is gone");
+        assert_eq!(read(&again, 12), vec![rows(&["x"], &[1])]);
     }
 
     #[test]
-    fn cloud_urls_take_their_own_options_and_name_a_wrong_one() {
-        let options = BTreeMap::from([
-            ("aws_endpoint".to_string(), "http://127.0.0.1:1".to_string()),
-            ("aws_allow_http".to_string(), "true".to_string()),
-            ("aws_region".to_string(), "eu-west-1".to_string()),
-        ]);
-        assert!(ParquetSink::open("s3://bucket/out", ParquetCompression::Snappy, &options).is_ok());
-        let wrong = BTreeMap::from([("aws_regoin".to_string(), "eu-west-1".to_string())]);
-        let error = ParquetSink::open("s3://bucket/out", ParquetCompression::Snappy, &wrong).err().unwrap().to_string();
-        assert!(error.contains("`aws_regoin` is not an option of the S3 store"), "{error}");
-        let error = ParquetSink::open("gs://bucket/out", ParquetCompression::Snappy, &options).err().unwrap().to_string();
-        assert!(error.contains("`aws_allow_http` is not an option of the Google Cloud Storage store"), "{error}");
+    fn a_commit_interrupted_after_its_manifest_entry_is_finished_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::open(dir.path().to_str().unwrap(), FileFormat::Jsonl, &BTreeMap::new()).unwrap();
+        sink.write(0, &[rows(&["x"], &[1])]).unwrap();
+        // What commit does, stopped between the entry and the move.
+        let entry = ManifestEntry { batch_id: 0, files: vec![sink.batch_file(0)], rows: 1 };
+        sink.location.put(&FileSink::manifest_name(0), serde_json::to_vec(&entry).unwrap()).unwrap();
+        drop(sink);
+        let again = FileSink::open(dir.path().to_str().unwrap(), FileFormat::Jsonl, &BTreeMap::new()).unwrap();
+        assert!(again.is_committed(0));
+        let text = std::fs::read_to_string(dir.path().join("batch-000000000000.jsonl")).unwrap();
+        assert_eq!(text, "{\"campaign_id\":\"x\",\"clicks\":1}\n");
+    }
+
+    #[test]
+    fn a_commit_without_a_write_of_that_batch_is_refused() {
+        let mut sink = parquet("memory://");
+        sink.write(1, &[rows(&["x"], &[1])]).unwrap();
+        let error = sink.commit(2).unwrap_err().to_string();
+        assert!(error.contains("commit without a write"), "{error}");
     }
 
     #[test]
@@ -421,7 +432,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("plain-file");
         std::fs::write(&file, "x").unwrap();
-        let error = ParquetSink::open(file.join("out").to_str().unwrap(), ParquetCompression::Snappy, &BTreeMap::new()).err().unwrap();
-        assert!(error.to_string().contains("cannot create the output directory"), "{error}");
+        let error = parquet_err(file.join("out").to_str().unwrap());
+        assert!(error.contains("cannot create the directory"), "{error}");
+    }
+
+    fn parquet_err(location: &str) -> String {
+        FileSink::open(location, FileFormat::Parquet(ParquetCompression::Snappy), &BTreeMap::new()).err().unwrap().to_string()
     }
 }

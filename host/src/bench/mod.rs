@@ -2,6 +2,7 @@
 //! `sluice bench pipeline` (whole pipelines on a real broker). Each measures everything it
 //! compares in one run and reports ratios.
 
+pub mod checkpoint;
 pub mod pipeline;
 pub mod plugins;
 
@@ -13,6 +14,7 @@ use sluice_sdk::testing::{Driver, Harness};
 use sluice_sdk::{Context, Finished, PluginKind};
 
 use crate::chain::Stage;
+use crate::checkpoint::PluginIdentity;
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::runtime::CallError;
 
@@ -52,12 +54,22 @@ impl<D: Driver> Stage for NativeStage<D> {
         self.harness.output_schema()
     }
     fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError> {
-        self.harness.push_batch(batch.clone(), ctx.watermark_ms).map_err(|e| CallError::Plugin {
-            plugin: self.name.to_string(),
-            call: "process",
-            kind: e.kind(),
-            message: e.message().to_string(),
-        })
+        self.harness.push_batch(batch.clone(), ctx.watermark_ms).map_err(|e| self.error("process", e))
+    }
+    fn identity(&self) -> PluginIdentity {
+        PluginIdentity { name: self.name.to_string(), version: "native".into(), content_hash: "native".into(), state_version: D::STATE_VERSION }
+    }
+    fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
+        self.harness.snapshot().map_err(|e| self.error("snapshot", e))
+    }
+    fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError> {
+        self.harness.restore(state, state_version).map_err(|e| self.error("restore", e))
+    }
+}
+
+impl<D: Driver> NativeStage<D> {
+    fn error(&self, call: &'static str, e: sluice_sdk::Error) -> CallError {
+        CallError::Plugin { plugin: self.name.to_string(), call, kind: e.kind(), message: e.message().to_string() }
     }
 }
 

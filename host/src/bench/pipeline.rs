@@ -97,7 +97,7 @@ const CASES: [(&str, ChainFn); 5] = [
 
 /// Produce `n` events round-robin over the partitions, keyed by campaign; returns the
 /// time it took until every record was acknowledged.
-fn produce(broker: &dyn Broker, partitions: i32, n: usize) -> anyhow::Result<Duration> {
+pub(crate) fn produce(broker: &dyn Broker, partitions: i32, n: usize) -> anyhow::Result<Duration> {
     let mut gen = EventGenerator::new(EventSpec::default());
     let events: Vec<(String, Vec<u8>)> = (0..n)
         .map(|_| {
@@ -156,6 +156,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                 kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
                 steps: Vec::new(),
                 sink: SinkConfig::Jsonl { path: "-".into() },
+                checkpoint: None,
             };
             let mut chain = make(&runtime)?;
             let started = Instant::now();

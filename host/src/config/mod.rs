@@ -107,20 +107,19 @@ impl ParquetCompression {
     }
 }
 
-/// URL schemes a Parquet sink can write to; anything without `://` is a local directory.
-pub const OBJECT_STORE_SCHEMES: [&str; 10] = ["file", "memory", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss"];
-
-/// Check a Parquet sink location: a local path, or a URL with a known scheme.
-fn check_store_location(path: &str) -> Result<(), String> {
-    let Some((scheme, _)) = path.split_once("://") else { return Ok(()) };
-    if !OBJECT_STORE_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
-        return Err(format!(
-            "`{path}`: unknown scheme `{scheme}://`; use a local directory or one of {}",
-            OBJECT_STORE_SCHEMES.map(|s| format!("{s}://")).join(", ")
-        ));
-    }
-    url::Url::parse(path).map(drop).map_err(|e| format!("`{path}` is not a valid URL: {e}"))
+/// Where checkpoints go and how many are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// Local directory or object-store URL.
+    pub location: String,
+    /// Object-store options (credentials, region, endpoint).
+    pub options: BTreeMap<String, String>,
+    /// Checkpoints kept (the newest ones); older ones and their logs are deleted.
+    pub retain: usize,
 }
+
+/// Checkpoints kept when `checkpoint.retain` is not given.
+pub const DEFAULT_RETAIN: usize = 10;
 
 /// A checked pipeline, ready to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +136,8 @@ pub struct Pipeline {
     pub steps: Vec<Step>,
     /// Output.
     pub sink: Sink,
+    /// Checkpoints; `None` when `checkpoint.enabled = false`.
+    pub checkpoint: Option<Checkpointing>,
 }
 
 /// A pipeline file that cannot be used, with what to change.
@@ -325,7 +326,7 @@ impl Pipeline {
                 return Err(invalid("sink.topic", format!("`{topic}` is also a source topic: the pipeline would read its own output")))
             }
             raw::RawSink::Parquet { path, compression, options } => {
-                check_store_location(&path).map_err(|message| invalid("sink.path", message))?;
+                crate::store::check_location(&path).map_err(|message| invalid("sink.path", message))?;
                 let compression = match compression {
                     None => ParquetCompression::default(),
                     Some(name) => ParquetCompression::parse(&name).ok_or_else(|| {
@@ -341,6 +342,37 @@ impl Pipeline {
             raw::RawSink::Kafka { topic } => Sink::Kafka { topic },
         };
 
-        Ok(Self { name, source, trigger_interval, kafka, steps, sink })
+        let raw_checkpoint = raw.checkpoint.unwrap_or_default();
+        let checkpoint = if raw_checkpoint.enabled == Some(false) {
+            if raw_checkpoint.location.is_some() || raw_checkpoint.retain.is_some() || !raw_checkpoint.options.is_empty() {
+                return Err(invalid("checkpoint.enabled", "checkpointing is off, so the other [checkpoint] keys have no effect; remove them or `enabled = false`".into()));
+            }
+            None
+        } else {
+            let location = match raw_checkpoint.location {
+                Some(l) if l.trim().is_empty() => return Err(invalid("checkpoint.location", "must not be empty; leave it out for the default".into())),
+                Some(l) if l.contains("://") => {
+                    crate::store::check_location(&l).map_err(|message| invalid("checkpoint.location", message))?;
+                    l
+                }
+                // Like the sink path, a relative location is relative to the working directory.
+                Some(l) => l,
+                None => {
+                    let dir: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
+                    format!("checkpoints/{dir}")
+                }
+            };
+            if !raw_checkpoint.options.is_empty() && !location.contains("://") {
+                return Err(invalid("checkpoint.options", "object-store options apply to URLs like `s3://bucket/prefix`; remove them for a local directory".into()));
+            }
+            let retain = match raw_checkpoint.retain {
+                None => DEFAULT_RETAIN,
+                Some(n) if n >= 1 => n as usize,
+                Some(n) => return Err(invalid("checkpoint.retain", format!("keep at least 1 checkpoint, got {n}"))),
+            };
+            Some(Checkpointing { location, options: raw_checkpoint.options, retain })
+        };
+
+        Ok(Self { name, source, trigger_interval, kafka, steps, sink, checkpoint })
     }
 }

@@ -18,6 +18,18 @@ pub struct RawPipeline {
     #[serde(default)]
     pub plugin: Vec<RawPlugin>,
     pub sink: RawSink,
+    pub checkpoint: Option<RawCheckpoint>,
+}
+
+/// `[checkpoint]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCheckpoint {
+    pub enabled: Option<bool>,
+    pub location: Option<String>,
+    pub retain: Option<i64>,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 /// `[source]`.

@@ -133,6 +133,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         sink: SinkConfig::Jsonl { path: "-".into() },
+        checkpoint: Some(crate::config::Checkpointing { location: "memory://".into(), options: Default::default(), retain: crate::config::DEFAULT_RETAIN }),
     };
     writeln!(
         progress,

@@ -108,8 +108,14 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     /// Connect, discover the partitions of `source.topics`, and resolve where each starts:
+    /// from a checkpoint's positions when `resume` has them (a partition the checkpoint
+    /// does not know, added since, starts at its earliest offset); without a checkpoint,
     /// the group's committed offset if it has one, else `startingOffsets`.
-    pub fn connect(source: &Source, properties: &BTreeMap<String, String>) -> Result<Self, SourceError> {
+    pub fn connect(
+        source: &Source,
+        properties: &BTreeMap<String, String>,
+        resume: Option<&BTreeMap<(String, i32), i64>>,
+    ) -> Result<Self, SourceError> {
         let mut config = ClientConfig::new();
         for (k, v) in TUNED_DEFAULTS {
             config.set(k, v);
@@ -145,9 +151,18 @@ impl KafkaSource {
             .map_err(failed(format!("reading committed offsets of group `{}`", source.group_id)))?;
         let mut next = BTreeMap::new();
         for e in committed.elements() {
-            let start = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => {
+            let key = (e.topic().to_string(), e.partition());
+            let start = match (resume, e.offset()) {
+                (Some(positions), _) if positions.contains_key(&key) => positions[&key],
+                (Some(_), _) => {
+                    let (low, _) = consumer
+                        .fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT)
+                        .map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
+                    tracing::info!("{}/{} is not in the checkpoint (a new partition or topic): reading it from its earliest offset {low}", e.topic(), e.partition());
+                    low
+                }
+                (None, Offset::Offset(o)) => o,
+                (None, _) => {
                     let (low, high) = consumer
                         .fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT)
                         .map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
@@ -245,6 +260,17 @@ impl KafkaSource {
         let batch = arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema");
         check_fetched(wanted, &batch)?;
         Ok(batch)
+    }
+
+    /// Where each partition continues once `ranges` are done.
+    pub fn positions_after(&self, ranges: &[OffsetRange]) -> Vec<((String, i32), i64)> {
+        let mut next = self.next.clone();
+        for r in ranges {
+            if let Some(n) = next.get_mut(&(r.topic.clone(), r.partition)) {
+                *n = (*n).max(r.until);
+            }
+        }
+        next.into_iter().collect()
     }
 
     /// Mark `ranges` as done: the next plan starts after them, and the consumer group's
@@ -489,10 +515,8 @@ impl Loader {
         }
     }
 
-    /// Wait until every queued record is acknowledged; an error if any was not.
-    pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
+    fn check_deliveries(&self) -> Result<(), SourceError> {
         use rdkafka::producer::Producer as _;
-        self.producer.flush(timeout).map_err(failed("waiting for produced records to be acknowledged"))?;
         let tracker = self.producer.context();
         let failed_count = tracker.failed.swap(0, std::sync::atomic::Ordering::SeqCst);
         if failed_count > 0 {
@@ -500,5 +524,12 @@ impl Loader {
             return Err(SourceError::Delivery { failed: failed_count, first });
         }
         Ok(())
+    }
+
+    /// Wait until every queued record is acknowledged; an error if any was not.
+    pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
+        use rdkafka::producer::Producer as _;
+        self.producer.flush(timeout).map_err(failed("waiting for produced records to be acknowledged"))?;
+        self.check_deliveries()
     }
 }
