@@ -34,12 +34,13 @@ fn runtime() -> Runtime {
 fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Option<u64>, steps: Vec<Step>) -> Pipeline {
     Pipeline {
         name: "test".into(),
-        source: Source { topics: topics.iter().map(|t| t.to_string()).collect(), starting_offsets: start, max_offsets_per_trigger: max, group_id: "sluice-test".into() },
+        source: Source { topics: topics.iter().map(|t| t.to_string()).collect(), starting_offsets: start, max_offsets_per_trigger: max, partition_rates: Default::default(), group_id: "sluice-test".into() },
         trigger_interval: Duration::from_millis(50),
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
         steps,
         sink: SinkConfig::Jsonl { path: "-".into() },
         checkpoint: None,
+        backpressure: None,
     }
 }
 
@@ -532,4 +533,42 @@ fn the_pipeline_benchmark_reads_every_record_in_each_pipeline_and_compares_outpu
     assert_eq!(rows[3].output_rows, rows[4].output_rows);
     let table = String::from_utf8(out).unwrap();
     assert_eq!(table.lines().filter(|l| l.starts_with("| ") && l.contains('×')).count(), 5, "{table}");
+}
+
+#[test]
+fn the_checkpoint_benchmark_compares_checkpointing_on_and_off_and_times_restarts() {
+    use sluice::bench::checkpoint::{run_on, CheckpointBenchArgs};
+    let args = CheckpointBenchArgs { records: 4_000, partitions: 2, batch: 500, repeat: 1, restarts: 2 };
+    let mut out = Vec::new();
+    let result = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
+    let table = String::from_utf8(out).unwrap();
+    assert!(result.off_per_sec > 0.0 && result.on_per_sec > 0.0, "{table}");
+    assert!(result.batches >= 8, "{table}");
+    assert_eq!(result.restarts.len(), 2, "{table}");
+    assert!(table.contains("| every batch |") && table.contains("restart after SIGKILL to first committed batch:"), "{table}");
+}
+
+#[test]
+fn rate_limits_cap_each_batch_and_the_rest_waits_in_kafka() {
+    let broker = Mock::start().unwrap();
+    broker.create_topic("events", 2).unwrap();
+    produce_ids(&broker, "events", &[0, 1], 0..600);
+    let mut p = pipeline(&broker.bootstrap(), &["events"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
+    p.trigger_interval = Duration::from_millis(100);
+    p.source.partition_rates = sluice::rate::PartitionRates { max: Some(1_000.0), min: None };
+    let mut sizes = Vec::new();
+    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut FailingSink { ok: usize::MAX, written: Vec::new() }, &mut |b| sizes.push(b.records)).unwrap();
+    assert_eq!(summary.records, 600, "nothing dropped");
+    assert_eq!(sizes, [200, 200, 200, 0], "1000 records/s per partition × 100 ms × 2 partitions, then the final flush");
+
+    // Backpressure starts at initialRate and then follows what the pipeline processes.
+    let mut p = pipeline(&broker.bootstrap(), &["events"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
+    p.source.group_id = "bp".into();
+    p.trigger_interval = Duration::from_millis(100);
+    p.backpressure = Some(sluice::config::Backpressure { initial_rate: Some(500.0), pid: Default::default() });
+    let mut sizes = Vec::new();
+    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut FailingSink { ok: usize::MAX, written: Vec::new() }, &mut |b| sizes.push(b.records)).unwrap();
+    assert_eq!(summary.records, 600);
+    assert_eq!(sizes[..2], [50, 50], "500 records/s × 100 ms before the first estimate: {sizes:?}");
+    assert!(sizes[2] > 50, "the estimate follows the processing rate, far above 500/s: {sizes:?}");
 }

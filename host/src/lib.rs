@@ -27,6 +27,7 @@ pub mod examples;
 pub mod kafka;
 pub mod offline;
 pub mod pipeline;
+pub mod rate;
 pub mod runtime;
 pub mod sink;
 pub mod store;

@@ -13,6 +13,7 @@ use crate::checkpoint::{self, Checkpoint, CheckpointStore, Metadata, PlannedBatc
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
 use crate::kafka::{KafkaSource, PartitionLag};
+use crate::rate::{RateController, RateState};
 use crate::runtime::Runtime;
 use crate::sink::Sink;
 
@@ -137,6 +138,13 @@ pub fn run_chain(
     for w in &recovered.warnings {
         tracing::warn!("{w}");
     }
+    if let Some(c) = &checkpoints {
+        match (&recovered.checkpoint, recovered.replay.len()) {
+            (Some(ck), n) => tracing::info!("checkpoint {}: resuming after batch {}, {n} planned batches to replay", c.shown(), ck.batch_id),
+            (None, 0) => tracing::info!("checkpoint {}: no checkpoint yet, starting at the consumer group's committed offsets, else at source.startingOffsets", c.shown()),
+            (None, n) => tracing::info!("checkpoint {}: no batch committed yet, {n} planned batches to replay", c.shown()),
+        }
+    }
     if let Some(m) = &recovered.metadata {
         if m.topics != pipeline.source.topics {
             tracing::warn!("the checkpoint was written for topics {:?}; the pipeline now reads {:?}", m.topics, pipeline.source.topics);
@@ -178,8 +186,20 @@ pub fn run_chain(
             );
         }
     }
+    let mut rate = RateController::new(
+        pipeline.backpressure.map(|b| (b.pid, b.initial_rate)),
+        pipeline.source.partition_rates,
+        pipeline.trigger_interval,
+    );
+    if let Some(saved) = recovered.checkpoint.as_ref().and_then(|c| c.rate_controller.clone()) {
+        match serde_json::from_value::<RateState>(saved) {
+            Ok(state) => rate.restore(state),
+            Err(e) => tracing::warn!("the checkpoint's rate-controller state cannot be read ({e}); the rate starts over"),
+        }
+    }
     let mut runner = Runner {
         pipeline,
+        rate,
         chain,
         sink,
         source,
@@ -194,7 +214,7 @@ pub fn run_chain(
         }
         tracing::info!("replaying batch {} with its recorded offset ranges", plan.batch_id);
         let lag = runner.source.lag()?;
-        runner.batch(plan, false, &lag, progress)?;
+        runner.batch(plan, None, &lag, progress)?;
     }
     runner.run(options.until, next_batch_id, stop, progress)
 }
@@ -202,6 +222,7 @@ pub fn run_chain(
 /// The loop's state.
 struct Runner<'a> {
     pipeline: &'a Pipeline,
+    rate: RateController,
     chain: &'a mut Chain,
     sink: &'a mut dyn Sink,
     source: KafkaSource,
@@ -218,18 +239,30 @@ impl Runner<'_> {
             Until::AvailableNow => Some(self.source.lag()?),
             Until::Stopped => None,
         };
+        // When the current batch was due: a batch that starts later (because the one before
+        // overran the interval) has a scheduling delay, which rate control counts.
+        let mut due = Instant::now();
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(self.summary);
             }
             let tick = Instant::now();
+            let scheduling_delay = tick.saturating_duration_since(due);
             let mut lag = self.source.lag()?;
             if let Some(targets) = &targets {
                 for (p, t) in lag.iter_mut().zip(targets) {
                     p.high = p.high.min(t.high);
                 }
             }
-            let ranges: Vec<OffsetRange> = self.source.plan(&lag);
+            // Rate control caps each partition; records over the budget wait in Kafka.
+            let mut capped = lag.clone();
+            let lags: Vec<u64> = lag.iter().map(|p| (p.high - p.next).max(0) as u64).collect();
+            if let Some(budgets) = self.rate.budgets(&lags) {
+                for (p, budget) in capped.iter_mut().zip(budgets) {
+                    p.high = p.high.min(p.next + budget as i64);
+                }
+            }
+            let ranges: Vec<OffsetRange> = self.source.plan(&capped);
             let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
             let caught_up = targets.is_some() && records == 0;
             // Without a checkpoint, the last batch of an available-now run flushes open
@@ -248,12 +281,13 @@ impl Runner<'_> {
                         watermark_ms: if flush { Some(i64::MAX) } else { self.watermark },
                     }],
                 };
-                self.batch(&plan, true, &lag, progress)?;
+                self.batch(&plan, Some(scheduling_delay), &lag, progress)?;
                 batch_id += 1;
             }
             if caught_up {
                 return Ok(self.summary);
             }
+            due = tick + self.pipeline.trigger_interval;
             // Wait for the next trigger, waking early to stop.
             while tick.elapsed() < self.pipeline.trigger_interval && !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(10).min(self.pipeline.trigger_interval));
@@ -261,14 +295,16 @@ impl Runner<'_> {
         }
     }
 
-    /// Run one planned batch: offset log (when `new`), fetch, plugins, sink, checkpoint
-    /// and commit log, consumer-group offsets. `lag` is the state before it, for progress.
-    fn batch(&mut self, plan: &PlannedBatch, new: bool, lag: &[PartitionLag], progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
+    /// Run one planned batch: offset log, fetch, plugins, sink, rate update, checkpoint and
+    /// commit log, consumer-group offsets. `scheduling_delay` is how late a new batch
+    /// started; `None` for a replayed one (already in the offset log, and not a lesson for
+    /// rate control). `lag` is the state before it, for progress.
+    fn batch(&mut self, plan: &PlannedBatch, scheduling_delay: Option<Duration>, lag: &[PartitionLag], progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
         let tick = Instant::now();
         let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| anyhow::anyhow!("batch {} has no plan for task {TASK}", plan.batch_id))?;
         let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
         let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
-        if let (Some(c), true) = (&self.checkpoints, new) {
+        if let (Some(c), Some(_)) = (&self.checkpoints, scheduling_delay) {
             c.plan(plan)?;
         }
         let batch = if records > 0 { self.source.fetch(&ranges, self.fetch_timeout)? } else { RecordBatch::new_empty(record_schema()) };
@@ -281,6 +317,9 @@ impl Runner<'_> {
             self.sink.commit(plan.batch_id)?;
         }
         self.watermark = out.watermark_ms.or(self.watermark);
+        if let Some(delay) = scheduling_delay {
+            self.rate.after_batch(now_ms(), records as u64, tick.elapsed(), delay);
+        }
         if let Some(c) = &self.checkpoints {
             let positions = self
                 .source
@@ -292,7 +331,7 @@ impl Runner<'_> {
                 batch_id: plan.batch_id,
                 created_ms: now_ms(),
                 tasks: vec![TaskState { task: TASK, positions, plugins: self.chain.snapshot()?, watermark_ms: self.watermark }],
-                rate_controller: None,
+                rate_controller: Some(serde_json::to_value(self.rate.state()).expect("rate state serializes")),
             })?;
         }
         self.source.commit(&ranges)?;

@@ -59,12 +59,13 @@ fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: boo
     let step = |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default() };
     Pipeline {
         name: name.into(),
-        source: Source { topics: vec![TOPIC.into()], starting_offsets: StartingOffsets::Earliest, max_offsets_per_trigger: Some(batch), group_id: name.into() },
+        source: Source { topics: vec![TOPIC.into()], starting_offsets: StartingOffsets::Earliest, max_offsets_per_trigger: Some(batch), partition_rates: Default::default(), group_id: name.into() },
         trigger_interval: Duration::from_secs(1),
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         sink: SinkConfig::Parquet { path: dir.join("out").display().to_string(), compression: ParquetCompression::Snappy, options: BTreeMap::new() },
         checkpoint: checkpoint.then(|| Checkpointing { location: dir.join("checkpoint").display().to_string(), options: BTreeMap::new(), retain: DEFAULT_RETAIN }),
+        backpressure: None,
     }
 }
 
@@ -105,8 +106,9 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// Kill `sluice run` once it has committed batches, restart it, and time the restart to
-/// its first committed batch; `rounds` times.
+/// Kill `sluice run` once it has committed a batch (the next one is then in flight), restart
+/// it, and time the restart to its first committed batch; `rounds` times. Each round uses
+/// two batches of the backlog.
 fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) -> anyhow::Result<Vec<Duration>> {
     let file = pipeline_file(dir, bootstrap, batch)?;
     let checkpoint = dir.join("checkpoint");
@@ -123,8 +125,9 @@ fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) 
     let mut child = spawn()?;
     let mut times = Vec::new();
     for _ in 0..rounds {
-        let before = committed(&checkpoint).len();
-        if !wait_for(Duration::from_secs(120), || committed(&checkpoint).len() >= before + 2) {
+        // Ids, not counts: retention deletes old entries.
+        let before = committed(&checkpoint).last().copied();
+        if !wait_for(Duration::from_secs(120), || committed(&checkpoint).last().copied() > before) {
             let _ = child.kill();
             anyhow::bail!("the pipeline committed no batches in 2 minutes: {}", std::fs::read_to_string(&log).unwrap_or_default());
         }
@@ -149,6 +152,9 @@ fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) 
 pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<CheckpointBench> {
     if args.records == 0 || args.repeat == 0 || args.batch == 0 || args.partitions < 1 || args.restarts == 0 {
         anyhow::bail!("--records, --repeat, --batch, --partitions and --restarts must be at least 1");
+    }
+    if (args.records as u64).div_ceil(args.batch) < 2 * args.restarts as u64 + 1 {
+        anyhow::bail!("{} restarts need at least {} batches of backlog; raise --records or lower --batch", args.restarts, 2 * args.restarts + 1);
     }
     broker.create_topic(TOPIC, args.partitions)?;
     produce(broker, args.partitions, args.records)?;

@@ -150,6 +150,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                     topics: vec![TOPIC.into()],
                     starting_offsets: StartingOffsets::Earliest,
                     max_offsets_per_trigger: Some(args.batch),
+                    partition_rates: Default::default(),
                     group_id: group,
                 },
                 trigger_interval: Duration::ZERO,
@@ -157,6 +158,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                 steps: Vec::new(),
                 sink: SinkConfig::Jsonl { path: "-".into() },
                 checkpoint: None,
+                backpressure: None,
             };
             let mut chain = make(&runtime)?;
             let started = Instant::now();

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::rate::{PartitionRates, PidSettings};
 use crate::runtime::Limits;
 
 /// Where consumption starts when there is no checkpoint.
@@ -24,7 +25,7 @@ pub enum StartingOffsets {
 }
 
 /// What the Kafka source reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Source {
     /// Topics, at least one.
     pub topics: Vec<String>,
@@ -32,6 +33,8 @@ pub struct Source {
     pub starting_offsets: StartingOffsets,
     /// Most records in one batch, over all partitions.
     pub max_offsets_per_trigger: Option<u64>,
+    /// Records/s caps per partition (`maxRatePerPartition`, `minRatePerPartition`).
+    pub partition_rates: PartitionRates,
     /// Consumer group used to commit offsets for lag tools.
     pub group_id: String,
 }
@@ -118,6 +121,15 @@ pub struct Checkpointing {
     pub retain: usize,
 }
 
+/// PID backpressure (Spark's `spark.streaming.backpressure.*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backpressure {
+    /// Records/s of the batches before the first estimate; unlimited when `None`.
+    pub initial_rate: Option<f64>,
+    /// Gains and floor.
+    pub pid: PidSettings,
+}
+
 /// Checkpoints kept when `checkpoint.retain` is not given.
 pub const DEFAULT_RETAIN: usize = 10;
 
@@ -138,6 +150,8 @@ pub struct Pipeline {
     pub sink: Sink,
     /// Checkpoints; `None` when `checkpoint.enabled = false`.
     pub checkpoint: Option<Checkpointing>,
+    /// PID backpressure; `None` unless `backpressure.enabled = true`.
+    pub backpressure: Option<Backpressure>,
 }
 
 /// A pipeline file that cannot be used, with what to change.
@@ -231,6 +245,19 @@ impl Pipeline {
             Some(n) if n > 0 => Some(n as u64),
             Some(n) => return Err(invalid("source.maxOffsetsPerTrigger", format!("must be a positive number of records, got {n}"))),
         };
+        let positive_rate = |key: &str, value: Option<f64>| match value {
+            Some(r) if !(r.is_finite() && r > 0.0) => Err(invalid(key, format!("must be a positive number of records per second, got {r}"))),
+            other => Ok(other),
+        };
+        let partition_rates = PartitionRates {
+            max: positive_rate("source.maxRatePerPartition", raw.source.max_rate_per_partition)?,
+            min: positive_rate("source.minRatePerPartition", raw.source.min_rate_per_partition)?,
+        };
+        if let (Some(max), Some(min)) = (partition_rates.max, partition_rates.min) {
+            if min > max {
+                return Err(invalid("source.minRatePerPartition", format!("{min} is above source.maxRatePerPartition {max}")));
+            }
+        }
         let group_id = raw.source.group_id.unwrap_or_else(|| format!("sluice-{name}"));
         if group_id.trim().is_empty() {
             return Err(invalid("source.groupId", "must not be empty".into()));
@@ -242,6 +269,7 @@ impl Pipeline {
                 Some(raw::RawStartingOffsets::Earliest) => StartingOffsets::Earliest,
             },
             max_offsets_per_trigger,
+            partition_rates,
             group_id,
         };
 
@@ -373,6 +401,29 @@ impl Pipeline {
             Some(Checkpointing { location, options: raw_checkpoint.options, retain })
         };
 
-        Ok(Self { name, source, trigger_interval, kafka, steps, sink, checkpoint })
+        let raw_bp = raw.backpressure.unwrap_or_default();
+        let backpressure = if raw_bp.enabled == Some(true) {
+            let defaults = PidSettings::default();
+            let gain = |key: &str, value: Option<f64>, default: f64| match value {
+                Some(g) if !(g.is_finite() && g >= 0.0) => Err(invalid(key, format!("must be zero or a positive number, got {g}"))),
+                Some(g) => Ok(g),
+                None => Ok(default),
+            };
+            let pid = PidSettings {
+                proportional: gain("backpressure.pid.proportional", raw_bp.pid.proportional, defaults.proportional)?,
+                integral: gain("backpressure.pid.integral", raw_bp.pid.integral, defaults.integral)?,
+                derived: gain("backpressure.pid.derived", raw_bp.pid.derived, defaults.derived)?,
+                min_rate: positive_rate("backpressure.pid.minRate", raw_bp.pid.min_rate)?.unwrap_or(defaults.min_rate),
+            };
+            Some(Backpressure { initial_rate: positive_rate("backpressure.initialRate", raw_bp.initial_rate)?, pid })
+        } else {
+            let set = raw_bp.initial_rate.is_some() || raw_bp.pid.proportional.is_some() || raw_bp.pid.integral.is_some() || raw_bp.pid.derived.is_some() || raw_bp.pid.min_rate.is_some();
+            if set {
+                return Err(invalid("backpressure.enabled", "the [backpressure] settings apply only with `enabled = true`; add it or remove them".into()));
+            }
+            None
+        };
+
+        Ok(Self { name, source, trigger_interval, kafka, steps, sink, checkpoint, backpressure })
     }
 }

@@ -19,6 +19,27 @@ pub struct RawPipeline {
     pub plugin: Vec<RawPlugin>,
     pub sink: RawSink,
     pub checkpoint: Option<RawCheckpoint>,
+    pub backpressure: Option<RawBackpressure>,
+}
+
+/// `[backpressure]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawBackpressure {
+    pub enabled: Option<bool>,
+    pub initial_rate: Option<f64>,
+    #[serde(default)]
+    pub pid: RawPid,
+}
+
+/// `[backpressure.pid]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPid {
+    pub proportional: Option<f64>,
+    pub integral: Option<f64>,
+    pub derived: Option<f64>,
+    pub min_rate: Option<f64>,
 }
 
 /// `[checkpoint]`.
@@ -39,6 +60,8 @@ pub struct RawSource {
     pub topics: Vec<String>,
     pub starting_offsets: Option<RawStartingOffsets>,
     pub max_offsets_per_trigger: Option<i64>,
+    pub max_rate_per_partition: Option<f64>,
+    pub min_rate_per_partition: Option<f64>,
     pub group_id: Option<String>,
 }
 

@@ -127,6 +127,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
             topics: vec![TOPIC.into()],
             starting_offsets: StartingOffsets::Earliest,
             max_offsets_per_trigger: None,
+            partition_rates: Default::default(),
             group_id: "sluice-demo".into(),
         },
         trigger_interval: options.interval,
@@ -134,6 +135,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         sink: SinkConfig::Jsonl { path: "-".into() },
         checkpoint: Some(crate::config::Checkpointing { location: "memory://".into(), options: Default::default(), retain: crate::config::DEFAULT_RETAIN }),
+        backpressure: None,
     };
     writeln!(
         progress,
