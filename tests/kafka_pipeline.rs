@@ -36,6 +36,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
         name: "test".into(),
         source: Source { topics: topics.iter().map(|t| t.to_string()).collect(), starting_offsets: start, max_offsets_per_trigger: max, partition_rates: Default::default(), group_id: "sluice-test".into() },
         trigger_interval: Duration::from_millis(50),
+        adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
         steps,
         sink: SinkConfig::Jsonl { path: "-".into() },

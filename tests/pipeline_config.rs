@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice::rate::{PartitionRates, PidSettings};
+use sluice::rate::{AdaptiveInterval, PartitionRates, PidSettings};
 use sluice::config::{Backpressure, Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink, StartingOffsets, DEFAULT_RETAIN};
 
 fn files(kind: &str) -> Vec<PathBuf> {
@@ -62,6 +62,7 @@ fn the_commented_example_means_what_it_says() {
     let clicks: serde_json::Value = serde_json::from_str(&p.steps[1].config).unwrap();
     assert_eq!(clicks["slide_ms"], 10000);
     assert_eq!(p.sink, Sink::Parquet { path: "out/ad-performance".into(), compression: ParquetCompression::Zstd, options: Default::default() });
+    assert_eq!(p.adaptive_interval, Some(AdaptiveInterval { min: Duration::from_secs(1), max: Duration::from_secs(120) }));
     assert_eq!(p.source.partition_rates, PartitionRates { max: Some(50_000.0), min: Some(10.0) });
     assert_eq!(p.backpressure, Some(Backpressure { initial_rate: Some(20_000.0), pid: PidSettings::default() }));
     assert_eq!(p.checkpoint, Some(Checkpointing { location: "checkpoints/ad-performance".into(), options: Default::default(), retain: 20 }));
@@ -76,6 +77,7 @@ fn defaults_and_relative_plugin_paths() {
     assert_eq!(minimal.trigger_interval, Duration::from_secs(1));
     assert_eq!(minimal.steps[0].config, "{}");
     assert_eq!(minimal.backpressure, None, "backpressure is off unless enabled");
+    assert_eq!(minimal.adaptive_interval, None, "the interval is fixed unless adaptive");
     assert_eq!(minimal.checkpoint, Some(Checkpointing { location: "checkpoints/minimal".into(), options: Default::default(), retain: DEFAULT_RETAIN }));
     let to_kafka = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
     assert_eq!(to_kafka.steps[0].source, PluginSource::File("/etc/sluice/plugins/json_filter.wasm".into()));

@@ -190,6 +190,7 @@ pub fn run_chain(
         pipeline.backpressure.map(|b| (b.pid, b.initial_rate)),
         pipeline.source.partition_rates,
         pipeline.trigger_interval,
+        pipeline.adaptive_interval,
     );
     if let Some(saved) = recovered.checkpoint.as_ref().and_then(|c| c.rate_controller.clone()) {
         match serde_json::from_value::<RateState>(saved) {
@@ -198,7 +199,6 @@ pub fn run_chain(
         }
     }
     let mut runner = Runner {
-        pipeline,
         rate,
         chain,
         sink,
@@ -221,7 +221,6 @@ pub fn run_chain(
 
 /// The loop's state.
 struct Runner<'a> {
-    pipeline: &'a Pipeline,
     rate: RateController,
     chain: &'a mut Chain,
     sink: &'a mut dyn Sink,
@@ -287,10 +286,11 @@ impl Runner<'_> {
             if caught_up {
                 return Ok(self.summary);
             }
-            due = tick + self.pipeline.trigger_interval;
+            let interval = self.rate.interval();
+            due = tick + interval;
             // Wait for the next trigger, waking early to stop.
-            while tick.elapsed() < self.pipeline.trigger_interval && !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(10).min(self.pipeline.trigger_interval));
+            while tick.elapsed() < interval && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10).min(interval));
             }
         }
     }

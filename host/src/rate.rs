@@ -162,6 +162,29 @@ pub fn partition_budgets(lags: &[u64], rate: Option<f64>, caps: PartitionRates, 
     )
 }
 
+/// Bounds of the adaptive batch interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptiveInterval {
+    /// Shortest interval.
+    pub min: Duration,
+    /// Longest interval.
+    pub max: Duration,
+}
+
+impl AdaptiveInterval {
+    /// The seed's rule: double the interval when a batch took more than 1.5× it, halve it
+    /// when a batch took less than half of it, within the bounds.
+    pub fn next(&self, current: Duration, processing: Duration) -> Duration {
+        if processing.as_secs_f64() > current.as_secs_f64() * 1.5 {
+            (current * 2).min(self.max)
+        } else if processing.as_secs_f64() < current.as_secs_f64() * 0.5 {
+            (current / 2).max(self.min)
+        } else {
+            current
+        }
+    }
+}
+
 /// What the batch loop asks: the per-partition budget of the next batch, and what it
 /// tells after each batch. Owns the estimator (when backpressure is on) and the caps.
 #[derive(Debug, Clone)]
@@ -170,6 +193,7 @@ pub struct RateController {
     rate: Option<f64>,
     caps: PartitionRates,
     interval: Duration,
+    adaptive: Option<AdaptiveInterval>,
 }
 
 /// The part of a [`RateController`] that a checkpoint keeps.
@@ -179,18 +203,29 @@ pub struct RateState {
     pub rate: Option<f64>,
     /// The estimator's memory, when backpressure is on.
     pub pid: Option<PidState>,
+    /// The batch interval, ms, when it adapts.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
 }
 
 impl RateController {
     /// `backpressure`: the PID settings and the rate before the first estimate, or `None`
     /// for no backpressure (then only `caps` limit a batch).
-    pub fn new(backpressure: Option<(PidSettings, Option<f64>)>, caps: PartitionRates, interval: Duration) -> Self {
+    /// With `adaptive`, the batch interval starts at `interval` and adapts after each
+    /// batch.
+    pub fn new(backpressure: Option<(PidSettings, Option<f64>)>, caps: PartitionRates, interval: Duration, adaptive: Option<AdaptiveInterval>) -> Self {
         Self {
             estimator: backpressure.map(|(pid, _)| PidRateEstimator::new(interval, pid)),
             rate: backpressure.and_then(|(_, initial)| initial),
             caps,
             interval,
+            adaptive,
         }
+    }
+
+    /// The current batch interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 
     /// The rate the next batch is planned at (records/s), if any.
@@ -204,18 +239,32 @@ impl RateController {
         partition_budgets(lags, self.rate, self.caps, self.interval)
     }
 
-    /// Learn from a finished batch (see [`PidRateEstimator::compute`]).
+    /// Learn from a finished batch (see [`PidRateEstimator::compute`]), then adapt the
+    /// interval.
     pub fn after_batch(&mut self, time_ms: i64, records: u64, processing: Duration, scheduling_delay: Duration) {
         if let Some(e) = &mut self.estimator {
             if let Some(rate) = e.compute(time_ms, records, processing.as_secs_f64() * 1000.0, scheduling_delay.as_secs_f64() * 1000.0) {
                 self.rate = Some(rate);
             }
         }
+        if let Some(a) = self.adaptive {
+            self.set_interval(a.next(self.interval, processing));
+        }
+    }
+
+    fn set_interval(&mut self, interval: Duration) {
+        if interval != self.interval {
+            tracing::info!("batch interval {} ms -> {} ms", self.interval.as_millis(), interval.as_millis());
+        }
+        self.interval = interval;
+        if let Some(e) = &mut self.estimator {
+            e.set_batch_interval(interval);
+        }
     }
 
     /// The state to checkpoint.
     pub fn state(&self) -> RateState {
-        RateState { rate: self.rate, pid: self.estimator.as_ref().map(|e| e.state().clone()) }
+        RateState { rate: self.rate, pid: self.estimator.as_ref().map(|e| e.state().clone()), interval_ms: self.adaptive.map(|_| self.interval.as_millis() as u64) }
     }
 
     /// Continue from a checkpoint's state (an estimator only if backpressure is on now).
@@ -223,6 +272,9 @@ impl RateController {
         if let (Some(e), Some(pid)) = (&mut self.estimator, state.pid) {
             e.restore(pid);
             self.rate = state.rate.or(self.rate);
+        }
+        if let (Some(a), Some(ms)) = (self.adaptive, state.interval_ms) {
+            self.set_interval(Duration::from_millis(ms).clamp(a.min, a.max));
         }
     }
 }
@@ -294,17 +346,37 @@ mod tests {
     #[test]
     fn the_controller_plans_at_the_initial_rate_then_at_the_estimate_and_survives_a_restore() {
         let second = Duration::from_secs(1);
-        let mut c = RateController::new(Some((PidSettings::default(), Some(1_000.0))), PartitionRates::default(), second);
+        let mut c = RateController::new(Some((PidSettings::default(), Some(1_000.0))), PartitionRates::default(), second, None);
         assert_eq!(c.budgets(&[5_000, 5_000]), Some(vec![500, 500]), "initialRate before the first estimate");
         c.after_batch(1_000, 1_000, Duration::from_millis(500), Duration::ZERO);
         assert_eq!(c.rate(), Some(1_000.0), "the first update only learns");
         c.after_batch(2_000, 1_000, Duration::from_millis(2_000), Duration::ZERO);
         assert_eq!(c.rate(), Some(500.0), "2000 - 1.0 × (2000 - 500): down to what was processed");
-        let mut again = RateController::new(Some((PidSettings::default(), Some(1_000.0))), PartitionRates::default(), second);
+        let mut again = RateController::new(Some((PidSettings::default(), Some(1_000.0))), PartitionRates::default(), second, None);
         again.restore(c.state());
         assert_eq!(again.state(), c.state());
         assert_eq!(again.budgets(&[5_000, 5_000]), Some(vec![250, 250]));
-        let off = RateController::new(None, PartitionRates::default(), second);
+        let off = RateController::new(None, PartitionRates::default(), second, None);
         assert_eq!(off.budgets(&[5_000]), None, "no backpressure, no caps: no limit");
+    }
+
+    #[test]
+    fn the_interval_doubles_on_slow_batches_and_halves_on_fast_ones_within_bounds() {
+        let ms = Duration::from_millis;
+        let a = AdaptiveInterval { min: ms(1_000), max: ms(60_000) };
+        assert_eq!(a.next(ms(1_000), ms(1_501)), ms(2_000));
+        assert_eq!(a.next(ms(1_000), ms(1_500)), ms(1_000), "1.5× exactly keeps it");
+        assert_eq!(a.next(ms(40_000), ms(70_000)), ms(60_000), "at most max");
+        assert_eq!(a.next(ms(8_000), ms(3_999)), ms(4_000));
+        assert_eq!(a.next(ms(8_000), ms(4_000)), ms(8_000), "0.5× exactly keeps it");
+        assert_eq!(a.next(ms(1_500), ms(10)), ms(1_000), "at least min");
+
+        let mut c = RateController::new(None, PartitionRates { max: Some(100.0), min: None }, ms(1_000), Some(a));
+        c.after_batch(1_000, 10, ms(2_000), Duration::ZERO);
+        assert_eq!(c.interval(), ms(2_000));
+        assert_eq!(c.budgets(&[1_000]), Some(vec![200]), "budgets follow the interval");
+        let mut again = RateController::new(None, PartitionRates::default(), ms(1_000), Some(a));
+        again.restore(c.state());
+        assert_eq!(again.interval(), ms(2_000), "the interval is restored from a checkpoint");
     }
 }

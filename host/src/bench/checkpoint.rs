@@ -61,6 +61,7 @@ fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: boo
         name: name.into(),
         source: Source { topics: vec![TOPIC.into()], starting_offsets: StartingOffsets::Earliest, max_offsets_per_trigger: Some(batch), partition_rates: Default::default(), group_id: name.into() },
         trigger_interval: Duration::from_secs(1),
+        adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         sink: SinkConfig::Parquet { path: dir.join("out").display().to_string(), compression: ParquetCompression::Snappy, options: BTreeMap::new() },

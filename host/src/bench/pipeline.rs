@@ -154,6 +154,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                     group_id: group,
                 },
                 trigger_interval: Duration::ZERO,
+                adaptive_interval: None,
                 kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
                 steps: Vec::new(),
                 sink: SinkConfig::Jsonl { path: "-".into() },

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::rate::{PartitionRates, PidSettings};
+use crate::rate::{AdaptiveInterval, PartitionRates, PidSettings};
 use crate::runtime::Limits;
 
 /// Where consumption starts when there is no checkpoint.
@@ -140,8 +140,10 @@ pub struct Pipeline {
     pub name: String,
     /// Kafka source.
     pub source: Source,
-    /// Batch interval.
+    /// Batch interval (the first one, when it adapts).
     pub trigger_interval: Duration,
+    /// Bounds of the adaptive batch interval; `None` unless `trigger.adaptive = true`.
+    pub adaptive_interval: Option<AdaptiveInterval>,
     /// librdkafka properties, as strings.
     pub kafka: BTreeMap<String, String>,
     /// Plugin chain.
@@ -280,6 +282,33 @@ impl Pipeline {
                 Ok(_) => return Err(invalid("trigger.processingTime", "must be longer than zero".into())),
                 Err(e) => return Err(invalid("trigger.processingTime", format!("`{text}` is not a duration like `500ms` or `10s`: {e}"))),
             },
+        };
+
+        let interval = |key: &str, text: &str| match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(invalid(key, format!("`{text}` is not a positive duration like `500ms` or `10s`"))),
+        };
+        let adaptive_interval = if raw.trigger.adaptive == Some(true) {
+            let min = match &raw.trigger.min_interval {
+                Some(t) => interval("trigger.minInterval", t)?,
+                None => trigger_interval.min(Duration::from_secs(1)),
+            };
+            let max = match &raw.trigger.max_interval {
+                Some(t) => interval("trigger.maxInterval", t)?,
+                None => trigger_interval.max(Duration::from_secs(60)),
+            };
+            if !(min <= trigger_interval && trigger_interval <= max) {
+                return Err(invalid("trigger", format!(
+                    "processingTime {} must lie between minInterval {} and maxInterval {}",
+                    humantime::format_duration(trigger_interval), humantime::format_duration(min), humantime::format_duration(max)
+                )));
+            }
+            Some(AdaptiveInterval { min, max })
+        } else {
+            if raw.trigger.min_interval.is_some() || raw.trigger.max_interval.is_some() {
+                return Err(invalid("trigger.adaptive", "minInterval and maxInterval apply only with `adaptive = true`; add it or remove them".into()));
+            }
+            None
         };
 
         let mut kafka = BTreeMap::new();
@@ -424,6 +453,6 @@ impl Pipeline {
             None
         };
 
-        Ok(Self { name, source, trigger_interval, kafka, steps, sink, checkpoint, backpressure })
+        Ok(Self { name, source, trigger_interval, adaptive_interval, kafka, steps, sink, checkpoint, backpressure })
     }
 }

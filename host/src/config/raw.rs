@@ -78,6 +78,9 @@ pub enum RawStartingOffsets {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawTrigger {
     pub processing_time: Option<String>,
+    pub adaptive: Option<bool>,
+    pub min_interval: Option<String>,
+    pub max_interval: Option<String>,
 }
 
 /// One `[[plugin]]` step.

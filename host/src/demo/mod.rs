@@ -131,6 +131,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
             group_id: "sluice-demo".into(),
         },
         trigger_interval: options.interval,
+        adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         sink: SinkConfig::Jsonl { path: "-".into() },
