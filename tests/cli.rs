@@ -262,3 +262,65 @@ fn bench_plugins_compares_native_and_webassembly_on_the_same_rows() {
     assert_eq!(rows.len(), 4, "{stdout}");
     assert!(rows.iter().all(|r| r.ends_with("× |")), "{stdout}");
 }
+
+#[test]
+fn sighup_applies_new_rate_settings_from_the_pipeline_file_while_running() {
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 1, 1).unwrap();
+    produce_clicks(&cluster.bootstrap_servers(), "events", 3_000);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tuned.toml");
+    let write = |rate: u32| {
+        let text = format!(
+            "[source]\ntopics = [\"events\"]\nstartingOffsets = \"earliest\"\nmaxRatePerPartition = {rate}\n[trigger]\nprocessingTime = \"100ms\"\n\
+             [kafka]\n\"bootstrap.servers\" = \"{}\"\n[[plugin]]\nbuiltin = \"json-filter\"\n[sink]\nformat = \"jsonl\"\npath = \"{}\"\n\
+             [checkpoint]\nlocation = \"{}\"\n",
+            cluster.bootstrap_servers(),
+            dir.path().join("out").display(),
+            dir.path().join("checkpoint").display()
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write(100);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", file.to_str().unwrap()])
+        .env("SLUICE_CACHE_DIR", dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                lines.lock().unwrap().push(line.unwrap());
+            }
+        })
+    };
+    let seen = |needle: &str| lines.lock().unwrap().iter().any(|l| l.contains(needle));
+    let wait = |needle: &str| {
+        let started = std::time::Instant::now();
+        while !seen(needle) && started.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(seen(needle), "no `{needle}` in:\n{}", lines.lock().unwrap().join("\n"));
+    };
+    wait("| 10 records |"); // 100 records/s × 100 ms
+    // A broken file keeps the running settings.
+    std::fs::write(&file, "[source]\n").unwrap();
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    wait("not retuned, the current settings stay");
+    write(1_000);
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    wait("retuned from");
+    wait("| 100 records |");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let text = lines.lock().unwrap().join("\n");
+    assert!(text.contains("partition rates PartitionRates { max: Some(100.0), min: None } -> PartitionRates { max: Some(1000.0), min: None }"), "{text}");
+}

@@ -513,7 +513,7 @@ fn state_a_plugin_cannot_read_is_refused_with_the_way_out_and_ignore_state_start
     produce(&broker, &[("clicks", 1)], 10);
     let error = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap_err().to_string();
     assert!(error.contains("state version 99") && error.contains("--ignore-state"), "{error}");
-    let options = RunOptions { until: Until::AvailableNow, ignore_state: true };
+    let options = RunOptions { until: Until::AvailableNow, ignore_state: true, ..Default::default() };
     let summary = pipeline::run(&p, &runtime(), options, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
     assert_eq!(summary.records, 10, "fresh state, resumed at the checkpoint's offsets");
 }

@@ -350,7 +350,10 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool) -> anyho
     if ignore_state && pipeline.checkpoint.is_none() {
         bail!("--ignore-state needs checkpointing, which {} turns off", path.display());
     }
-    let options = RunOptions { until, ignore_state };
+    // SIGHUP: read the pipeline file again and apply its rate settings (live tuning).
+    let retune = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, retune.clone()).context("cannot install the SIGHUP handler")?;
+    let options = RunOptions { until, ignore_state, retune: Some((retune, path.to_path_buf())) };
     let summary = sluice::pipeline::run(&pipeline, &runtime, options, &stop, sink.as_mut(), &mut |p| {
         eprintln!(
             "batch {} | {} records | {:.0} records/s processed | {:.1} ms | {} rows out | lag {} | watermark {}",

@@ -2,7 +2,9 @@
 //! interval, until stopped. It wires the other modules together and owns none of them.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow_array::RecordBatch;
@@ -84,17 +86,20 @@ fn now_ms() -> i64 {
 }
 
 /// How to run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// When to stop.
     pub until: Until,
     /// Resume from the checkpoint's offsets, but start the plugins with fresh state.
     pub ignore_state: bool,
+    /// Live tuning: when the flag is set, the pipeline file is read again before the next
+    /// batch and its rate settings applied; other changes need a restart.
+    pub retune: Option<(Arc<AtomicBool>, PathBuf)>,
 }
 
 impl From<Until> for RunOptions {
     fn from(until: Until) -> Self {
-        Self { until, ignore_state: false }
+        Self { until, ..Self::default() }
     }
 }
 
@@ -199,6 +204,8 @@ pub fn run_chain(
         }
     }
     let mut runner = Runner {
+        retune: None,
+        running: pipeline.clone(),
         rate,
         chain,
         sink,
@@ -216,11 +223,15 @@ pub fn run_chain(
         let lag = runner.source.lag()?;
         runner.batch(plan, None, &lag, progress)?;
     }
+    runner.retune = options.retune;
     runner.run(options.until, next_batch_id, stop, progress)
 }
 
 /// The loop's state.
 struct Runner<'a> {
+    retune: Option<(Arc<AtomicBool>, PathBuf)>,
+    /// The settings in effect (changed by live tuning).
+    running: Pipeline,
     rate: RateController,
     chain: &'a mut Chain,
     sink: &'a mut dyn Sink,
@@ -244,6 +255,12 @@ impl Runner<'_> {
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(self.summary);
+            }
+            if let Some((flag, path)) = &self.retune {
+                if flag.swap(false, Ordering::SeqCst) {
+                    let path = path.clone();
+                    self.retune(&path);
+                }
             }
             let tick = Instant::now();
             let scheduling_delay = tick.saturating_duration_since(due);
@@ -292,6 +309,45 @@ impl Runner<'_> {
             while tick.elapsed() < interval && !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(10).min(interval));
             }
+        }
+    }
+
+    /// Read the pipeline file again and apply its rate settings (backpressure, partition
+    /// rates, `maxOffsetsPerTrigger`, trigger interval and bounds) from the next batch on.
+    /// A file that does not load keeps the current settings; other changes are reported
+    /// as needing a restart.
+    fn retune(&mut self, path: &std::path::Path) {
+        let new = match Pipeline::load(path) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("not retuned, the current settings stay: {e}");
+                return;
+            }
+        };
+        let mut changed = self.rate.retune(new.backpressure.map(|b| (b.pid, b.initial_rate)), new.source.partition_rates, new.trigger_interval, new.adaptive_interval);
+        if new.source.max_offsets_per_trigger != self.running.source.max_offsets_per_trigger {
+            changed.push(format!("maxOffsetsPerTrigger {:?} -> {:?}", self.running.source.max_offsets_per_trigger, new.source.max_offsets_per_trigger));
+            self.source.set_max_offsets_per_trigger(new.source.max_offsets_per_trigger);
+        }
+        // Everything else needs a restart: compare with the tunable parts made equal.
+        let mut rest = new.clone();
+        rest.backpressure = self.running.backpressure;
+        rest.source.partition_rates = self.running.source.partition_rates;
+        rest.source.max_offsets_per_trigger = self.running.source.max_offsets_per_trigger;
+        rest.trigger_interval = self.running.trigger_interval;
+        rest.adaptive_interval = self.running.adaptive_interval;
+        if rest != self.running {
+            tracing::warn!("{}: changes other than rate settings (source topics, plugins, sink, checkpoint, [kafka]) take effect after a restart", path.display());
+        }
+        self.running.backpressure = new.backpressure;
+        self.running.source.partition_rates = new.source.partition_rates;
+        self.running.source.max_offsets_per_trigger = new.source.max_offsets_per_trigger;
+        self.running.trigger_interval = new.trigger_interval;
+        self.running.adaptive_interval = new.adaptive_interval;
+        if changed.is_empty() {
+            tracing::info!("retuned from {}: no rate setting changed", path.display());
+        } else {
+            tracing::info!("retuned from {}: {}", path.display(), changed.join("; "));
         }
     }
 

@@ -54,7 +54,7 @@ impl Default for PidState {
 #[derive(Debug, Clone)]
 pub struct PidRateEstimator {
     batch_interval_ms: f64,
-    settings: PidSettings,
+    pub(crate) settings: PidSettings,
     state: PidState,
 }
 
@@ -262,6 +262,50 @@ impl RateController {
         }
     }
 
+    /// Apply new settings while running (live tuning): backpressure on, off or with other
+    /// gains (turning it on starts a new estimator at `initial_rate`), caps, and the
+    /// interval with its bounds. Returns what changed, for the log.
+    pub fn retune(&mut self, backpressure: Option<(PidSettings, Option<f64>)>, caps: PartitionRates, interval: Duration, adaptive: Option<AdaptiveInterval>) -> Vec<String> {
+        let mut changed = Vec::new();
+        match (&mut self.estimator, backpressure) {
+            (Some(e), Some((pid, _))) => {
+                if e.settings != pid {
+                    changed.push(format!("PID gains {:?} -> {:?}", e.settings, pid));
+                    e.set_settings(pid);
+                }
+            }
+            (None, Some((pid, initial))) => {
+                changed.push("backpressure on".into());
+                self.estimator = Some(PidRateEstimator::new(self.interval, pid));
+                self.rate = initial;
+            }
+            (Some(_), None) => {
+                changed.push("backpressure off".into());
+                self.estimator = None;
+                self.rate = None;
+            }
+            (None, None) => {}
+        }
+        if self.caps != caps {
+            changed.push(format!("partition rates {:?} -> {:?}", self.caps, caps));
+            self.caps = caps;
+        }
+        if self.adaptive != adaptive {
+            changed.push(format!("adaptive interval {:?} -> {:?}", self.adaptive, adaptive));
+            self.adaptive = adaptive;
+        }
+        let interval = match adaptive {
+            // An adapting interval keeps its current value, within the new bounds.
+            Some(a) => self.interval.clamp(a.min, a.max),
+            None => interval,
+        };
+        if interval != self.interval {
+            changed.push(format!("batch interval {} ms -> {} ms", self.interval.as_millis(), interval.as_millis()));
+            self.set_interval(interval);
+        }
+        changed
+    }
+
     /// The state to checkpoint.
     pub fn state(&self) -> RateState {
         RateState { rate: self.rate, pid: self.estimator.as_ref().map(|e| e.state().clone()), interval_ms: self.adaptive.map(|_| self.interval.as_millis() as u64) }
@@ -358,6 +402,23 @@ mod tests {
         assert_eq!(again.budgets(&[5_000, 5_000]), Some(vec![250, 250]));
         let off = RateController::new(None, PartitionRates::default(), second, None);
         assert_eq!(off.budgets(&[5_000]), None, "no backpressure, no caps: no limit");
+    }
+
+    #[test]
+    fn retuning_changes_caps_gains_and_interval_and_keeps_what_was_learned() {
+        let ms = Duration::from_millis;
+        let mut c = RateController::new(Some((PidSettings::default(), Some(1_000.0))), PartitionRates::default(), ms(1_000), None);
+        c.after_batch(1_000, 1_000, ms(500), Duration::ZERO);
+        c.after_batch(2_000, 1_000, ms(1_000), Duration::ZERO);
+        let learned = c.state();
+        let gains = PidSettings { proportional: 0.5, ..PidSettings::default() };
+        let changed = c.retune(Some((gains, None)), PartitionRates { max: Some(10.0), min: None }, ms(500), None);
+        assert_eq!(changed.len(), 3, "{changed:?}");
+        assert_eq!(c.state().pid, learned.pid, "the estimator keeps its memory");
+        assert_eq!(c.budgets(&[1_000]), Some(vec![5]), "10/s per partition × 500 ms");
+        assert!(c.retune(Some((gains, None)), PartitionRates { max: Some(10.0), min: None }, ms(500), None).is_empty(), "same settings, no change");
+        assert_eq!(c.retune(None, PartitionRates::default(), ms(500), None), ["backpressure off", "partition rates PartitionRates { max: Some(10.0), min: None } -> PartitionRates { max: None, min: None }"]);
+        assert_eq!(c.budgets(&[1_000]), None);
     }
 
     #[test]

@@ -208,6 +208,11 @@ impl KafkaSource {
             .collect()
     }
 
+    /// Change `maxOffsetsPerTrigger` (live tuning).
+    pub fn set_max_offsets_per_trigger(&mut self, max: Option<u64>) {
+        self.max_offsets_per_trigger = max;
+    }
+
     /// Plan the next batch from `lag`: every partition from its position to its high
     /// watermark, scaled down by share of lag when `maxOffsetsPerTrigger` caps the batch.
     pub fn plan(&self, lag: &[PartitionLag]) -> Vec<OffsetRange> {
