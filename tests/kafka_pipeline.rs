@@ -573,3 +573,30 @@ fn rate_limits_cap_each_batch_and_the_rest_waits_in_kafka() {
     assert_eq!(sizes[..2], [50, 50], "500 records/s × 100 ms before the first estimate: {sizes:?}");
     assert!(sizes[2] > 50, "the estimate follows the processing rate, far above 500/s: {sizes:?}");
 }
+
+#[test]
+fn the_burst_benchmark_runs_with_backpressure_on_and_off_and_plots_both() {
+    use sluice::bench::burst::{run_on, BurstBenchArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("burst.svg");
+    let args = BurstBenchArgs {
+        capacity: 2_000,
+        interval: Duration::from_millis(250),
+        before: Duration::from_secs(1),
+        burst: Duration::from_millis(500),
+        after: Duration::from_secs(15),
+        svg: Some(svg.clone()),
+        partitions: 2,
+    };
+    let mut out = Vec::new();
+    let runs = run_on(&args, &Mock::start().unwrap(), &mut out).unwrap();
+    let report = String::from_utf8(out).unwrap();
+    assert_eq!(runs.iter().map(|r| r.backpressure).collect::<Vec<_>>(), [true, false]);
+    for run in &runs {
+        assert!(run.peak_lag() > 1_000, "the 10× burst shows as lag: {report}");
+        assert!(run.batches.iter().all(|b| b.rss_mib > 0.0), "{report}");
+    }
+    assert!(report.contains("back within 1.2× the interval after the step up"), "{report}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(plot.matches("<polyline").count(), 6, "three panels for each run");
+}

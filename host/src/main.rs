@@ -65,6 +65,9 @@ enum BenchCommand {
     /// Checkpointing cost on a real broker (tansu): throughput with a checkpoint per batch
     /// vs off, and the time from a restart after SIGKILL to the first committed batch.
     Checkpoint(sluice::bench::checkpoint::CheckpointBenchArgs),
+    /// A 10× traffic burst against a pipeline of known capacity, with backpressure on and
+    /// off, on a real broker (tansu): per batch processing time / interval, lag, memory.
+    Burst(sluice::bench::burst::BurstBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -166,6 +169,7 @@ fn main() -> ExitCode {
         Command::Checkpoint(CheckpointCommand::Show { location, json }) => show_checkpoints(&location, json),
         Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Pipeline(args)) => sluice::bench::pipeline::run(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Burst(args)) => sluice::bench::burst::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Checkpoint(args)) => sluice::bench::checkpoint::run_bench(&args, &mut std::io::stdout()).map(drop),
     };
     match result {

@@ -45,7 +45,7 @@ pub struct BatchProgress {
     pub duration: Duration,
     /// Records per second of processing.
     pub processed_per_sec: f64,
-    /// Records left on the brokers after this batch, all partitions.
+    /// Records left on the brokers when this batch ended, all partitions.
     pub lag: u64,
     /// Watermark reported by the plugins.
     pub watermark_ms: Option<i64>,
@@ -393,13 +393,7 @@ impl Runner<'_> {
         self.source.commit(&ranges)?;
         let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
         let duration = tick.elapsed();
-        let left: u64 = lag
-            .iter()
-            .map(|p| {
-                let until = ranges.iter().find(|r| r.topic == p.topic && r.partition == p.partition).map_or(p.next, |r| r.until);
-                (p.high - until).max(0) as u64
-            })
-            .sum();
+        let left = self.source.remaining_after(lag, &ranges);
         self.summary.batches += 1;
         self.summary.records += records as u64;
         self.summary.output_rows += output_rows;

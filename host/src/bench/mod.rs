@@ -2,6 +2,7 @@
 //! `sluice bench pipeline` (whole pipelines on a real broker). Each measures everything it
 //! compares in one run and reports ratios.
 
+pub mod burst;
 pub mod checkpoint;
 pub mod pipeline;
 pub mod plugins;

@@ -208,6 +208,19 @@ impl KafkaSource {
             .collect()
     }
 
+    /// Records left on the brokers once `ranges` are done: from each partition's planned
+    /// position (`lag`, as planned) to the newest high watermark a fetch response reported
+    /// (no request is made; the plan's watermark where none came).
+    pub fn remaining_after(&self, lag: &[PartitionLag], ranges: &[OffsetRange]) -> u64 {
+        lag.iter()
+            .map(|p| {
+                let until = ranges.iter().find(|r| r.topic == p.topic && r.partition == p.partition).map_or(p.next, |r| r.until);
+                let high = fetched_high_watermark(&self.consumer, &p.topic, p.partition).unwrap_or(p.high).max(p.high);
+                (high - until).max(0) as u64
+            })
+            .sum()
+    }
+
     /// Change `maxOffsetsPerTrigger` (live tuning).
     pub fn set_max_offsets_per_trigger(&mut self, max: Option<u64>) {
         self.max_offsets_per_trigger = max;
