@@ -146,7 +146,7 @@ pub fn run_chain(
     if let Some(c) = &checkpoints {
         match (&recovered.checkpoint, recovered.replay.len()) {
             (Some(ck), n) => tracing::info!("checkpoint {}: resuming after batch {}, {n} planned batches to replay", c.shown(), ck.batch_id),
-            (None, 0) => tracing::info!("checkpoint {}: no checkpoint yet, starting at the consumer group's committed offsets, else at source.startingOffsets", c.shown()),
+            (None, 0) => tracing::debug!("checkpoint {}: no checkpoint yet, starting at the consumer group's committed offsets, else at source.startingOffsets", c.shown()),
             (None, n) => tracing::info!("checkpoint {}: no batch committed yet, {n} planned batches to replay", c.shown()),
         }
     }
