@@ -507,6 +507,11 @@ impl CheckpointStore {
         Ok((listed, pending))
     }
 
+    /// The id of the newest batch in the commit log.
+    pub fn last_committed(&self) -> Result<Option<u64>, CheckpointError> {
+        Ok(self.ids(COMMITS)?.into_iter().max())
+    }
+
     /// Read one offset log entry.
     pub fn planned(&self, batch_id: u64) -> Result<Option<PlannedBatch>, CheckpointError> {
         match self.location.get(&name(OFFSETS, batch_id))? {

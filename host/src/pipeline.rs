@@ -204,7 +204,7 @@ pub fn run_chain(
         }
     }
     let mut runner = Runner {
-        retune: None,
+        retune: options.retune,
         running: pipeline.clone(),
         rate,
         chain,
@@ -223,7 +223,6 @@ pub fn run_chain(
         let lag = runner.source.lag()?;
         runner.batch(plan, None, &lag, progress)?;
     }
-    runner.retune = options.retune;
     runner.run(options.until, next_batch_id, stop, progress)
 }
 

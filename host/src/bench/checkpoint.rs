@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::per_sec;
 use super::pipeline::{produce, TOPIC};
 use crate::broker::{Broker, Tansu};
+use crate::checkpoint::CheckpointStore;
 use crate::config::{Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step, DEFAULT_RETAIN};
 use crate::demo::FILTER_CONFIG;
 use crate::pipeline::{run, Until};
@@ -87,14 +88,6 @@ fn pipeline_file(dir: &Path, bootstrap: &str, batch: u64) -> anyhow::Result<Path
     Ok(file)
 }
 
-/// Committed batch ids in a local checkpoint location.
-fn committed(checkpoint: &Path) -> Vec<u64> {
-    let mut ids: Vec<u64> = std::fs::read_dir(checkpoint.join("commits"))
-        .map(|entries| entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-        .unwrap_or_default();
-    ids.sort();
-    ids
-}
 
 fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let started = Instant::now();
@@ -112,7 +105,8 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 /// two batches of the backlog.
 fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) -> anyhow::Result<Vec<Duration>> {
     let file = pipeline_file(dir, bootstrap, batch)?;
-    let checkpoint = dir.join("checkpoint");
+    let checkpoint = CheckpointStore::open(&Checkpointing { location: dir.join("checkpoint").display().to_string(), options: BTreeMap::new(), retain: DEFAULT_RETAIN })?;
+    let last_committed = || checkpoint.last_committed().ok().flatten();
     let log = dir.join("restart.log");
     let spawn = || -> anyhow::Result<std::process::Child> {
         Ok(Command::new(exe)
@@ -126,18 +120,17 @@ fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) 
     let mut child = spawn()?;
     let mut times = Vec::new();
     for _ in 0..rounds {
-        // Ids, not counts: retention deletes old entries.
-        let before = committed(&checkpoint).last().copied();
-        if !wait_for(Duration::from_secs(120), || committed(&checkpoint).last().copied() > before) {
+        let before = last_committed();
+        if !wait_for(Duration::from_secs(120), || last_committed() > before) {
             let _ = child.kill();
             anyhow::bail!("the pipeline committed no batches in 2 minutes: {}", std::fs::read_to_string(&log).unwrap_or_default());
         }
         child.kill()?; // SIGKILL
         child.wait()?;
-        let last = committed(&checkpoint).last().copied();
+        let last = last_committed();
         let restarted = Instant::now();
         child = spawn()?;
-        if !wait_for(Duration::from_secs(120), || committed(&checkpoint).last().copied() > last) {
+        if !wait_for(Duration::from_secs(120), || last_committed() > last) {
             let _ = child.kill();
             anyhow::bail!("the restarted pipeline committed no batch in 2 minutes: {}", std::fs::read_to_string(&log).unwrap_or_default());
         }
