@@ -63,6 +63,18 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// A location that cannot be opened or prepared.
+    fn opening(e: StoreError) -> Self {
+        SinkError::Open { target: e.location, error: std::io::Error::other(format!("{}: {}", e.what, e.reason)) }
+    }
+
+    /// A store operation of batch `batch_id` that failed.
+    fn storing(batch_id: u64, e: StoreError) -> Self {
+        SinkError::Store { target: e.location, batch_id, error: format!("{}: {}", e.what, e.reason) }
+    }
+}
+
 /// Takes the output of each batch.
 pub trait Sink {
     /// Write the output of batch `batch_id`. Called once per batch, in order; a batch that
@@ -221,9 +233,9 @@ impl FileSink {
     /// configured by `options`), finish an interrupted commit and drop leftovers of
     /// batches that never committed.
     pub fn open(location: &str, format: FileFormat, options: &BTreeMap<String, String>) -> Result<Self, SinkError> {
-        let location = Location::open(location, options).map_err(|e| SinkError::Open { target: location.to_string(), error: std::io::Error::other(e.to_string()) })?;
+        let open_error = SinkError::opening;
+        let location = Location::open(location, options).map_err(open_error)?;
         let mut sink = Self { location, format, committed: BTreeSet::new(), staged: None };
-        let open_error = |e: StoreError| SinkError::Open { target: e.location.clone(), error: std::io::Error::other(format!("{}: {}", e.what, e.reason)) };
         for (name, _) in sink.location.list(MANIFEST_DIR).map_err(open_error)? {
             if let Some(id) = name.strip_prefix("batch-").and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
                 sink.committed.insert(id);
@@ -305,11 +317,11 @@ impl Sink for FileSink {
             FileFormat::Jsonl => jsonl_bytes(&batches),
         };
         let staged = format!("{STAGING_DIR}/{}", self.batch_file(batch_id));
-        self.location.put(&staged, bytes).map_err(|e| fail(format!("{}: {}", e.what, e.reason)))
+        self.location.put(&staged, bytes).map_err(|e| SinkError::storing(batch_id, e))
     }
 
     fn commit(&mut self, batch_id: u64) -> Result<(), SinkError> {
-        let fail = |e: StoreError| SinkError::Store { target: e.location, batch_id, error: format!("{}: {}", e.what, e.reason) };
+        let fail = |e| SinkError::storing(batch_id, e);
         let rows = match self.staged.take() {
             Some((id, rows)) if id == batch_id => rows,
             _ => {

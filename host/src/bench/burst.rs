@@ -23,9 +23,9 @@ use crate::checkpoint::PluginIdentity;
 use crate::config::{Backpressure, Pipeline, Sink as SinkConfig, Source, StartingOffsets};
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::kafka::{Loader, Outgoing};
+use super::pipeline::Discard;
 use crate::pipeline::{run_chain, Until};
 use crate::runtime::CallError;
-use crate::sink::{Sink, SinkError};
 
 /// Options of `sluice bench burst`.
 #[derive(Debug, Clone, clap::Args)]
@@ -137,14 +137,6 @@ impl Stage for CostStage {
         Ok(Vec::new())
     }
     fn restore(&mut self, _state: &[u8], _state_version: u32) -> Result<(), CallError> {
-        Ok(())
-    }
-}
-
-struct Discard;
-
-impl Sink for Discard {
-    fn write(&mut self, _batch_id: u64, _batches: &[RecordBatch]) -> Result<(), SinkError> {
         Ok(())
     }
 }

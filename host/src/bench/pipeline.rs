@@ -67,8 +67,8 @@ pub struct PipelineRow {
     pub records_per_sec: f64,
 }
 
-/// Counts what it is given and keeps nothing.
-struct Discard;
+/// Takes every batch and keeps nothing.
+pub(crate) struct Discard;
 
 impl Sink for Discard {
     fn write(&mut self, _batch_id: u64, _batches: &[RecordBatch]) -> Result<(), SinkError> {
