@@ -253,6 +253,39 @@ fn check_loads_a_pipeline_and_its_plugins_without_kafka() {
 }
 
 #[test]
+fn check_reads_named_plugins_and_their_config_from_the_plugin_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[source]\ntopics = [\"t\"]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9\"\n[[plugin]]\nname = \"ad-clicks\"\n[sink]\nformat = \"jsonl\"\npath = \"-\"\n").unwrap();
+    let check = |extra: &[&str]| {
+        let mut args = vec!["check", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        sluice(&args, dir.path())
+    };
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("plugin[0] names plugin `ad-clicks`, which is `ad-clicks.wasm` in the plugin directory, but none is set"), "{}", text(&out.stderr));
+    let with_dir = ["--plugin-dir", plugins.to_str().unwrap()];
+    let out = check(&with_dir);
+    assert!(text(&out.stderr).contains(&format!("cannot read {}", plugins.join("ad-clicks.wasm").display())), "{}", text(&out.stderr));
+
+    std::fs::copy(sluice_tests::AD_CLICKS_V2_WASM, plugins.join("ad-clicks.wasm")).unwrap();
+    std::fs::write(plugins.join("ad-clicks.toml"), "window_ms = 10\nslide_ms = 20\n").unwrap();
+    let out = check(&with_dir);
+    assert!(text(&out.stderr).contains("init failed: invalid config") && text(&out.stderr).contains("must not exceed the window size"), "{}", text(&out.stderr));
+    std::fs::write(plugins.join("ad-clicks.toml"), "window_ms = [").unwrap();
+    let out = check(&with_dir);
+    assert!(text(&out.stderr).contains(&plugins.join("ad-clicks.toml").display().to_string()), "{}", text(&out.stderr));
+    std::fs::write(plugins.join("ad-clicks.toml"), "window_ms = 20000\n").unwrap();
+    let out = check(&with_dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("plugins  ad-clicks 2.0.0 (aggregate)") && stdout.contains("plugin directory"), "{stdout}");
+}
+
+#[test]
 fn bench_plugins_compares_native_and_webassembly_on_the_same_rows() {
     let cache = tempfile::tempdir().unwrap();
     let out = sluice(&["bench", "plugins", "--records", "2000", "--batch-sizes", "500,2000", "--repeat", "1"], cache.path());

@@ -39,6 +39,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
         adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
         steps,
+        plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
         checkpoint: None,
         backpressure: None,
@@ -472,6 +473,161 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_ba
 }
 
 /// Each test body runs once on the mock cluster and once on tansu.
+/// Produces seed-style events, continuing the same event stream call after call.
+struct EventStream {
+    loader: Loader,
+    gen: EventGenerator,
+    topic: &'static str,
+    partitions: i32,
+    sent: Vec<Value>,
+}
+
+impl EventStream {
+    fn new(broker: &dyn Broker, topic: &'static str, partitions: i32) -> Self {
+        let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+        Self { loader, gen: EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() }), topic, partitions, sent: Vec::new() }
+    }
+
+    fn send(&mut self, n: usize) {
+        for _ in 0..n {
+            let e = serde_json::to_value(self.gen.next_event()).unwrap();
+            let value = serde_json::to_vec(&e).unwrap();
+            let partition = (self.sent.len() % self.partitions as usize) as i32;
+            self.loader.send(self.topic, Outgoing { partition: Some(partition), key: None, value: Some(&value), headers: &[] }).unwrap();
+            self.sent.push(e);
+        }
+        self.loader.flush(Duration::from_secs(30)).unwrap();
+    }
+}
+
+/// Replace `dir/name` in one step, as a careful publisher would (write, then rename).
+fn publish(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// What the pipeline reported after one batch.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    batch_id: u64,
+    records: u64,
+    swaps: u64,
+    swaps_failed: u64,
+}
+
+fn plugins_are_swapped_live_without_losing_or_repeating_a_record(broker: &dyn Broker) {
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+    broker.create_topic("swap-clicks", 2).unwrap();
+    let (plugins, out, ck) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dir = plugins.path();
+    let v1 = sluice::examples::named("ad-clicks").unwrap().to_vec();
+    let v2 = std::fs::read(sluice_tests::AD_CLICKS_V2_WASM).unwrap();
+    // A watermark delay longer than the events' disorder (≤ 3 s) plus how far one partition
+    // can be read ahead of the other (a round, 6 s of event time): no event is late, as in
+    // the one-batch reference computation.
+    let windows = "window_ms = 10000\nslide_ms = 5000\nwatermark_delay_ms = 15000\n";
+    publish(dir, "ad-clicks.wasm", &v1);
+    publish(dir, "ad-clicks.toml", windows.as_bytes());
+    publish(dir, "filter.wasm", &std::fs::read(sluice_tests::HOSTILE_WASM).unwrap());
+    publish(dir, "filter.toml", b"mode = \"ok\"\n");
+    let named = |name: &str| Step { source: PluginSource::Dir(name.into()), config: "{}".into(), limits: Limits::default() };
+    let mut p = with_checkpoint(pipeline(&broker.bootstrap(), &["swap-clicks"], StartingOffsets::Earliest, Some(300), vec![named("filter"), named("ad-clicks")]), ck.path());
+    p.plugin_dir = Some(dir.to_path_buf());
+
+    let reports: Mutex<Vec<Reported>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let mut events = EventStream::new(broker, "swap-clicks", 2);
+    let summary = std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            let mut sink = jsonl_dir(out.path());
+            pipeline::run(&p, &runtime(), Until::Stopped, &stop, &mut sink, &mut |b| {
+                reports.lock().unwrap().push(Reported { batch_id: b.batch_id, records: b.records, swaps: b.swaps, swaps_failed: b.swaps_failed });
+            })
+        });
+        // Send a round of events and wait until the pipeline has read all sent so far and
+        // reports `swaps` and `swaps_failed` (nudging with a few more events meanwhile,
+        // since counts are reported with batches).
+        let round = |events: &mut EventStream, swaps: u64, swaps_failed: u64| {
+            events.send(600);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let last = reports.lock().unwrap().clone();
+                let read: u64 = last.iter().map(|r| r.records).sum();
+                let now = last.last().map(|r| (r.swaps, r.swaps_failed));
+                if read == events.sent.len() as u64 && now == Some((swaps, swaps_failed)) {
+                    return;
+                }
+                assert!(!run.is_finished(), "the pipeline stopped");
+                assert!(std::time::Instant::now() < deadline, "waited for {swaps} swaps and {swaps_failed} failed ones; reported {last:?}");
+                if read == events.sent.len() as u64 {
+                    std::thread::sleep(Duration::from_millis(300));
+                    events.send(20);
+                } else {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        round(&mut events, 0, 0);
+        // v1 -> v2: a new component.
+        publish(dir, "ad-clicks.wasm", &v2);
+        round(&mut events, 1, 0);
+        // A half-written file is never loaded; once complete, v1 takes over again.
+        std::fs::write(dir.join("ad-clicks.wasm"), &v1[..v1.len() / 2]).unwrap();
+        round(&mut events, 1, 1);
+        std::fs::write(dir.join("ad-clicks.wasm"), &v1).unwrap();
+        round(&mut events, 2, 1);
+        // A config that init refuses is rejected; v1 keeps running.
+        publish(dir, "ad-clicks.toml", b"window_ms = 10000\nslide_ms = 20000\n");
+        round(&mut events, 2, 2);
+        publish(dir, "ad-clicks.toml", windows.as_bytes());
+        publish(dir, "ad-clicks.wasm", &v2);
+        round(&mut events, 3, 2);
+        // A filter version that traps in its first batch: the one before processes the
+        // batch and runs on; saving a fixed config swaps again.
+        publish(dir, "filter.toml", b"mode = \"panic\"\n");
+        round(&mut events, 3, 3);
+        publish(dir, "filter.toml", b"mode = \"ok\"\n");
+        round(&mut events, 4, 3);
+        stop.store(true, Ordering::SeqCst);
+        run.join().unwrap().unwrap()
+    });
+    assert_eq!((summary.swaps, summary.swaps_failed), (4, 3));
+    assert_eq!(summary.records, events.sent.len() as u64, "every record was read once");
+
+    // Which ad-clicks version wrote each batch: 2.0.0 adds `avg_cost`. The first and third
+    // promotions are v2, the second is v1 again (the fourth is the filter).
+    let reports = reports.into_inner().unwrap();
+    let promoted_at = |n: u64| reports.iter().find(|r| r.swaps == n).unwrap().batch_id;
+    let v2_batches = |id: u64| (promoted_at(1)..promoted_at(2)).contains(&id) || id >= promoted_at(3);
+    let mut rows = Vec::new();
+    for file in batch_files(out.path()) {
+        let id: u64 = file.file_name().unwrap().to_str().unwrap().trim_start_matches("batch-").split('.').next().unwrap().parse().unwrap();
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let row: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(row.get("avg_cost").is_some(), v2_batches(id), "batch {id}: {row}");
+            rows.push(row);
+        }
+    }
+    // Windows the watermark closed hold exactly the independent computation's counts, and
+    // none before the newest closed one is missing.
+    let expected = reference::ad_clicks(&events.sent, AdClicksParams { delay_ms: 15_000, ..SHORT_PARAMS }, None);
+    let mut actual: Vec<WindowRow> = rows.iter().map(WindowRow::from_json).collect();
+    actual.sort_by(|a, b| (a.window_start, &a.campaign_id).cmp(&(b.window_start, &b.campaign_id)));
+    let newest = actual.iter().map(|w| w.window_end).max().unwrap();
+    let closed: Vec<&WindowRow> = expected.iter().filter(|w| w.window_end <= newest).collect();
+    assert!(closed.len() > 20, "windows closed during the run: {}", closed.len());
+    assert_eq!(actual.len(), closed.len());
+    for (a, e) in actual.iter().zip(closed) {
+        assert_eq!((a.window_start, &a.campaign_id, a.clicks, a.unique_users), (e.window_start, &e.campaign_id, e.clicks, e.unique_users));
+    }
+    // The checkpoint names the version whose state it holds.
+    let last = CheckpointStore::open(p.checkpoint.as_ref().unwrap()).unwrap().recover().unwrap().checkpoint.unwrap();
+    let identity = &last.tasks[0].plugins[1].identity;
+    assert_eq!((identity.name.as_str(), identity.version.as_str()), ("ad-clicks", "2.0.0"));
+}
+
 macro_rules! on_each_broker {
     ($($test:ident),* $(,)?) => {
         mod mock {
@@ -493,6 +649,7 @@ on_each_broker!(
     a_restart_resumes_from_the_checkpoint_with_plugin_state_and_matches_an_uninterrupted_run,
     a_batch_that_failed_after_it_was_planned_is_replayed_with_its_recorded_ranges,
     a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_batch_twice,
+    plugins_are_swapped_live_without_losing_or_repeating_a_record,
 );
 
 #[test]
@@ -589,7 +746,7 @@ fn the_burst_benchmark_runs_with_backpressure_on_and_off_and_plots_both() {
         partitions: 2,
     };
     let mut out = Vec::new();
-    let runs = run_on(&args, &Mock::start().unwrap(), &mut out).unwrap();
+    let runs = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
     let report = String::from_utf8(out).unwrap();
     assert_eq!(runs.iter().map(|r| r.backpressure).collect::<Vec<_>>(), [true, false]);
     for run in &runs {
@@ -599,4 +756,16 @@ fn the_burst_benchmark_runs_with_backpressure_on_and_off_and_plots_both() {
     assert!(report.contains("back within 1.2× the interval after the step up"), "{report}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert_eq!(plot.matches("<polyline").count(), 6, "three panels for each run");
+}
+
+#[test]
+fn the_swap_benchmark_times_each_swap_against_the_median_batch() {
+    use sluice::bench::swap::{run_on, SwapBenchArgs};
+    let args = SwapBenchArgs { rate: 2_000, interval: Duration::from_millis(250), swaps: 2, every: Duration::from_secs(1), partitions: 2 };
+    let mut out = Vec::new();
+    let stalls = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
+    let report = String::from_utf8(out).unwrap();
+    assert_eq!(stalls.len(), 2, "{report}");
+    assert!(stalls.iter().all(|s| s.first_batch > Duration::ZERO && s.median > Duration::ZERO), "{report}");
+    assert!(report.contains("worst stall"), "{report}");
 }

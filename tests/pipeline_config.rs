@@ -82,3 +82,14 @@ fn defaults_and_relative_plugin_paths() {
     let to_kafka = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
     assert_eq!(to_kafka.steps[0].source, PluginSource::File("/etc/sluice/plugins/json_filter.wasm".into()));
 }
+
+#[test]
+fn named_plugins_come_from_the_plugin_directory_next_to_the_file() {
+    let p = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/hot-swap.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
+    assert_eq!(p.plugin_dir, Some(PathBuf::from("/etc/sluice/plugins")));
+    assert_eq!(p.steps[0].source, PluginSource::Dir("clicks-only".into()));
+    assert_eq!(p.steps[1].source, PluginSource::Dir("ad-clicks".into()));
+    assert_eq!(p.steps[1].config, r#"{"window_ms":60000}"#);
+    let minimal = Pipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/minimal.toml")).unwrap();
+    assert_eq!(minimal.plugin_dir, None);
+}

@@ -109,13 +109,18 @@ pub mod __private {
 
 /// Export a [`Transform`] as the plugin of this crate (which must be a `cdylib`).
 ///
-/// The plugin's name, version and description are taken from its `Cargo.toml`. On targets
-/// other than WebAssembly the macro only checks that the type implements the trait, so the
+/// The plugin's name, version and description are taken from its `Cargo.toml`; a plugin
+/// published under another name or version than its crate's says so:
+/// `export_transform!(MyFilter, name = "filter", version = "2.1.0")`. On targets other
+/// than WebAssembly the macro only checks that the type implements the trait, so the
 /// crate still builds and unit-tests natively.
 #[macro_export]
 macro_rules! export_transform {
     ($plugin:ty) => {
-        $crate::__export_driver!($crate::__private::TransformDriver<$plugin>);
+        $crate::__export_driver!($crate::__private::TransformDriver<$plugin>, env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
+    };
+    ($plugin:ty, name = $name:literal, version = $version:literal) => {
+        $crate::__export_driver!($crate::__private::TransformDriver<$plugin>, $name, $version);
     };
 }
 
@@ -125,14 +130,17 @@ macro_rules! export_transform {
 #[macro_export]
 macro_rules! export_aggregate {
     ($plugin:ty) => {
-        $crate::__export_driver!($crate::__private::AggregateDriver<$plugin>);
+        $crate::__export_driver!($crate::__private::AggregateDriver<$plugin>, env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
+    };
+    ($plugin:ty, name = $name:literal, version = $version:literal) => {
+        $crate::__export_driver!($crate::__private::AggregateDriver<$plugin>, $name, $version);
     };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_driver {
-    ($driver:ty) => {
+    ($driver:ty, $name:expr, $version:expr) => {
         const _: fn() = || {
             fn assert_driver<D: $crate::__private::Driver>() {}
             assert_driver::<$driver>();
@@ -143,8 +151,8 @@ macro_rules! __export_driver {
             struct SluiceGuest;
 
             static META: $crate::__private::Meta = $crate::__private::Meta {
-                name: env!("CARGO_PKG_NAME"),
-                version: env!("CARGO_PKG_VERSION"),
+                name: $name,
+                version: $version,
                 description: env!("CARGO_PKG_DESCRIPTION"),
             };
 

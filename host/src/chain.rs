@@ -85,6 +85,66 @@ pub struct ChainOutput {
     pub watermark_ms: Option<i64>,
     /// Records dropped as late.
     pub late_records: u64,
+    /// Newly swapped-in plugin versions that failed their first batch; the version before
+    /// processed it instead and runs on.
+    pub rolled_back: Vec<RolledBack>,
+    /// Newly swapped-in plugin versions that processed their first batch and now run for
+    /// good (`name version`).
+    pub promoted: Vec<String>,
+}
+
+/// A swapped-in version that failed its first batch.
+#[derive(Debug, Clone)]
+pub struct RolledBack {
+    /// Step index.
+    pub step: usize,
+    /// The version that failed (`name version`).
+    pub failed: String,
+    /// The version that runs again.
+    pub running: String,
+    /// Why it failed.
+    pub error: String,
+}
+
+/// Why a new plugin version cannot take over a step; the running one stays.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// There is no such step.
+    #[error("the chain has no step {0}")]
+    NoStep(usize),
+    /// The new version breaks the chain's order rules.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// An aggregate's state would have no owner.
+    #[error("step {step} runs aggregate {running}, whose window state only another version of {running} can take over, but the new plugin is {new}; to replace it by another plugin, restart with --ignore-state")]
+    NotSamePlugin {
+        /// Step index.
+        step: usize,
+        /// Running plugin.
+        running: String,
+        /// New plugin name.
+        new: String,
+    },
+    /// The running version's state could not be taken.
+    #[error("taking the state of the running {running}: {error}")]
+    Snapshot {
+        /// Running plugin and version.
+        running: String,
+        /// What failed.
+        error: CallError,
+    },
+    /// The new version refused the running version's state.
+    #[error("{new} refused the state of {running} (state version {state_version}): {error}; give the new version a migration from state version {state_version}, or restart with --ignore-state")]
+    Restore {
+        /// Running plugin and version.
+        running: String,
+        /// New plugin and version.
+        new: String,
+        /// The running version's state version.
+        state_version: u32,
+        /// What the new version said.
+        error: CallError,
+    },
 }
 
 /// Why a chain cannot be built.
@@ -129,6 +189,12 @@ pub enum RestoreError {
 /// Plugin instances run in order on every batch.
 pub struct Chain {
     stages: Vec<Box<dyn Stage>>,
+    /// Per step, the version a swap replaced, kept until the new one has processed a batch.
+    replaced: Vec<Option<Box<dyn Stage>>>,
+}
+
+fn shown(stage: &dyn Stage) -> String {
+    format!("{} {}", stage.name(), stage.version())
 }
 
 impl Chain {
@@ -150,13 +216,14 @@ impl Chain {
                 return Err(ChainError::NotRecordSchema(stage.name().to_string()));
             }
         }
-        Ok(Self { stages })
+        let replaced = stages.iter().map(|_| None).collect();
+        Ok(Self { stages, replaced })
     }
 
     /// A chain without plugins whose batches produce no output: what the broker and the
     /// source deliver on their own, for benchmarks.
     pub fn consume_only() -> Self {
-        Self { stages: Vec::new() }
+        Self { stages: Vec::new(), replaced: Vec::new() }
     }
 
     /// The steps, in order.
@@ -206,13 +273,62 @@ impl Chain {
         Ok(())
     }
 
+    /// Put `new` in place of step `index` from the next batch on. An aggregate's state
+    /// passes from the running version to `new` (through `new`'s migration when the state
+    /// versions differ). The running version is kept until `new` has processed a batch:
+    /// should that fail, it takes over again and processes the batch itself. On an error
+    /// nothing changes.
+    pub fn swap(&mut self, index: usize, mut new: Box<dyn Stage>) -> Result<(), SwapError> {
+        let last = self.stages.len().checked_sub(1).ok_or(SwapError::NoStep(index))?;
+        if index > last {
+            return Err(SwapError::NoStep(index));
+        }
+        if index < last && new.kind() == PluginKind::Aggregate {
+            return Err(ChainError::AggregateNotLast(new.name().to_string()).into());
+        }
+        if index < last && !is_record_schema(new.output_schema()) {
+            return Err(ChainError::NotRecordSchema(new.name().to_string()).into());
+        }
+        let running = &mut self.stages[index];
+        if running.kind() == PluginKind::Aggregate {
+            if new.kind() != PluginKind::Aggregate || new.name() != running.name() {
+                return Err(SwapError::NotSamePlugin { step: index, running: running.name().to_string(), new: new.name().to_string() });
+            }
+            let state = running.snapshot().map_err(|error| SwapError::Snapshot { running: shown(running.as_ref()), error })?;
+            let state_version = running.identity().state_version;
+            new.restore(&state, state_version).map_err(|error| SwapError::Restore { running: shown(running.as_ref()), new: shown(new.as_ref()), state_version, error })?;
+        }
+        let before = std::mem::replace(running, new);
+        // Two swaps before a batch: the proven version stays the one to fall back to.
+        let slot = &mut self.replaced[index];
+        if slot.is_none() {
+            *slot = Some(before);
+        }
+        Ok(())
+    }
+
     /// Run `batch` (record schema) through every stage.
     pub fn process(&mut self, batch: RecordBatch, ctx: &Context) -> Result<ChainOutput, CallError> {
         let mut out = ChainOutput::default();
         let mut input = batch;
         let last = self.stages.len().saturating_sub(1);
         for (i, stage) in self.stages.iter_mut().enumerate() {
-            let finished = stage.process(&input, ctx)?;
+            let finished = match (stage.process(&input, ctx), self.replaced[i].take()) {
+                (Ok(finished), Some(before)) => {
+                    tracing::info!("plugin step {i}: {} processed its first batch and replaces {} for good", shown(stage.as_ref()), shown(before.as_ref()));
+                    out.promoted.push(shown(stage.as_ref()));
+                    finished
+                }
+                (Ok(finished), None) => finished,
+                (Err(error), Some(before)) => {
+                    let failed = std::mem::replace(stage, before);
+                    let rolled = RolledBack { step: i, failed: shown(failed.as_ref()), running: shown(stage.as_ref()), error: error.to_string() };
+                    tracing::error!("plugin step {i}: {} failed its first batch ({}); {} runs on and processes the batch", rolled.failed, rolled.error, rolled.running);
+                    out.rolled_back.push(rolled);
+                    stage.process(&input, ctx)?
+                }
+                (Err(error), None) => return Err(error),
+            };
             let name = stage.name();
             for e in finished.record_errors {
                 out.rejected.push(locate(&input, e.row as usize, name, e.reason));
@@ -243,5 +359,133 @@ fn locate(batch: &RecordBatch, row: usize, plugin: &str, reason: String) -> Reje
         partition: batch.column(1).as_primitive::<Int32Type>().value(row),
         offset: batch.column(2).as_primitive::<Int64Type>().value(row),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array};
+    use arrow_schema::{DataType, Field, Schema};
+    use sluice_sdk::{RecordParts, RecordsBuilder};
+
+    use super::*;
+
+    /// An aggregate that counts records; its state is the count. `fail_first` makes its
+    /// first `process` call fail.
+    struct Counter {
+        name: &'static str,
+        version: &'static str,
+        state_version: u32,
+        count: i64,
+        fail_first: bool,
+        schema: SchemaRef,
+    }
+
+    fn failed(message: &str) -> CallError {
+        CallError::Plugin { plugin: "count".into(), call: "process", kind: sluice_sdk::ErrorKind::BatchFailed, message: message.into() }
+    }
+
+    fn counter(name: &'static str, version: &'static str, state_version: u32) -> Box<Counter> {
+        let schema = Arc::new(Schema::new(vec![Field::new("count", DataType::Int64, false)]));
+        Box::new(Counter { name, version, state_version, count: 0, fail_first: false, schema })
+    }
+
+    impl Stage for Counter {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn version(&self) -> &str {
+            self.version
+        }
+        fn kind(&self) -> PluginKind {
+            PluginKind::Aggregate
+        }
+        fn output_schema(&self) -> &SchemaRef {
+            &self.schema
+        }
+        fn process(&mut self, batch: &RecordBatch, _ctx: &Context) -> Result<Finished, CallError> {
+            if std::mem::take(&mut self.fail_first) {
+                return Err(failed("broken on purpose"));
+            }
+            self.count += batch.num_rows() as i64;
+            let column: ArrayRef = Arc::new(Int64Array::from(vec![self.count]));
+            Ok(Finished { batches: vec![RecordBatch::try_new(self.schema.clone(), vec![column]).unwrap()], ..Finished::default() })
+        }
+        fn identity(&self) -> PluginIdentity {
+            PluginIdentity { name: self.name.into(), version: self.version.into(), content_hash: self.version.into(), state_version: self.state_version }
+        }
+        fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
+            Ok(self.count.to_le_bytes().to_vec())
+        }
+        fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError> {
+            if state_version != self.state_version {
+                return Err(failed(&format!("cannot read state version {state_version}")));
+            }
+            self.count = i64::from_le_bytes(state.try_into().unwrap());
+            Ok(())
+        }
+    }
+
+    fn records(n: i64) -> RecordBatch {
+        let mut b = RecordsBuilder::default();
+        for offset in 0..n {
+            b.append(RecordParts { topic: "t", partition: 0, offset, timestamp: None, key: None, value: Some(b"{}") }, []);
+        }
+        b.finish()
+    }
+
+    fn count(out: &ChainOutput) -> i64 {
+        out.batches[0].column(0).as_primitive::<Int64Type>().value(0)
+    }
+
+    #[test]
+    fn a_swapped_in_version_takes_over_the_state_and_is_kept_after_its_first_batch() {
+        let mut chain = Chain::of_stages(vec![counter("count", "1", 1)]).unwrap();
+        assert_eq!(count(&chain.process(records(3), &Context::default()).unwrap()), 3);
+        chain.swap(0, counter("count", "2", 1)).unwrap();
+        let out = chain.process(records(2), &Context::default()).unwrap();
+        assert_eq!((count(&out), out.promoted.clone()), (5, vec!["count 2".to_string()]));
+        assert_eq!(chain.stages().next().unwrap().version(), "2");
+        let out = chain.process(records(1), &Context::default()).unwrap();
+        assert!(out.promoted.is_empty() && out.rolled_back.is_empty());
+    }
+
+    #[test]
+    fn a_version_that_fails_its_first_batch_gives_way_to_the_one_before_which_processes_it() {
+        let mut chain = Chain::of_stages(vec![counter("count", "1", 1)]).unwrap();
+        chain.process(records(3), &Context::default()).unwrap();
+        let mut broken = counter("count", "2", 1);
+        broken.fail_first = true;
+        chain.swap(0, broken).unwrap();
+        let out = chain.process(records(2), &Context::default()).unwrap();
+        assert_eq!(count(&out), 5, "the batch was processed once, by version 1");
+        assert_eq!(out.rolled_back.len(), 1);
+        assert_eq!((out.rolled_back[0].failed.as_str(), out.rolled_back[0].running.as_str()), ("count 2", "count 1"));
+        assert!(out.rolled_back[0].error.contains("broken on purpose"));
+        assert_eq!(chain.stages().next().unwrap().version(), "1");
+    }
+
+    #[test]
+    fn a_swap_that_would_lose_or_misread_state_is_refused_and_changes_nothing() {
+        let mut chain = Chain::of_stages(vec![counter("count", "1", 1)]).unwrap();
+        chain.process(records(3), &Context::default()).unwrap();
+        let e = chain.swap(0, counter("other", "1", 1)).unwrap_err();
+        assert!(e.to_string().contains("only another version of count can take over"), "{e}");
+        let e = chain.swap(0, counter("count", "2", 2)).unwrap_err();
+        assert!(e.to_string().contains("refused the state of count 1 (state version 1)") && e.to_string().contains("migration"), "{e}");
+        assert!(matches!(chain.swap(1, counter("count", "2", 1)), Err(SwapError::NoStep(1))));
+        let out = chain.process(records(1), &Context::default()).unwrap();
+        assert_eq!((count(&out), chain.stages().next().unwrap().version()), (4, "1"));
+    }
+
+    #[test]
+    fn an_aggregate_cannot_be_swapped_in_before_the_last_step() {
+        let mut chain = Chain::of_stages(vec![counter("count", "1", 1)]).unwrap();
+        chain.stages.insert(0, counter("first", "1", 1));
+        chain.replaced.insert(0, None);
+        let e = chain.swap(0, counter("first", "2", 1)).unwrap_err();
+        assert!(matches!(e, SwapError::Chain(ChainError::AggregateNotLast(_))), "{e}");
     }
 }

@@ -10,6 +10,7 @@
 //! * [`kafka`] — the Kafka source: offset ranges, exact fetch, group commits (owns librdkafka).
 //! * [`chain`] — one batch through the plugin chain.
 //! * [`runtime`] — loads, checks and runs plugins (owns wasmtime).
+//! * [`swap`] — watches the plugin directory and prepares new plugin versions for a live swap.
 //! * [`sink`] — where each batch's output goes, named by batch id.
 //! * [`offline`] — feeds a plugin from a JSON-lines file in batches (`sluice plugin test`).
 //! * [`examples`] — the example plugins, built from `plugins/` and embedded.
@@ -31,3 +32,4 @@ pub mod rate;
 pub mod runtime;
 pub mod sink;
 pub mod store;
+pub mod swap;

@@ -41,6 +41,10 @@ enum Command {
         /// (when a new plugin version cannot read the old state).
         #[arg(long)]
         ignore_state: bool,
+        /// Plugin directory for steps given by `name` (overrides `pluginDir`). It is
+        /// watched: a new `<name>.wasm` or `<name>.toml` is swapped in live.
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
     },
     /// Inspect checkpoints.
     #[command(subcommand)]
@@ -49,6 +53,9 @@ enum Command {
     Check {
         /// Pipeline file (TOML).
         pipeline: PathBuf,
+        /// Plugin directory for steps given by `name` (overrides `pluginDir`).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -68,6 +75,12 @@ enum BenchCommand {
     /// A 10× traffic burst against a pipeline of known capacity, with backpressure on and
     /// off, on a real broker (tansu): per batch processing time / interval, lag, memory.
     Burst(sluice::bench::burst::BurstBenchArgs),
+    /// The stall a live plugin swap causes, on a real broker (tansu): per swap, time at the
+    /// batch boundary and the new version's first batch against the median batch.
+    Swap(sluice::bench::swap::SwapBenchArgs),
+    /// The burst benchmark's paced producer (run by it as a child process).
+    #[command(hide = true)]
+    Produce(sluice::bench::burst::ProduceArgs),
 }
 
 #[derive(Subcommand)]
@@ -164,12 +177,14 @@ fn main() -> ExitCode {
         Command::Plugin(PluginCommand::Inspect { plugin, json }) => inspect(&plugin, json),
         Command::Plugin(PluginCommand::Test(args)) => test(args),
         Command::Demo(args) => run_demo(args),
-        Command::Check { pipeline } => check(&pipeline),
-        Command::Run { pipeline, available_now, ignore_state } => run(&pipeline, available_now, ignore_state),
+        Command::Check { pipeline, plugin_dir } => check(&pipeline, plugin_dir),
+        Command::Run { pipeline, available_now, ignore_state, plugin_dir } => run(&pipeline, available_now, ignore_state, plugin_dir),
         Command::Checkpoint(CheckpointCommand::Show { location, json }) => show_checkpoints(&location, json),
         Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Pipeline(args)) => sluice::bench::pipeline::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Burst(args)) => sluice::bench::burst::run(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Swap(args)) => sluice::bench::swap::run_bench(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Produce(args)) => sluice::bench::burst::produce(&args).map(|sent| println!("{sent}")),
         Command::Bench(BenchCommand::Checkpoint(args)) => sluice::bench::checkpoint::run_bench(&args, &mut std::io::stdout()).map(drop),
     };
     match result {
@@ -295,9 +310,18 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    use sluice::config::{Pipeline, Sink, StartingOffsets};
-    let pipeline = Pipeline::load(path)?;
+/// Load a pipeline file, with the plugin directory given on the command line if any.
+fn load_pipeline(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<sluice::config::Pipeline> {
+    let mut pipeline = sluice::config::Pipeline::load(path)?;
+    if plugin_dir.is_some() {
+        pipeline.plugin_dir = plugin_dir;
+    }
+    Ok(pipeline)
+}
+
+fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use sluice::config::{Sink, StartingOffsets};
+    let pipeline = load_pipeline(path, plugin_dir)?;
     let runtime = Runtime::with_default_cache()?;
     let chain = sluice::pipeline::build_chain(&pipeline, &runtime)?;
     let mut out = std::io::stdout().lock();
@@ -321,6 +345,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         .map(|s| format!("{} {} ({})", s.name(), s.version(), format!("{:?}", s.kind()).to_lowercase()))
         .collect();
     writeln!(out, "  plugins  {}", steps.join(" -> "))?;
+    if let Some(dir) = pipeline.plugin_dir.as_ref().filter(|_| pipeline.steps.iter().any(|s| matches!(s.source, sluice::config::PluginSource::Dir(_)))) {
+        writeln!(out, "  plugin directory {} (watched while running: new versions are swapped in live)", dir.display())?;
+    }
     let sink = match &pipeline.sink {
         Sink::Parquet { path, compression, .. } => format!("parquet {path} ({compression:?})"),
         Sink::Jsonl { path } => format!("jsonl {path}"),
@@ -343,10 +370,9 @@ fn stop_on_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
     Ok(stop)
 }
 
-fn run(path: &std::path::Path, available_now: bool, ignore_state: bool) -> anyhow::Result<()> {
-    use sluice::config::Pipeline;
+fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use sluice::pipeline::{RunOptions, Until};
-    let pipeline = Pipeline::load(path)?;
+    let pipeline = load_pipeline(path, plugin_dir)?;
     let mut sink = sluice::sink::open(&pipeline.sink, &pipeline.kafka).with_context(|| path.display().to_string())?;
     let stop = stop_on_signal()?;
     let runtime = Runtime::with_default_cache()?;
@@ -374,8 +400,8 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool) -> anyho
         }
     })?;
     eprintln!(
-        "{}: stopped after {} batches: {} records in, {} rows out, {} rejected",
-        pipeline.name, summary.batches, summary.records, summary.output_rows, summary.rejected
+        "{}: stopped after {} batches: {} records in, {} rows out, {} rejected; plugin versions swapped in: {}, refused: {}",
+        pipeline.name, summary.batches, summary.records, summary.output_rows, summary.rejected, summary.swaps, summary.swaps_failed
     );
     Ok(())
 }

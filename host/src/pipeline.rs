@@ -14,9 +14,10 @@ use crate::chain::{Chain, Rejected};
 use crate::checkpoint::{self, Checkpoint, CheckpointStore, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
-use crate::kafka::{KafkaSource, PartitionLag};
+use crate::kafka::{KafkaSource, PartitionLag, PREFETCH_ROWS};
 use crate::rate::{RateController, RateState};
 use crate::runtime::Runtime;
+use crate::swap::{self, Found, WatchedStep, Watcher};
 use crate::sink::Sink;
 
 /// How a run ends.
@@ -49,6 +50,14 @@ pub struct BatchProgress {
     pub lag: u64,
     /// Watermark reported by the plugins.
     pub watermark_ms: Option<i64>,
+    /// Time spent at the boundary before this batch swapping plugin versions (taking the
+    /// running version's state and restoring it into the new one).
+    pub swap_time: Duration,
+    /// Plugin versions swapped in so far in this run that processed a batch.
+    pub swaps: u64,
+    /// Plugin versions rejected so far in this run: at preparation, at the swap, or in
+    /// their first batch.
+    pub swaps_failed: u64,
 }
 
 /// Totals of a run.
@@ -62,23 +71,40 @@ pub struct RunSummary {
     pub output_rows: u64,
     /// Records rejected.
     pub rejected: u64,
+    /// Plugin versions swapped in that processed a batch.
+    pub swaps: u64,
+    /// Plugin versions rejected (see [`BatchProgress::swaps_failed`]).
+    pub swaps_failed: u64,
 }
 
 /// Load the pipeline's plugins and build the chain.
 pub fn build_chain(pipeline: &Pipeline, runtime: &Runtime) -> anyhow::Result<Chain> {
+    load_chain(pipeline, runtime).map(|(chain, _)| chain)
+}
+
+/// [`build_chain`], and the steps from the plugin directory, to watch.
+fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> anyhow::Result<(Chain, Vec<WatchedStep>)> {
     let mut stages = Vec::new();
+    let mut watched = Vec::new();
     for (i, step) in pipeline.steps.iter().enumerate() {
-        let loaded = match &step.source {
+        let instance = match &step.source {
             PluginSource::Builtin(name) => {
                 let bytes = examples::named(name).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?;
-                runtime.load(bytes, &format!("builtin:{name}"), step.limits)
+                runtime.load(bytes, &format!("builtin:{name}"), step.limits).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?.instantiate(&step.config)
             }
-            PluginSource::File(path) => runtime.load_file(path, step.limits),
-        }
-        .map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?;
-        stages.push(loaded.instantiate(&step.config).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?);
+            PluginSource::File(path) => runtime.load_file(path, step.limits).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?.instantiate(&step.config),
+            PluginSource::Dir(name) => {
+                let dir = pipeline.plugin_dir.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("plugin[{i}] names plugin `{name}`, which is `{name}.wasm` in the plugin directory, but none is set: add `pluginDir = \"plugins\"` to the pipeline file or pass --plugin-dir")
+                })?;
+                let files = swap::read_plugin(dir, name, &step.config).map_err(|(_, reason)| anyhow::anyhow!("plugin[{i}]: {reason}"))?;
+                watched.push(WatchedStep { step: i, name: name.clone(), inline_config: step.config.clone(), limits: step.limits, digest: files.digest });
+                Ok(swap::prepare(runtime, &files, step.limits).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?)
+            }
+        };
+        stages.push(instance.map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?);
     }
-    Ok(Chain::new(stages)?)
+    Ok((Chain::new(stages)?, watched))
 }
 
 fn now_ms() -> i64 {
@@ -112,9 +138,19 @@ pub fn run(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
-    let mut chain = build_chain(pipeline, runtime)?;
-    run_chain(pipeline, &mut chain, options, stop, sink, progress)
+    let (mut chain, watched) = load_chain(pipeline, runtime)?;
+    let watcher = match (&pipeline.plugin_dir, watched.is_empty()) {
+        (Some(dir), false) => {
+            tracing::info!("watching {} for new versions of {}", dir.display(), watched.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", "));
+            Some(Watcher::start(runtime.clone(), dir.clone(), watched, swap::POLL))
+        }
+        _ => None,
+    };
+    run_watched(pipeline, &mut chain, watcher, options.into(), stop, sink, progress)
 }
+
+/// The least read-ahead, records, however small rate control makes the batches.
+const MIN_READ_AHEAD: usize = 10_000;
 
 /// The one task over all partitions (see DESIGN.md: state is kept per task so that one
 /// task per partition can be added later).
@@ -134,7 +170,18 @@ pub fn run_chain(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
-    let options = options.into();
+    run_watched(pipeline, chain, None, options.into(), stop, sink, progress)
+}
+
+fn run_watched(
+    pipeline: &Pipeline,
+    chain: &mut Chain,
+    watcher: Option<Watcher>,
+    options: RunOptions,
+    stop: &AtomicBool,
+    sink: &mut dyn Sink,
+    progress: &mut dyn FnMut(&BatchProgress),
+) -> anyhow::Result<RunSummary> {
     let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?;
     let recovered = match &checkpoints {
         Some(c) => c.recover()?,
@@ -204,6 +251,8 @@ pub fn run_chain(
         }
     }
     let mut runner = Runner {
+        watcher,
+        swap_time: Duration::ZERO,
         retune: options.retune,
         running: pipeline.clone(),
         rate,
@@ -228,6 +277,9 @@ pub fn run_chain(
 
 /// The loop's state.
 struct Runner<'a> {
+    watcher: Option<Watcher>,
+    /// Time spent swapping plugins since the last batch.
+    swap_time: Duration,
     retune: Option<(Arc<AtomicBool>, PathBuf)>,
     /// The settings in effect (changed by live tuning).
     running: Pipeline,
@@ -261,6 +313,7 @@ impl Runner<'_> {
                     self.retune(&path);
                 }
             }
+            self.swap_plugins();
             let tick = Instant::now();
             let scheduling_delay = tick.saturating_duration_since(due);
             let mut lag = self.source.lag()?;
@@ -272,11 +325,15 @@ impl Runner<'_> {
             // Rate control caps each partition; records over the budget wait in Kafka.
             let mut capped = lag.clone();
             let lags: Vec<u64> = lag.iter().map(|p| (p.high - p.next).max(0) as u64).collect();
-            if let Some(budgets) = self.rate.budgets(&lags) {
+            let budgets = self.rate.budgets(&lags);
+            if let Some(budgets) = &budgets {
                 for (p, budget) in capped.iter_mut().zip(budgets) {
-                    p.high = p.high.min(p.next + budget as i64);
+                    p.high = p.high.min(p.next + *budget as i64);
                 }
             }
+            // When batches are capped, read ahead about one more batch, not the backlog.
+            let batch_cap = [budgets.map(|b| b.iter().sum::<u64>()), self.running.source.max_offsets_per_trigger].into_iter().flatten().min();
+            self.source.set_read_ahead(batch_cap.map_or(PREFETCH_ROWS, |cap| (2 * cap as usize).max(MIN_READ_AHEAD)));
             let ranges: Vec<OffsetRange> = self.source.plan(&capped);
             let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
             let caught_up = targets.is_some() && records == 0;
@@ -311,6 +368,35 @@ impl Runner<'_> {
         }
     }
 
+    /// At a batch boundary: hand new plugin versions the watcher prepared to the chain.
+    fn swap_plugins(&mut self) {
+        let Some(watcher) = &self.watcher else { return };
+        let started = Instant::now();
+        let found = watcher.found();
+        let any = !found.is_empty();
+        for found in found {
+            match found {
+                Found::Ready { step, instance, file } => {
+                    let new = format!("{} {}", instance.info().name, instance.info().version);
+                    match self.chain.swap(step, Box::new(instance)) {
+                        Ok(()) => tracing::info!("plugin step {step}: {new} from {} takes over from the next batch on", file.display()),
+                        Err(e) => {
+                            self.summary.swaps_failed += 1;
+                            tracing::error!("plugin step {step}: {new} from {} is not swapped in, the running version stays: {e}", file.display());
+                        }
+                    }
+                }
+                Found::Rejected { step, file, reason } => {
+                    self.summary.swaps_failed += 1;
+                    tracing::error!("plugin step {step}: the new version in {} is not swapped in, the running version stays: {reason}", file.display());
+                }
+            }
+        }
+        if any {
+            self.swap_time += started.elapsed();
+        }
+    }
+
     /// Read the pipeline file again and apply its rate settings (backpressure, partition
     /// rates, `maxOffsetsPerTrigger`, trigger interval and bounds) from the next batch on.
     /// A file that does not load keeps the current settings; other changes are reported
@@ -335,6 +421,8 @@ impl Runner<'_> {
         rest.source.max_offsets_per_trigger = self.running.source.max_offsets_per_trigger;
         rest.trigger_interval = self.running.trigger_interval;
         rest.adaptive_interval = self.running.adaptive_interval;
+        // The plugin directory may come from the command line; plugins in it swap by themselves.
+        rest.plugin_dir.clone_from(&self.running.plugin_dir);
         if rest != self.running {
             tracing::warn!("{}: changes other than rate settings (source topics, plugins, sink, checkpoint, [kafka]) take effect after a restart", path.display());
         }
@@ -363,8 +451,12 @@ impl Runner<'_> {
             c.plan(plan)?;
         }
         let batch = if records > 0 { self.source.fetch(&ranges, self.fetch_timeout)? } else { RecordBatch::new_empty(record_schema()) };
+        let fetched = tick.elapsed();
         let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task.watermark_ms };
         let out = self.chain.process(batch, &ctx)?;
+        let processed = tick.elapsed();
+        self.summary.swaps += out.promoted.len() as u64;
+        self.summary.swaps_failed += out.rolled_back.len() as u64;
         if self.sink.is_committed(plan.batch_id) {
             tracing::info!("batch {} is already committed in the sink; it was replayed to rebuild plugin state and is not written again", plan.batch_id);
         } else {
@@ -389,9 +481,18 @@ impl Runner<'_> {
                 rate_controller: Some(serde_json::to_value(self.rate.state()).expect("rate state serializes")),
             })?;
         }
+        let checkpointed = tick.elapsed();
         self.source.commit(&ranges)?;
         let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
         let duration = tick.elapsed();
+        tracing::debug!(
+            "batch {}: fetch {:.1} ms, plugins {:.1} ms, sink and checkpoint {:.1} ms, group commit {:.1} ms",
+            plan.batch_id,
+            fetched.as_secs_f64() * 1e3,
+            (processed - fetched).as_secs_f64() * 1e3,
+            (checkpointed - processed).as_secs_f64() * 1e3,
+            (duration - checkpointed).as_secs_f64() * 1e3
+        );
         let left = self.source.remaining_after(lag, &ranges);
         self.summary.batches += 1;
         self.summary.records += records as u64;
@@ -406,6 +507,9 @@ impl Runner<'_> {
             processed_per_sec: records as f64 / duration.as_secs_f64().max(1e-9),
             lag: left,
             watermark_ms: self.watermark,
+            swap_time: std::mem::take(&mut self.swap_time),
+            swaps: self.summary.swaps,
+            swaps_failed: self.summary.swaps_failed,
         });
         Ok(())
     }

@@ -1,14 +1,14 @@
 //! `sluice bench burst`: the seed's lesson — a 10× traffic burst must not sink the job.
 //!
 //! A chain step with a known cost per record caps the pipeline's capacity at C records/s.
-//! A producer thread writes to a real broker at 0.5 C, steps up to 10 C for a few seconds,
+//! A producer process writes to a real broker at 0.5 C, steps up to 10 C for a few seconds,
 //! and back to 0.5 C. The pipeline runs twice over such a timeline, with PID backpressure
 //! on and off, and reports per batch: processing time / interval, records, lag and the
 //! process's resident memory. An SVG plot of both runs can be written.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,42 +147,100 @@ fn rss_mib() -> f64 {
     pages * 4096.0 / (1024.0 * 1024.0)
 }
 
-/// Produce to `topic` at `rate(t)` records/s until `stop`.
-fn paced_producer(bootstrap: String, topic: String, partitions: i32, phases: Vec<(Duration, f64)>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<anyhow::Result<u64>> {
-    std::thread::spawn(move || {
-        let loader = Loader::connect(&bootstrap, &[])?;
-        let mut gen = EventGenerator::new(EventSpec::default());
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let mut owed = 0.0f64;
-        let mut last = Instant::now();
-        while !stop.load(Ordering::SeqCst) {
-            let t = started.elapsed();
-            let mut end = Duration::ZERO;
-            let rate = phases.iter().find(|(d, _)| {
-                end += *d;
-                t < end
-            });
-            let Some(&(_, rate)) = rate else { break };
-            let now = Instant::now();
-            owed += rate * now.duration_since(last).as_secs_f64();
-            last = now;
-            while owed >= 1.0 {
-                let e = gen.next_event();
-                let value = serde_json::to_vec(&e)?;
-                let out = Outgoing { partition: Some((sent % partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
-                loader.send(&topic, out)?;
-                sent += 1;
-                owed -= 1.0;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        loader.flush(Duration::from_secs(60))?;
-        Ok(sent)
-    })
+/// Options of `sluice bench produce` (hidden): the burst benchmark's producer, run as a
+/// child process so that the pipeline's resident memory is measured alone.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProduceArgs {
+    /// Bootstrap servers.
+    #[arg(long)]
+    pub bootstrap: String,
+    /// Topic to write.
+    #[arg(long)]
+    pub topic: String,
+    /// Partitions of the topic; records go round-robin.
+    #[arg(long)]
+    pub partitions: i32,
+    /// Phases `<duration>@<records/s>`, in order, e.g. `8s@5000 2s@50000 80s@5000`.
+    #[arg(required = true, value_parser = parse_phase)]
+    pub phases: Vec<(Duration, f64)>,
 }
 
-fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, backpressure: bool) -> anyhow::Result<BurstRun> {
+fn parse_phase(s: &str) -> Result<(Duration, f64), String> {
+    let (d, r) = s.split_once('@').ok_or_else(|| format!("`{s}`: expected <duration>@<records/s>, e.g. 2s@50000"))?;
+    let d = humantime::parse_duration(d).map_err(|e| format!("`{s}`: {e}"))?;
+    let r: f64 = r.parse().map_err(|_| format!("`{s}`: `{r}` is not a rate in records/s"))?;
+    if !r.is_finite() || r < 0.0 {
+        return Err(format!("`{s}`: the rate must be zero or more"));
+    }
+    Ok((d, r))
+}
+
+/// Produce generated ad events to the topic at each phase's rate, one phase after the
+/// other; returns how many were sent once all are acknowledged.
+pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
+    anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
+    let loader = Loader::connect(&args.bootstrap, &[])?;
+    let mut gen = EventGenerator::new(EventSpec::default());
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut owed = 0.0f64;
+    let mut last = Instant::now();
+    loop {
+        let t = started.elapsed();
+        let mut end = Duration::ZERO;
+        let phase = args.phases.iter().find(|(d, _)| {
+            end += *d;
+            t < end
+        });
+        let Some(&(_, rate)) = phase else { break };
+        let now = Instant::now();
+        owed += rate * now.duration_since(last).as_secs_f64();
+        last = now;
+        while owed >= 1.0 {
+            let e = gen.next_event();
+            let value = serde_json::to_vec(&e)?;
+            let out = Outgoing { partition: Some((sent % args.partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
+            loader.send(&args.topic, out)?;
+            sent += 1;
+            owed -= 1.0;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    loader.flush(Duration::from_secs(60))?;
+    Ok(sent)
+}
+
+/// A child process running `exe bench produce`; killed (by its PID) when dropped.
+pub(crate) struct Producer(std::process::Child);
+
+impl Producer {
+    pub(crate) fn start(exe: &Path, bootstrap: &str, topic: &str, partitions: i32, phases: &[(Duration, f64)]) -> anyhow::Result<Self> {
+        let mut command = std::process::Command::new(exe);
+        command.args(["bench", "produce", "--bootstrap", bootstrap, "--topic", topic, "--partitions", &partitions.to_string()]);
+        command.args(phases.iter().map(|(d, r)| format!("{}ms@{r}", d.as_millis())));
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting the producer `{} bench produce`: {e}", exe.display()))?;
+        Ok(Self(child))
+    }
+}
+
+impl Producer {
+    /// Whether the producer exited with an error.
+    pub(crate) fn failed(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(Some(status)) if !status.success())
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure: bool) -> anyhow::Result<BurstRun> {
     let topic = format!("sluice-bench-burst-{}", if backpressure { "on" } else { "off" });
     broker.create_topic(&topic, args.partitions)?;
     let c = args.capacity as f64;
@@ -200,6 +258,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, backpressure: bool) -> an
         adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]),
         steps: Vec::new(),
+        plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
         checkpoint: None,
         backpressure: backpressure.then(|| Backpressure { initial_rate: None, pid: Default::default() }),
@@ -207,8 +266,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, backpressure: bool) -> an
     let stage = CostStage { per_record: Duration::from_secs_f64(1.0 / c), schema: record_schema() };
     let mut chain = Chain::of_stages(vec![Box::new(stage)])?;
     let stop = Arc::new(AtomicBool::new(false));
-    let producing = Arc::new(AtomicBool::new(false));
-    let producer = paced_producer(broker.bootstrap(), topic, args.partitions, phases, producing.clone());
+    let mut producer = Producer::start(exe, &broker.bootstrap(), &topic, args.partitions, &phases)?;
     let started = Instant::now();
     let burst = (args.before.as_secs_f64(), (args.before + args.burst).as_secs_f64());
     let mut batches = Vec::new();
@@ -220,24 +278,26 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, backpressure: bool) -> an
         // Done when the burst is over, its backlog drained and batches fit the interval
         // again, or at the time limit.
         let drained = at > burst.1 + 2.0 * interval && batches.iter().rev().take(3).all(|b| b.lag <= 2 * args.capacity && b.load <= 1.2);
-        if drained || started.elapsed() > limit {
+        if drained || producer.failed() || started.elapsed() > limit {
             stop.store(true, Ordering::SeqCst);
         }
     });
-    producing.store(true, Ordering::SeqCst);
-    producer.join().map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+    if producer.failed() {
+        anyhow::bail!("the producer process failed; its error is printed above");
+    }
     result?;
     Ok(BurstRun { backpressure, batches, burst })
 }
 
-/// Both runs on `broker`, with a report to `out`.
-pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
+/// Both runs on `broker`, with a report to `out`. `exe` is the `sluice` executable that
+/// runs the producer (`sluice bench produce`) as a child process.
+pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
     if args.capacity == 0 || args.interval.is_zero() || args.partitions < 1 {
         anyhow::bail!("--capacity, --interval and --partitions must be above zero");
     }
     let mut runs = Vec::new();
     for backpressure in [true, false] {
-        let run = run_one(args, broker, backpressure)?;
+        let run = run_one(args, broker, exe, backpressure)?;
         writeln!(out, "backpressure {}: burst from {:.1} s to {:.1} s", if backpressure { "on" } else { "off" }, run.burst.0, run.burst.1)?;
         writeln!(out, "| t (s) | records | processing / interval | lag | RSS (MiB) |")?;
         writeln!(out, "|---:|---:|---:|---:|---:|")?;
@@ -266,7 +326,7 @@ pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, out: &mut dyn Write) -
 pub fn run(args: &BurstBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
     let broker = Tansu::start()?;
     writeln!(out, "broker: tansu {} (pid {}) at {}; capacity {} records/s, interval {} ms", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap(), args.capacity, args.interval.as_millis())?;
-    run_on(args, &broker, out)
+    run_on(args, &broker, &std::env::current_exe()?, out)
 }
 
 /// Three panels per run: processing time / interval, lag and resident memory; the burst

@@ -6,6 +6,7 @@ pub mod burst;
 pub mod checkpoint;
 pub mod pipeline;
 pub mod plugins;
+pub mod swap;
 
 use std::time::Duration;
 

@@ -157,6 +157,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                 adaptive_interval: None,
                 kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
                 steps: Vec::new(),
+                plugin_dir: None,
                 sink: SinkConfig::Jsonl { path: "-".into() },
                 checkpoint: None,
                 backpressure: None,

@@ -46,6 +46,9 @@ pub enum PluginSource {
     File(PathBuf),
     /// One of the plugins embedded in the binary.
     Builtin(String),
+    /// `<name>.wasm` (and its config, `<name>.toml`, if present) in the plugin directory,
+    /// watched while the pipeline runs: a new version is swapped in live.
+    Dir(String),
 }
 
 /// One step of the plugin chain.
@@ -148,6 +151,9 @@ pub struct Pipeline {
     pub kafka: BTreeMap<String, String>,
     /// Plugin chain.
     pub steps: Vec<Step>,
+    /// Where steps given by `name` find their plugin (`pluginDir`, or `sluice run
+    /// --plugin-dir`).
+    pub plugin_dir: Option<PathBuf>,
     /// Output.
     pub sink: Sink,
     /// Checkpoints; `None` when `checkpoint.enabled = false`.
@@ -204,6 +210,11 @@ fn valid_topic(name: &str) -> bool {
         && name != "."
         && name != ".."
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A plugin name usable as a file name in the plugin directory.
+fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
 impl Pipeline {
@@ -347,10 +358,19 @@ impl Pipeline {
             .enumerate()
             .map(|(i, p)| {
                 let key = |k: &str| format!("plugin[{i}].{k}");
-                let source = match (p.path, p.builtin) {
-                    (Some(file), None) => PluginSource::File(base.join(file)),
-                    (None, Some(name)) => PluginSource::Builtin(name),
-                    _ => return Err(invalid(&format!("plugin[{i}]"), "give exactly one of `path` (a .wasm file) or `builtin` (json-filter, ad-clicks)".into())),
+                let source = match (p.path, p.builtin, p.name) {
+                    (Some(file), None, None) => PluginSource::File(base.join(file)),
+                    (None, Some(name), None) => PluginSource::Builtin(name),
+                    (None, None, Some(name)) if valid_plugin_name(&name) => PluginSource::Dir(name),
+                    (None, None, Some(name)) => {
+                        return Err(invalid(&key("name"), format!("`{name}` is not a plugin name: use letters, digits, `-` and `_` (the plugin is `<name>.wasm` in the plugin directory)")))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            &format!("plugin[{i}]"),
+                            "give exactly one of `name` (a plugin in the plugin directory, swapped live), `path` (a .wasm file) or `builtin` (json-filter, ad-clicks)".into(),
+                        ))
+                    }
                 };
                 let config = match p.config {
                     None => "{}".to_string(),
@@ -453,6 +473,11 @@ impl Pipeline {
             None
         };
 
-        Ok(Self { name, source, trigger_interval, adaptive_interval, kafka, steps, sink, checkpoint, backpressure })
+        let plugin_dir = match raw.plugin_dir {
+            Some(dir) if dir.trim().is_empty() => return Err(invalid("pluginDir", "must not be empty".into())),
+            Some(dir) => Some(base.join(dir)),
+            None => None,
+        };
+        Ok(Self { name, source, trigger_interval, adaptive_interval, kafka, steps, plugin_dir, sink, checkpoint, backpressure })
     }
 }

@@ -10,6 +10,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct RawPipeline {
     pub name: Option<String>,
+    #[serde(rename = "pluginDir")]
+    pub plugin_dir: Option<String>,
     pub source: RawSource,
     #[serde(default)]
     pub trigger: RawTrigger,
@@ -89,6 +91,7 @@ pub struct RawTrigger {
 pub struct RawPlugin {
     pub path: Option<String>,
     pub builtin: Option<String>,
+    pub name: Option<String>,
     pub config: Option<toml::Table>,
     pub memory_mb: Option<i64>,
     pub call_timeout: Option<String>,

@@ -134,6 +134,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
         adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
+        plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
         checkpoint: Some(crate::config::Checkpointing { location: "memory://".into(), options: Default::default(), retain: crate::config::DEFAULT_RETAIN }),
         backpressure: None,

@@ -1,8 +1,10 @@
 //! The consumer's own thread. It keeps reading every assigned partition ahead of the batch
 //! loop into Arrow chunks, so fetching overlaps the plugins' and the sink's work. A batch
 //! takes exactly its offset ranges out of the chunks (zero-copy slices); whatever was read
-//! beyond them stays for the next batch. With more than [`PREFETCH_ROWS`] records
-//! buffered and nothing the batch in flight still waits for, the thread stops taking
+//! beyond them stays for the next batch. With more than its read-ahead limit buffered
+//! (at most [`PREFETCH_ROWS`] records; less when rate control plans small batches, see
+//! [`Prefetcher::set_limit`]) and nothing the batch in flight still waits for, the
+//! thread stops taking
 //! records from librdkafka (whose own queue is bounded by `queued.max.messages.kbytes`)
 //! until the loop catches up. It never pauses partitions: librdkafka could lose the
 //! position of records queued at the moment of a pause.
@@ -22,7 +24,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{OffsetRange, RecordParts, RecordsBuilder};
 
-/// Records read ahead, over all partitions, before the consumer thread waits.
+/// Records read ahead, over all partitions, before the consumer thread waits (the largest
+/// read-ahead limit).
 pub const PREFETCH_ROWS: usize = 500_000;
 /// How long the consumer thread waits before it looks again whether to read on.
 const THROTTLE: Duration = Duration::from_millis(2);
@@ -74,10 +77,11 @@ impl Buffer {
 /// Index of `offset` in the record schema (checked by a test).
 const OFFSET_COLUMN: usize = 2;
 
-#[derive(Default)]
 struct State {
     parts: HashMap<Key, Buffer>,
     error: Option<KafkaError>,
+    /// Records to read ahead before waiting.
+    limit: usize,
 }
 
 struct Shared {
@@ -94,7 +98,7 @@ impl Shared {
     /// Whether enough is buffered and no waiting batch needs more.
     fn has_enough(&self) -> bool {
         let state = self.lock();
-        state.parts.values().map(|b| b.rows).sum::<usize>() >= PREFETCH_ROWS && state.parts.values().all(|b| b.covered >= b.demand)
+        state.parts.values().map(|b| b.rows).sum::<usize>() >= state.limit && state.parts.values().all(|b| b.covered >= b.demand)
     }
 }
 
@@ -120,7 +124,7 @@ impl Prefetcher {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
         consumer.assign(&tpl)?;
-        let state = State { parts: positions.iter().map(|(k, o)| (k.clone(), Buffer::new(*o))).collect(), error: None };
+        let state = State { parts: positions.iter().map(|(k, o)| (k.clone(), Buffer::new(*o))).collect(), error: None, limit: PREFETCH_ROWS };
         let shared = Arc::new(Shared { state: Mutex::new(state), ready: Condvar::new(), stop: AtomicBool::new(false) });
         let thread = {
             let shared = shared.clone();
@@ -130,6 +134,12 @@ impl Prefetcher {
                 .expect("spawn the consumer thread")
         };
         Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// Read ahead at most `rows` records (capped at [`PREFETCH_ROWS`]); the batch in flight
+    /// is always read whole.
+    pub fn set_limit(&self, rows: usize) {
+        self.shared.lock().limit = rows.min(PREFETCH_ROWS);
     }
 
     /// Where each partition's next batch must start to be served without a restart.

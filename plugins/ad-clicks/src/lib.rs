@@ -11,8 +11,10 @@
 //!
 //! ```json
 //! {"window_ms": 60000, "slide_ms": 10000, "watermark_delay_ms": 60000,
-//!  "output_mode": "append", "late_policy": "drop"}
+//!  "output_mode": "append", "late_policy": "drop", "avg_cost": false}
 //! ```
+//!
+//! `avg_cost: true` adds an `avg_cost` column (`total_cost / clicks`).
 //!
 //! Records that are not valid click events are rejected with the reason (dead letters).
 
@@ -39,6 +41,8 @@ pub struct Config {
     pub output_mode: OutputMode,
     /// `drop` (default: drop and count) or `reject` (dead-letter late events).
     pub late_policy: LatePolicy,
+    /// Add an `avg_cost` column (`total_cost / clicks`).
+    pub avg_cost: bool,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             watermark_delay_ms: 60_000,
             output_mode: OutputMode::Append,
             late_policy: LatePolicy::Drop,
+            avg_cost: false,
         }
     }
 }
@@ -81,11 +86,14 @@ struct Row<'a> {
     clicks: u64,
     total_cost: f64,
     unique_users: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avg_cost: Option<f64>,
 }
 
 /// The aggregate.
 pub struct AdClicks {
     late_policy: LatePolicy,
+    avg_cost: bool,
     windows: Windowed<String, Totals>,
 }
 
@@ -94,21 +102,26 @@ impl Aggregate for AdClicks {
     type State = Windowed<String, Totals>;
     const STATE_VERSION: u32 = 1;
 
-    fn output_schema(_config: &Config) -> SchemaRef {
-        Arc::new(Schema::new(vec![
+    fn output_schema(config: &Config) -> SchemaRef {
+        let mut fields = vec![
             Field::new("window_start", DataType::Int64, false),
             Field::new("window_end", DataType::Int64, false),
             Field::new("campaign_id", DataType::Utf8, false),
             Field::new("clicks", DataType::Int64, false),
             Field::new("total_cost", DataType::Float64, false),
             Field::new("unique_users", DataType::Int64, false),
-        ]))
+        ];
+        if config.avg_cost {
+            fields.push(Field::new("avg_cost", DataType::Float64, false));
+        }
+        Arc::new(Schema::new(fields))
     }
 
     fn new(config: Config) -> Result<Self, Error> {
         let spec = WindowSpec::sliding(config.window_ms, config.slide_ms)?;
         Ok(Self {
             late_policy: config.late_policy,
+            avg_cost: config.avg_cost,
             windows: Windowed::new(spec, config.watermark_delay_ms, config.output_mode)?,
         })
     }
@@ -151,6 +164,7 @@ impl Aggregate for AdClicks {
         }
         out.add_late(late);
         let mut result = Ok(());
+        let avg_cost = self.avg_cost;
         self.windows.finish_batch(ctx.watermark_ms, |window, campaign, t| {
             if result.is_ok() {
                 result = out.push_row(&Row {
@@ -160,6 +174,7 @@ impl Aggregate for AdClicks {
                     clicks: t.clicks,
                     total_cost: t.total_cost,
                     unique_users: t.users.len() as u64,
+                    avg_cost: avg_cost.then(|| t.total_cost / t.clicks as f64),
                 });
             }
         });
@@ -176,6 +191,7 @@ impl Aggregate for AdClicks {
     }
 }
 
+#[cfg(feature = "export")]
 sluice_sdk::export_aggregate!(AdClicks);
 
 #[cfg(test)]
@@ -204,6 +220,15 @@ mod tests {
         let out = h.flush().unwrap();
         assert_eq!(out.rows.len(), 1);
         assert_eq!(out.rows[0]["window_start"], json!(20));
+    }
+
+    #[test]
+    fn avg_cost_adds_a_column() {
+        let mut h = AggregateHarness::<AdClicks>::new(json!({"window_ms": 10, "slide_ms": 10, "watermark_delay_ms": 0, "avg_cost": true})).unwrap();
+        h.push_values(&[click("a", "u1", 1.0, 1), click("a", "u2", 2.0, 2)]).unwrap();
+        let out = h.flush().unwrap();
+        assert_eq!(out.rows[0]["avg_cost"], json!(1.5));
+        assert_eq!(out.rows[0].len(), 7, "{:?}", out.rows[0]);
     }
 
     #[test]
