@@ -744,6 +744,7 @@ fn the_burst_benchmark_runs_with_backpressure_on_and_off_and_plots_both() {
         after: Duration::from_secs(15),
         svg: Some(svg.clone()),
         partitions: 2,
+        kafka: Vec::new(),
     };
     let mut out = Vec::new();
     let runs = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();

@@ -6,7 +6,6 @@
 //! on and off, and reports per batch: processing time / interval, records, lag and the
 //! process's resident memory. An SVG plot of both runs can be written.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +50,13 @@ pub struct BurstBenchArgs {
     /// Partitions of the topic.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// Extra librdkafka property for the pipeline's consumer, `key=value` (repeatable).
+    #[arg(long = "kafka", value_parser = parse_property)]
+    pub kafka: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).ok_or_else(|| format!("`{s}`: expected key=value"))
 }
 
 /// One batch of a run.
@@ -256,7 +262,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
         },
         trigger_interval: args.interval,
         adaptive_interval: None,
-        kafka: BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]),
+        kafka: args.kafka.iter().cloned().chain([("bootstrap.servers".to_string(), broker.bootstrap())]).collect(),
         steps: Vec::new(),
         plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
