@@ -41,6 +41,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
         steps,
         plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
+        dead_letter: None,
         checkpoint: None,
         backpressure: None,
     }
@@ -236,6 +237,7 @@ fn a_missing_topic_or_unreachable_broker_is_reported_clearly(broker: &dyn Broker
 fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers(broker: &dyn Broker) {
     broker.create_topic("in", 2).unwrap();
     broker.create_topic("out", 1).unwrap();
+    broker.create_topic("dead", 1).unwrap();
     let bootstrap = broker.bootstrap();
     let loader = Loader::connect(&bootstrap, broker.exact_producer_settings()).unwrap();
     let texts: Vec<[String; 3]> = (0..50)
@@ -251,13 +253,17 @@ fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers(broker:
     for (topic, record) in records {
         loader.send(topic, record).unwrap();
     }
+    // And one that is not JSON, for the dead-letter topic.
+    let trace: &[(&str, Option<&[u8]>)] = &[("trace", Some(b"t-bad"))];
+    loader.send("in", Outgoing { partition: Some(1), key: Some(b"k-bad"), value: Some(b"{not json"), headers: trace }).unwrap();
     loader.flush(Duration::from_secs(30)).unwrap();
 
     let mut p = pipeline(&bootstrap, &["in"], StartingOffsets::Earliest, None, vec![builtin("json-filter", r#"{"where": [{"field": "keep", "op": "eq", "value": true}], "select": ["id"]}"#)]);
     p.sink = SinkConfig::Kafka { topic: "out".into() };
+    p.dead_letter = Some(SinkConfig::Kafka { topic: "dead".into() });
     let mut sink = sluice::sink::open(&p.sink, &p.kafka).unwrap();
     let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), sink.as_mut(), &mut |_| {}).unwrap();
-    assert_eq!((summary.records, summary.output_rows), (50, 25));
+    assert_eq!((summary.records, summary.output_rows, summary.rejected), (51, 25, 1));
 
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "reader").create().unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -280,6 +286,27 @@ fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers(broker:
     }
     seen.sort();
     assert_eq!(seen, (0..50).step_by(2).collect::<Vec<i64>>());
+
+    // The dead letter: the record as it was, with why, who and where from in its headers.
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("dead", 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let started = std::time::Instant::now();
+    let letter = loop {
+        use rdkafka::message::{Headers, Message};
+        assert!(started.elapsed() < Duration::from_secs(30), "no dead letter arrived");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let h = m.headers().expect("headers");
+            let headers: Vec<(String, String)> = h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect();
+            break (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), headers);
+        }
+    };
+    assert_eq!((letter.0.as_deref(), letter.1.as_deref()), (Some(&b"k-bad"[..]), Some(&b"{not json"[..])));
+    let header = |k: &str| letter.2.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    assert_eq!(header("trace"), Some("t-bad"));
+    assert!(header("sluice.error.reason").is_some_and(|r| r.contains("invalid JSON")), "{:?}", letter.2);
+    assert_eq!((header("sluice.error.plugin"), header("sluice.error.plugin.version")), (Some("json-filter"), Some("1.0.0")));
+    assert_eq!((header("sluice.source.topic"), header("sluice.source.partition"), header("sluice.source.offset")), (Some("in"), Some("1"), Some("25")));
 }
 
 fn the_parquet_sink_holds_one_file_per_batch_with_the_windows_of_the_independent_computation(broker: &dyn Broker) {
@@ -628,6 +655,85 @@ fn plugins_are_swapped_live_without_losing_or_repeating_a_record(broker: &dyn Br
     assert_eq!((identity.name.as_str(), identity.version.as_str()), ("ad-clicks", "2.0.0"));
 }
 
+/// Records no plugin can use, one of each kind, with the plugin expected to reject it.
+fn bad_records() -> Vec<(&'static str, Option<Vec<u8>>, &'static str)> {
+    let click = |rest: &str| format!(r#"{{"event": "click", "campaign_id": "campaign-01", "user_id": "u-1"{rest}}}"#).into_bytes();
+    let nested = format!(r#"{{"event": "click", "x": {}{}}}"#, "[".repeat(5_000), "]".repeat(5_000)).into_bytes();
+    let mut huge = b"{\"event\": \"click\", \"campaign_id\": \"".to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 900_000));
+    vec![
+        ("invalid UTF-8", Some(vec![0xff, 0xfe, b'{', 0xc3, 0x28]), "json-filter"),
+        ("invalid JSON", Some(b"{\"event\": \"click\", ".to_vec()), "json-filter"),
+        ("null value", None, "json-filter"),
+        ("empty value", Some(Vec::new()), "json-filter"),
+        ("not an object", Some(b"[1, 2, 3]".to_vec()), "json-filter"),
+        ("huge value, cut off", Some(huge), "json-filter"),
+        ("NaN", Some(click(r#", "cost": NaN, "timestamp": 1767225600000"#)), "json-filter"),
+        ("deeply nested", Some(nested), "ad-clicks"),
+        ("missing fields", Some(click("")), "ad-clicks"),
+        ("wrong types", Some(click(r#", "cost": "free", "timestamp": "today""#)), "ad-clicks"),
+        ("number out of range", Some(click(r#", "cost": 1e999, "timestamp": 1767225600000"#)), "ad-clicks"),
+    ]
+}
+
+fn bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same_output(broker: &dyn Broker) {
+    broker.create_topic("mixed", 2).unwrap();
+    let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+    let mut gen = EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() });
+    let bad = bad_records();
+    let (mut good, mut next_offset, mut expected_dead) = (Vec::new(), [0i64; 2], BTreeMap::new());
+    let headers: &[(&str, Option<&[u8]>)] = &[("trace", Some(b"t-1"))];
+    for i in 0..2_000usize {
+        let partition = (i % 2) as i32;
+        let (key, value, h) = if i % 150 == 7 && i / 150 < bad.len() {
+            let (kind, value, plugin) = &bad[i / 150];
+            expected_dead.insert((partition, next_offset[partition as usize]), (*kind, value.clone(), *plugin));
+            (Some(&b"bad"[..]), value.clone(), headers)
+        } else {
+            let e = serde_json::to_value(gen.next_event()).unwrap();
+            let v = serde_json::to_vec(&e).unwrap();
+            good.push(e);
+            // Every third good record has no key: keys are not what the plugins read.
+            (if i % 3 == 0 { None } else { Some(&b"k"[..]) }, Some(v), &[][..])
+        };
+        loader.send("mixed", Outgoing { partition: Some(partition), key, value: value.as_deref(), headers: h }).unwrap();
+        next_offset[partition as usize] += 1;
+    }
+    loader.flush(Duration::from_secs(30)).unwrap();
+    assert_eq!(expected_dead.len(), bad.len());
+
+    let (out, dead) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let filter = r#"{"where": [{"field": "event", "op": "eq", "value": "click"}], "select": ["campaign_id", "user_id", "cost", "timestamp"]}"#;
+    let mut p = pipeline(&broker.bootstrap(), &["mixed"], StartingOffsets::Earliest, Some(400), vec![builtin("json-filter", filter), builtin("ad-clicks", "{}")]);
+    p.dead_letter = Some(SinkConfig::Jsonl { path: dead.path().display().to_string() });
+    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+    assert_eq!((summary.records, summary.rejected), (2_000, bad.len() as u64));
+
+    // The good records give what they give on their own.
+    let clicks: Vec<Value> = good.into_iter().filter(|e| e["event"] == "click").collect();
+    assert_same_windows(&read_dir_rows(out.path()), &clicks);
+    // Each bad record is a dead letter: as it was, plus why and who rejected it.
+    let letters = read_dir_rows(dead.path());
+    assert_eq!(letters.len(), bad.len(), "{letters:?}");
+    for letter in &letters {
+        let at = (letter["partition"].as_i64().unwrap() as i32, letter["offset"].as_i64().unwrap());
+        let (kind, value, plugin) = expected_dead.get(&at).unwrap_or_else(|| panic!("not a bad record: {letter}"));
+        assert_eq!(letter["plugin"], *plugin, "{kind}: {letter}");
+        assert_eq!(letter["plugin_version"], "1.0.0");
+        assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()), "{kind}: {letter}");
+        assert_eq!((letter["topic"].as_str(), letter["key"].as_str()), (Some("mixed"), Some("bad")));
+        assert_eq!(letter["headers"], serde_json::json!([{"key": "trace", "value": "t-1"}]), "{kind}: the record's own headers stay");
+        let expected_value = match value {
+            None => Value::Null,
+            Some(v) => match std::str::from_utf8(v) {
+                Ok(s) => Value::from(s),
+                Err(_) => Value::from(v.iter().map(|b| Value::from(*b)).collect::<Vec<_>>()),
+            },
+        };
+        assert_eq!(letter["value"], expected_value, "{kind}");
+    }
+}
+
 macro_rules! on_each_broker {
     ($($test:ident),* $(,)?) => {
         mod mock {
@@ -650,6 +756,7 @@ on_each_broker!(
     a_batch_that_failed_after_it_was_planned_is_replayed_with_its_recorded_ranges,
     a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_batch_twice,
     plugins_are_swapped_live_without_losing_or_repeating_a_record,
+    bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same_output,
 );
 
 #[test]

@@ -66,6 +66,7 @@ fn the_commented_example_means_what_it_says() {
     assert_eq!(p.source.partition_rates, PartitionRates { max: Some(50_000.0), min: Some(10.0) });
     assert_eq!(p.backpressure, Some(Backpressure { initial_rate: Some(20_000.0), pid: PidSettings::default() }));
     assert_eq!(p.checkpoint, Some(Checkpointing { location: "checkpoints/ad-performance".into(), options: Default::default(), retain: 20 }));
+    assert_eq!(p.dead_letter, Some(Sink::Jsonl { path: "out/ad-performance-dead-letters".into() }));
 }
 
 #[test]
@@ -77,6 +78,7 @@ fn defaults_and_relative_plugin_paths() {
     assert_eq!(minimal.trigger_interval, Duration::from_secs(1));
     assert_eq!(minimal.steps[0].config, "{}");
     assert_eq!(minimal.backpressure, None, "backpressure is off unless enabled");
+    assert_eq!(minimal.dead_letter, None, "rejected records are only logged unless [deadLetter] is set");
     assert_eq!(minimal.adaptive_interval, None, "the interval is fixed unless adaptive");
     assert_eq!(minimal.checkpoint, Some(Checkpointing { location: "checkpoints/minimal".into(), options: Default::default(), retain: DEFAULT_RETAIN }));
     let to_kafka = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();

@@ -348,12 +348,16 @@ fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<
     if let Some(dir) = pipeline.plugin_dir.as_ref().filter(|_| pipeline.steps.iter().any(|s| matches!(s.source, sluice::config::PluginSource::Dir(_)))) {
         writeln!(out, "  plugin directory {} (watched while running: new versions are swapped in live)", dir.display())?;
     }
-    let sink = match &pipeline.sink {
+    let describe = |sink: &Sink| match sink {
         Sink::Parquet { path, compression, .. } => format!("parquet {path} ({compression:?})"),
         Sink::Jsonl { path } => format!("jsonl {path}"),
         Sink::Kafka { topic } => format!("kafka topic {topic} (at least once)"),
     };
-    writeln!(out, "  sink     {sink}")?;
+    writeln!(out, "  sink     {}", describe(&pipeline.sink))?;
+    match &pipeline.dead_letter {
+        Some(d) => writeln!(out, "  dead letters {}", describe(d))?,
+        None => writeln!(out, "  dead letters off: rejected records are only logged")?,
+    }
     match &pipeline.checkpoint {
         Some(c) => writeln!(out, "  checkpoint {} (keeps the newest {})", c.location, c.retain)?,
         None => writeln!(out, "  checkpoint off: restarts resume from the consumer group's offsets, at least once")?,

@@ -250,7 +250,12 @@ fn run_watched(
             Err(e) => tracing::warn!("the checkpoint's rate-controller state cannot be read ({e}); the rate starts over"),
         }
     }
+    let dead_letters = match &pipeline.dead_letter {
+        Some(config) => Some(crate::sink::open(config, &pipeline.kafka).map_err(|e| anyhow::anyhow!("deadLetter: {e}"))?),
+        None => None,
+    };
     let mut runner = Runner {
+        dead_letters,
         watcher,
         swap_time: Duration::ZERO,
         retune: options.retune,
@@ -277,6 +282,8 @@ fn run_watched(
 
 /// The loop's state.
 struct Runner<'a> {
+    /// Where rejected records go.
+    dead_letters: Option<Box<dyn Sink>>,
     watcher: Option<Watcher>,
     /// Time spent swapping plugins since the last batch.
     swap_time: Duration,
@@ -462,6 +469,18 @@ impl Runner<'_> {
         } else {
             self.sink.write(plan.batch_id, &out.batches)?;
             self.sink.commit(plan.batch_id)?;
+        }
+        // Dead letters are written under the batch's id too, before its checkpoint: a
+        // replayed batch does not write them twice (exactly once in a file sink).
+        if let Some(dead) = self.dead_letters.as_mut() {
+            if !out.rejected.is_empty() && !dead.is_committed(plan.batch_id) {
+                let letters = match self.running.dead_letter {
+                    Some(crate::config::Sink::Kafka { .. }) => crate::chain::dead_letter_records(&out.rejected),
+                    _ => crate::chain::dead_letter_rows(&out.rejected),
+                };
+                dead.write(plan.batch_id, &[letters]).map_err(|e| anyhow::anyhow!("dead letters: {e}"))?;
+                dead.commit(plan.batch_id).map_err(|e| anyhow::anyhow!("dead letters: {e}"))?;
+            }
         }
         self.watermark = out.watermark_ms.or(self.watermark);
         if let Some(delay) = scheduling_delay {

@@ -266,6 +266,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
         steps: Vec::new(),
         plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
+        dead_letter: None,
         checkpoint: None,
         backpressure: backpressure.then(|| Backpressure { initial_rate: None, pid: Default::default() }),
     };

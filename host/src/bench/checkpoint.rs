@@ -67,6 +67,7 @@ fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: boo
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         plugin_dir: None,
         sink: SinkConfig::Parquet { path: dir.join("out").display().to_string(), compression: ParquetCompression::Snappy, options: BTreeMap::new() },
+        dead_letter: None,
         checkpoint: checkpoint.then(|| Checkpointing { location: dir.join("checkpoint").display().to_string(), options: BTreeMap::new(), retain: DEFAULT_RETAIN }),
         backpressure: None,
     }

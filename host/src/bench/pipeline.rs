@@ -159,6 +159,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                 steps: Vec::new(),
                 plugin_dir: None,
                 sink: SinkConfig::Jsonl { path: "-".into() },
+                dead_letter: None,
                 checkpoint: None,
                 backpressure: None,
             };

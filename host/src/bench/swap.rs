@@ -122,6 +122,7 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
         steps: vec![Step { source: PluginSource::Dir("ad-clicks".into()), config: "{}".into(), limits: Limits::default() }],
         plugin_dir: Some(plugins.path().to_path_buf()),
         sink: SinkConfig::Jsonl { path: "-".into() },
+        dead_letter: None,
         checkpoint: None,
         backpressure: None,
     };

@@ -87,6 +87,16 @@ pub enum Sink {
     },
 }
 
+impl Sink {
+    /// The path or topic it writes to.
+    pub fn target(&self) -> &str {
+        match self {
+            Sink::Parquet { path, .. } | Sink::Jsonl { path } => path,
+            Sink::Kafka { topic } => topic,
+        }
+    }
+}
+
 /// Compression of Parquet column chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ParquetCompression {
@@ -156,6 +166,9 @@ pub struct Pipeline {
     pub plugin_dir: Option<PathBuf>,
     /// Output.
     pub sink: Sink,
+    /// Where records a plugin rejects go (`[deadLetter]`, same keys as `[sink]`); `None`:
+    /// they are only logged.
+    pub dead_letter: Option<Sink>,
     /// Checkpoints; `None` when `checkpoint.enabled = false`.
     pub checkpoint: Option<Checkpointing>,
     /// PID backpressure; `None` unless `backpressure.enabled = true`.
@@ -210,6 +223,33 @@ fn valid_topic(name: &str) -> bool {
         && name != "."
         && name != ".."
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Check a `[sink]`-shaped table; `key` names it in messages.
+fn check_sink(raw: raw::RawSink, key: &str, source_topics: &[String], invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<Sink, ConfigError> {
+    let at = |k: &str| format!("{key}.{k}");
+    Ok(match raw {
+        raw::RawSink::Parquet { path, .. } if path.trim().is_empty() => return Err(invalid(&at("path"), "must not be empty".into())),
+        raw::RawSink::Jsonl { path } if path.trim().is_empty() => return Err(invalid(&at("path"), "must not be empty; use `-` for stdout".into())),
+        raw::RawSink::Kafka { topic } if !valid_topic(&topic) => return Err(invalid(&at("topic"), format!("`{topic}` is not a Kafka topic name"))),
+        raw::RawSink::Kafka { topic } if source_topics.contains(&topic) => {
+            return Err(invalid(&at("topic"), format!("`{topic}` is also a source topic: the pipeline would read its own output")))
+        }
+        raw::RawSink::Parquet { path, compression, options } => {
+            crate::store::check_location(&path).map_err(|message| invalid(&at("path"), message))?;
+            let compression = match compression {
+                None => ParquetCompression::default(),
+                Some(name) => ParquetCompression::parse(&name)
+                    .ok_or_else(|| invalid(&at("compression"), format!("`{name}` is not a Parquet compression; use {}", ParquetCompression::NAMES)))?,
+            };
+            if !options.is_empty() && !path.contains("://") {
+                return Err(invalid(&at("options"), "object-store options apply to URLs like `s3://bucket/prefix`; remove them for a local directory".into()));
+            }
+            Sink::Parquet { path, compression, options }
+        }
+        raw::RawSink::Jsonl { path } => Sink::Jsonl { path },
+        raw::RawSink::Kafka { topic } => Sink::Kafka { topic },
+    })
 }
 
 /// A plugin name usable as a file name in the plugin directory.
@@ -393,31 +433,11 @@ impl Pipeline {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let sink = match raw.sink {
-            raw::RawSink::Parquet { path, .. } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty".into())),
-            raw::RawSink::Jsonl { path } if path.trim().is_empty() => return Err(invalid("sink.path", "must not be empty; use `-` for stdout".into())),
-            raw::RawSink::Kafka { topic } if !valid_topic(&topic) => {
-                return Err(invalid("sink.topic", format!("`{topic}` is not a Kafka topic name")))
-            }
-            raw::RawSink::Kafka { topic } if source.topics.contains(&topic) => {
-                return Err(invalid("sink.topic", format!("`{topic}` is also a source topic: the pipeline would read its own output")))
-            }
-            raw::RawSink::Parquet { path, compression, options } => {
-                crate::store::check_location(&path).map_err(|message| invalid("sink.path", message))?;
-                let compression = match compression {
-                    None => ParquetCompression::default(),
-                    Some(name) => ParquetCompression::parse(&name).ok_or_else(|| {
-                        invalid("sink.compression", format!("`{name}` is not a Parquet compression; use {}", ParquetCompression::NAMES))
-                    })?,
-                };
-                if !options.is_empty() && !path.contains("://") {
-                    return Err(invalid("sink.options", "object-store options apply to URLs like `s3://bucket/prefix`; remove them for a local directory".into()));
-                }
-                Sink::Parquet { path, compression, options }
-            }
-            raw::RawSink::Jsonl { path } => Sink::Jsonl { path },
-            raw::RawSink::Kafka { topic } => Sink::Kafka { topic },
-        };
+        let sink = check_sink(raw.sink, "sink", &source.topics, &invalid)?;
+        let dead_letter = raw.dead_letter.map(|d| check_sink(d, "deadLetter", &source.topics, &invalid)).transpose()?;
+        if dead_letter.as_ref().is_some_and(|d| d.target() == sink.target()) {
+            return Err(invalid("deadLetter", "is the same place as [sink]; give dead letters a path or topic of their own".into()));
+        }
 
         let raw_checkpoint = raw.checkpoint.unwrap_or_default();
         let checkpoint = if raw_checkpoint.enabled == Some(false) {
@@ -478,6 +498,6 @@ impl Pipeline {
             Some(dir) => Some(base.join(dir)),
             None => None,
         };
-        Ok(Self { name, source, trigger_interval, adaptive_interval, kafka, steps, plugin_dir, sink, checkpoint, backpressure })
+        Ok(Self { name, source, trigger_interval, adaptive_interval, kafka, steps, plugin_dir, sink, dead_letter, checkpoint, backpressure })
     }
 }

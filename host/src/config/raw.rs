@@ -20,6 +20,8 @@ pub struct RawPipeline {
     #[serde(default)]
     pub plugin: Vec<RawPlugin>,
     pub sink: RawSink,
+    #[serde(rename = "deadLetter")]
+    pub dead_letter: Option<RawSink>,
     pub checkpoint: Option<RawCheckpoint>,
     pub backpressure: Option<RawBackpressure>,
 }

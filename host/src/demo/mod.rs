@@ -136,6 +136,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
         steps: vec![step("json-filter", FILTER_CONFIG), step("ad-clicks", "{}")],
         plugin_dir: None,
         sink: SinkConfig::Jsonl { path: "-".into() },
+        dead_letter: None,
         checkpoint: Some(crate::config::Checkpointing { location: "memory://".into(), options: Default::default(), retain: crate::config::DEFAULT_RETAIN }),
         backpressure: None,
     };
