@@ -48,7 +48,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
 }
 
 fn builtin(name: &str, config: &str) -> Step {
-    Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default() }
+    Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default(), failure: Default::default() }
 }
 
 /// Produce seed-style events round-robin over the partitions of `topics`; returns them in
@@ -559,7 +559,7 @@ fn plugins_are_swapped_live_without_losing_or_repeating_a_record(broker: &dyn Br
     publish(dir, "ad-clicks.toml", windows.as_bytes());
     publish(dir, "filter.wasm", &std::fs::read(sluice_tests::HOSTILE_WASM).unwrap());
     publish(dir, "filter.toml", b"mode = \"ok\"\n");
-    let named = |name: &str| Step { source: PluginSource::Dir(name.into()), config: "{}".into(), limits: Limits::default() };
+    let named = |name: &str| Step { source: PluginSource::Dir(name.into()), config: "{}".into(), limits: Limits::default(), failure: Default::default() };
     let mut p = with_checkpoint(pipeline(&broker.bootstrap(), &["swap-clicks"], StartingOffsets::Earliest, Some(300), vec![named("filter"), named("ad-clicks")]), ck.path());
     p.plugin_dir = Some(dir.to_path_buf());
 
@@ -876,4 +876,73 @@ fn the_swap_benchmark_times_each_swap_against_the_median_batch() {
     assert_eq!(stalls.len(), 2, "{report}");
     assert!(stalls.iter().all(|s| s.first_batch > Duration::ZERO && s.median > Duration::ZERO), "{report}");
     assert!(report.contains("worst stall"), "{report}");
+}
+
+#[test]
+fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_runs_on() {
+    use sluice::chain::{FailurePolicy, OnFailure};
+    let broker = Mock::start().unwrap();
+    broker.create_topic("calm", 2).unwrap();
+    broker.create_topic("target", 1).unwrap();
+    let bootstrap = broker.bootstrap();
+    let events = produce(&broker, &[("calm", 2)], 2_000);
+    let loader = Loader::connect(&bootstrap, &[]).unwrap();
+    for i in 0..30 {
+        let value = format!(r#"{{"i": {i}}}"#);
+        loader.send("target", Outgoing { partition: Some(0), key: None, value: Some(value.as_bytes()), headers: &[] }).unwrap();
+    }
+    loader.flush(Duration::from_secs(30)).unwrap();
+
+    let hostile = |mode: &str, limits: Limits, then: OnFailure| Step {
+        source: PluginSource::File(sluice_tests::HOSTILE_WASM.into()),
+        config: format!(r#"{{"mode": "{mode}"}}"#),
+        limits,
+        failure: FailurePolicy { retries: 1, backoff: Duration::from_millis(10), then },
+    };
+    let tight = Limits { memory_bytes: 32 << 20, call_timeout: Duration::from_millis(300) };
+    std::thread::scope(|scope| {
+        // A healthy pipeline in the same process, all along.
+        let calm = scope.spawn(|| {
+            let out = tempfile::tempdir().unwrap();
+            let mut p = pipeline(&bootstrap, &["calm"], StartingOffsets::Earliest, Some(100), vec![builtin("ad-clicks", "{}")]);
+            p.source.group_id = "calm".into();
+            let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+            assert_same_windows(&read_dir_rows(out.path()), &events);
+            summary.batches
+        });
+        for (mode, expected) in [
+            ("spin", "time budget of 300 ms per call exceeded"),
+            ("alloc", "memory limit of 32 MiB exceeded"),
+            ("recurse", "stack overflow"),
+            ("panic", "hostile plugin panicked on purpose with 10 records"),
+        ] {
+            // Dead-lettered: the run goes on and every record of the failed batches is a
+            // dead letter with the trap as its reason.
+            let dead = tempfile::tempdir().unwrap();
+            let mut p = pipeline(&bootstrap, &["target"], StartingOffsets::Earliest, Some(10), vec![hostile(mode, tight, OnFailure::DeadLetter)]);
+            p.source.group_id = format!("hostile-{mode}");
+            p.dead_letter = Some(SinkConfig::Jsonl { path: dead.path().display().to_string() });
+            let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut Discarding, &mut |_| {}).unwrap();
+            assert_eq!((summary.records, summary.rejected), (30, 30), "{mode}");
+            let letters = read_dir_rows(dead.path());
+            assert_eq!(letters.len(), 30, "{mode}");
+            let reason = letters[0]["reason"].as_str().unwrap();
+            assert!(reason.contains("failed in hostile 0.1.0 2 times") && reason.contains(expected), "{mode}: {reason}");
+            // Stopped (the default): the run ends with the trap, named.
+            let mut p = pipeline(&bootstrap, &["target"], StartingOffsets::Earliest, Some(10), vec![hostile(mode, tight, OnFailure::Stop)]);
+            p.source.group_id = format!("hostile-stop-{mode}");
+            let e = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut Discarding, &mut |_| {}).unwrap_err();
+            assert!(e.to_string().contains("plugin hostile trapped in process: ") && e.to_string().contains(expected), "{mode}: {e}");
+        }
+        assert!(calm.join().unwrap() >= 20, "the healthy pipeline ran its batches");
+    });
+}
+
+/// A sink that keeps nothing.
+struct Discarding;
+
+impl Sink for Discarding {
+    fn write(&mut self, _: u64, _: &[RecordBatch]) -> Result<(), SinkError> {
+        Ok(())
+    }
 }

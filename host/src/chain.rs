@@ -1,6 +1,8 @@
 //! The plugin step of the data path: one batch through a chain of plugin instances
 //! (transforms, then at most one aggregate), each called once per batch.
 
+use std::time::Duration;
+
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type};
 use arrow_array::RecordBatch;
@@ -29,6 +31,47 @@ pub trait Stage {
     fn snapshot(&mut self) -> Result<Vec<u8>, CallError>;
     /// Restore state written by a plugin whose state version was `state_version`.
     fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError>;
+    /// Become a fresh instance of the same plugin and config (initial state), after a
+    /// failure.
+    fn rebuild(&mut self) -> Result<(), CallError> {
+        Err(CallError::Plugin { plugin: self.name().to_string(), call: "rebuild", kind: sluice_sdk::ErrorKind::BatchFailed, message: "this step cannot be rebuilt".into() })
+    }
+}
+
+/// What a step does when a batch fails in it (a trap, or an error for the whole batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailurePolicy {
+    /// Times the batch is tried again, each time with a fresh instance holding the state
+    /// of the last checkpoint.
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub backoff: Duration,
+    /// What happens when the retries failed too.
+    pub then: OnFailure,
+}
+
+impl FailurePolicy {
+    /// Retries by default.
+    pub const DEFAULT_RETRIES: u32 = 2;
+    /// Backoff by default.
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self { retries: Self::DEFAULT_RETRIES, backoff: Self::DEFAULT_BACKOFF, then: OnFailure::Stop }
+    }
+}
+
+/// The last resort of a [`FailurePolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Stop the pipeline with the error (the batch is not committed; a restart retries it).
+    #[default]
+    Stop,
+    /// Send every record of the batch to the dead-letter sink, with the error as the
+    /// reason, and go on with the next batch.
+    DeadLetter,
 }
 
 impl Stage for PluginInstance {
@@ -56,6 +99,10 @@ impl Stage for PluginInstance {
     }
     fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError> {
         PluginInstance::restore(self, state, state_version)
+    }
+    fn rebuild(&mut self) -> Result<(), CallError> {
+        *self = self.fresh()?;
+        Ok(())
     }
 }
 
@@ -260,6 +307,11 @@ pub struct Chain {
     stages: Vec<Box<dyn Stage>>,
     /// Per step, the version a swap replaced, kept until the new one has processed a batch.
     replaced: Vec<Option<Box<dyn Stage>>>,
+    /// Per step, what to do when a batch fails in it.
+    policies: Vec<FailurePolicy>,
+    /// Per aggregate step, its state at the last snapshot and the state version it was
+    /// written with: what a rebuilt instance starts from.
+    saved: Vec<Option<(Vec<u8>, u32)>>,
 }
 
 fn shown(stage: &dyn Stage) -> String {
@@ -286,13 +338,14 @@ impl Chain {
             }
         }
         let replaced = stages.iter().map(|_| None).collect();
-        Ok(Self { stages, replaced })
+        let (policies, saved) = (vec![FailurePolicy::default(); stages.len()], vec![None; stages.len()]);
+        Ok(Self { stages, replaced, policies, saved })
     }
 
     /// A chain without plugins whose batches produce no output: what the broker and the
     /// source deliver on their own, for benchmarks.
     pub fn consume_only() -> Self {
-        Self { stages: Vec::new(), replaced: Vec::new() }
+        Self { stages: Vec::new(), replaced: Vec::new(), policies: Vec::new(), saved: Vec::new() }
     }
 
     /// The steps, in order.
@@ -300,15 +353,35 @@ impl Chain {
         self.stages.iter().map(|s| s.as_ref())
     }
 
-    /// The state of every step, for a checkpoint; stateless transforms have none.
+    /// Set what each step does when a batch fails in it (by position; missing ones keep
+    /// the default).
+    pub fn set_policies(&mut self, policies: impl IntoIterator<Item = FailurePolicy>) {
+        for (slot, policy) in self.policies.iter_mut().zip(policies) {
+            *slot = policy;
+        }
+    }
+
+    /// Whether a failure policy needs the aggregates' state after every batch (to rebuild
+    /// an instance from), which a checkpoint otherwise provides.
+    pub fn needs_state_copies(&self) -> bool {
+        self.stages.iter().zip(&self.policies).any(|(s, p)| s.kind() == PluginKind::Aggregate && (p.retries > 0 || p.then == OnFailure::DeadLetter))
+    }
+
+    /// The state of every step, for a checkpoint; stateless transforms have none. It is
+    /// also what an instance rebuilt after a failure starts from.
     pub fn snapshot(&mut self) -> Result<Vec<SavedPlugin>, CallError> {
-        self.stages
+        let saved: Vec<SavedPlugin> = self
+            .stages
             .iter_mut()
             .map(|s| {
                 let state = if s.kind() == PluginKind::Aggregate { Some(s.snapshot()?) } else { None };
                 Ok(SavedPlugin { identity: s.identity(), state })
             })
-            .collect()
+            .collect::<Result<_, CallError>>()?;
+        for (slot, p) in self.saved.iter_mut().zip(&saved) {
+            *slot = p.state.clone().map(|state| (state, p.identity.state_version));
+        }
+        Ok(saved)
     }
 
     /// Hand each step the state a checkpoint saved for it. Steps are matched by position
@@ -339,6 +412,9 @@ impl Chain {
                 error,
             })?;
         }
+        for (slot, p) in self.saved.iter_mut().zip(saved) {
+            *slot = p.state.clone().map(|state| (state, p.identity.state_version));
+        }
         Ok(())
     }
 
@@ -366,7 +442,9 @@ impl Chain {
             let state = running.snapshot().map_err(|error| SwapError::Snapshot { running: shown(running.as_ref()), error })?;
             let state_version = running.identity().state_version;
             new.restore(&state, state_version).map_err(|error| SwapError::Restore { running: shown(running.as_ref()), new: shown(new.as_ref()), state_version, error })?;
+            self.saved[index] = Some((state, state_version));
         }
+        let running = &mut self.stages[index];
         let before = std::mem::replace(running, new);
         // Two swaps before a batch: the proven version stays the one to fall back to.
         let slot = &mut self.replaced[index];
@@ -382,7 +460,8 @@ impl Chain {
         let source = batch.clone();
         let mut input = batch;
         let last = self.stages.len().saturating_sub(1);
-        for (i, stage) in self.stages.iter_mut().enumerate() {
+        for i in 0..self.stages.len() {
+            let stage = &mut self.stages[i];
             let finished = match (stage.process(&input, ctx), self.replaced[i].take()) {
                 (Ok(finished), Some(before)) => {
                     tracing::info!("plugin step {i}: {} processed its first batch and replaces {} for good", shown(stage.as_ref()), shown(before.as_ref()));
@@ -397,8 +476,9 @@ impl Chain {
                     out.rolled_back.push(rolled);
                     stage.process(&input, ctx)?
                 }
-                (Err(error), None) => return Err(error),
+                (Err(error), None) => self.recover(i, &input, ctx, error, &mut out)?,
             };
+            let stage = &self.stages[i];
             for e in finished.record_errors {
                 out.rejected.push(locate(&input, e.row as usize, stage.as_ref(), e.reason));
             }
@@ -423,6 +503,49 @@ impl Chain {
             }
         }
         Ok(out)
+    }
+
+    /// Step `i` failed on `input`: apply its [`FailurePolicy`].
+    fn recover(&mut self, i: usize, input: &RecordBatch, ctx: &Context, error: CallError, out: &mut ChainOutput) -> Result<Finished, CallError> {
+        let policy = self.policies[i];
+        let name = shown(self.stages[i].as_ref());
+        let mut error = error;
+        for attempt in 1..=policy.retries {
+            let wait = policy.backoff.saturating_mul(1 << (attempt - 1).min(16));
+            tracing::warn!("plugin step {i}: {name} failed batch {} ({error}); retry {attempt} of {} in {} ms with a fresh instance", ctx.batch_id, policy.retries, wait.as_millis());
+            std::thread::sleep(wait);
+            match self.fresh(i).and_then(|()| self.stages[i].process(input, ctx)) {
+                Ok(finished) => {
+                    tracing::info!("plugin step {i}: {name} processed batch {} on retry {attempt}", ctx.batch_id);
+                    return Ok(finished);
+                }
+                Err(e) => error = e,
+            }
+        }
+        match policy.then {
+            OnFailure::Stop => Err(error),
+            OnFailure::DeadLetter => {
+                let tries = policy.retries + 1;
+                tracing::error!("plugin step {i}: {name} failed batch {} {tries} times ({error}); its {} records go to the dead letters", ctx.batch_id, input.num_rows());
+                // The instance that goes on must not hold half of this batch.
+                self.fresh(i)?;
+                let reason = format!("the whole batch {} failed in {name} {tries} times: {error}", ctx.batch_id);
+                for row in 0..input.num_rows() {
+                    out.rejected.push(locate(input, row, self.stages[i].as_ref(), reason.clone()));
+                }
+                Ok(Finished::default())
+            }
+        }
+    }
+
+    /// Replace step `i` by a fresh instance holding its state at the last snapshot.
+    fn fresh(&mut self, i: usize) -> Result<(), CallError> {
+        let stage = &mut self.stages[i];
+        stage.rebuild()?;
+        if let Some((state, state_version)) = &self.saved[i] {
+            stage.restore(state, *state_version)?;
+        }
+        Ok(())
     }
 }
 
@@ -472,6 +595,8 @@ mod tests {
         state_version: u32,
         count: i64,
         fail_first: bool,
+        /// Calls to `process` that fail, shared by the instance and its rebuilds.
+        failures: Arc<std::sync::atomic::AtomicU32>,
         schema: SchemaRef,
     }
 
@@ -481,7 +606,7 @@ mod tests {
 
     fn counter(name: &'static str, version: &'static str, state_version: u32) -> Box<Counter> {
         let schema = Arc::new(Schema::new(vec![Field::new("count", DataType::Int64, false)]));
-        Box::new(Counter { name, version, state_version, count: 0, fail_first: false, schema })
+        Box::new(Counter { name, version, state_version, count: 0, fail_first: false, failures: Default::default(), schema })
     }
 
     impl Stage for Counter {
@@ -501,6 +626,12 @@ mod tests {
             if std::mem::take(&mut self.fail_first) {
                 return Err(failed("broken on purpose"));
             }
+            let failing = self.failures.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+            if failing {
+                // Half the batch counted, then a failure: a rebuilt instance must not keep it.
+                self.count += batch.num_rows() as i64 / 2;
+                return Err(failed("trapped on purpose"));
+            }
             self.count += batch.num_rows() as i64;
             let column: ArrayRef = Arc::new(Int64Array::from(vec![self.count]));
             Ok(Finished { batches: vec![RecordBatch::try_new(self.schema.clone(), vec![column]).unwrap()], ..Finished::default() })
@@ -518,6 +649,50 @@ mod tests {
             self.count = i64::from_le_bytes(state.try_into().unwrap());
             Ok(())
         }
+        fn rebuild(&mut self) -> Result<(), CallError> {
+            self.count = 0;
+            Ok(())
+        }
+    }
+
+    fn policy(retries: u32, then: OnFailure) -> FailurePolicy {
+        FailurePolicy { retries, backoff: Duration::from_millis(1), then }
+    }
+
+    /// A chain of one counter that fails its next `failures` batches, after a first batch
+    /// of 3 records and a checkpoint.
+    fn failing_after_a_checkpoint(failures: u32, policy: FailurePolicy) -> Chain {
+        let c = counter("count", "1", 1);
+        let shared = c.failures.clone();
+        let mut chain = Chain::of_stages(vec![c]).unwrap();
+        chain.set_policies([policy]);
+        chain.process(records(3), &Context::default()).unwrap();
+        chain.snapshot().unwrap();
+        shared.store(failures, std::sync::atomic::Ordering::SeqCst);
+        chain
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_on_a_fresh_instance_holding_the_checkpointed_state() {
+        let mut chain = failing_after_a_checkpoint(2, policy(2, OnFailure::Stop));
+        let out = chain.process(records(4), &Context::default()).unwrap();
+        assert_eq!(count(&out), 7, "3 before, 4 now, nothing of the failed attempts");
+        assert!(out.rejected.is_empty());
+    }
+
+    #[test]
+    fn when_the_retries_fail_too_the_run_stops_or_the_batch_goes_to_the_dead_letters() {
+        let mut chain = failing_after_a_checkpoint(3, policy(2, OnFailure::Stop));
+        let e = chain.process(records(4), &Context::default()).unwrap_err();
+        assert!(e.to_string().contains("trapped on purpose"), "{e}");
+
+        let mut chain = failing_after_a_checkpoint(3, policy(2, OnFailure::DeadLetter));
+        let out = chain.process(records(4), &Context::default()).unwrap();
+        assert!(out.batches.is_empty());
+        assert_eq!(out.rejected.len(), 4);
+        assert!(out.rejected[0].reason.contains("failed in count 1 3 times") && out.rejected[0].reason.contains("trapped on purpose"), "{}", out.rejected[0].reason);
+        let out = chain.process(records(2), &Context::default()).unwrap();
+        assert_eq!(count(&out), 5, "the next batch goes on from the checkpointed state");
     }
 
     fn records(n: i64) -> RecordBatch {
@@ -577,6 +752,8 @@ mod tests {
         let mut chain = Chain::of_stages(vec![counter("count", "1", 1)]).unwrap();
         chain.stages.insert(0, counter("first", "1", 1));
         chain.replaced.insert(0, None);
+        chain.policies.insert(0, FailurePolicy::default());
+        chain.saved.insert(0, None);
         let e = chain.swap(0, counter("first", "2", 1)).unwrap_err();
         assert!(matches!(e, SwapError::Chain(ChainError::AggregateNotLast(_))), "{e}");
     }

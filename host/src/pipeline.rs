@@ -104,7 +104,9 @@ fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> anyhow::Result<(Chain, 
         };
         stages.push(instance.map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?);
     }
-    Ok((Chain::new(stages)?, watched))
+    let mut chain = Chain::new(stages)?;
+    chain.set_policies(pipeline.steps.iter().map(|s| s.failure));
+    Ok((chain, watched))
 }
 
 fn now_ms() -> i64 {
@@ -501,6 +503,10 @@ impl Runner<'_> {
             })?;
         }
         let checkpointed = tick.elapsed();
+        if self.checkpoints.is_none() && self.chain.needs_state_copies() {
+            // What a failure policy rebuilds an instance from (a checkpoint does this too).
+            self.chain.snapshot()?;
+        }
         self.source.commit(&ranges)?;
         let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
         let duration = tick.elapsed();

@@ -57,7 +57,7 @@ pub struct CheckpointBench {
 }
 
 fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: bool) -> Pipeline {
-    let step = |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default() };
+    let step = |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default(), failure: Default::default() };
     Pipeline {
         name: name.into(),
         source: Source { topics: vec![TOPIC.into()], starting_offsets: StartingOffsets::Earliest, max_offsets_per_trigger: Some(batch), partition_rates: Default::default(), group_id: name.into() },

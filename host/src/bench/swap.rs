@@ -119,7 +119,7 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
         trigger_interval: args.interval,
         adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]),
-        steps: vec![Step { source: PluginSource::Dir("ad-clicks".into()), config: "{}".into(), limits: Limits::default() }],
+        steps: vec![Step { source: PluginSource::Dir("ad-clicks".into()), config: "{}".into(), limits: Limits::default(), failure: Default::default() }],
         plugin_dir: Some(plugins.path().to_path_buf()),
         sink: SinkConfig::Jsonl { path: "-".into() },
         dead_letter: None,

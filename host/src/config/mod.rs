@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::rate::{AdaptiveInterval, PartitionRates, PidSettings};
+use crate::chain::{FailurePolicy, OnFailure};
 use crate::runtime::Limits;
 
 /// Where consumption starts when there is no checkpoint.
@@ -60,6 +61,8 @@ pub struct Step {
     pub config: String,
     /// Its sandbox limits.
     pub limits: Limits,
+    /// What it does when a batch fails in it.
+    pub failure: FailurePolicy,
 }
 
 /// Where output goes.
@@ -392,6 +395,7 @@ impl Pipeline {
             return Err(invalid("plugin", "add at least one [[plugin]] step with `path` or `builtin`".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
+        let has_dead_letter = raw.dead_letter.is_some();
         let steps = raw
             .plugin
             .into_iter()
@@ -429,7 +433,22 @@ impl Pipeline {
                         _ => return Err(invalid(&key("callTimeout"), format!("`{text}` is not a positive duration like `500ms` or `10s`"))),
                     };
                 }
-                Ok(Step { source, config, limits })
+                let mut failure = FailurePolicy::default();
+                if let Some(n) = p.retries {
+                    failure.retries = u32::try_from(n).ok().filter(|n| *n <= 100).ok_or_else(|| invalid(&key("retries"), format!("must be 0 to 100, got {n}")))?;
+                }
+                if let Some(text) = p.retry_backoff {
+                    failure.backoff = humantime::parse_duration(&text).map_err(|_| invalid(&key("retryBackoff"), format!("`{text}` is not a duration like `500ms` or `1s`")))?;
+                }
+                match p.on_failure.as_deref() {
+                    None | Some("stop") => {}
+                    Some("dead-letter") if has_dead_letter => failure.then = OnFailure::DeadLetter,
+                    Some("dead-letter") => {
+                        return Err(invalid(&key("onFailure"), "`dead-letter` needs a [deadLetter] sink to send the batch's records to; add one, or use `stop`".into()))
+                    }
+                    Some(other) => return Err(invalid(&key("onFailure"), format!("`{other}` is not a failure action; use `stop` or `dead-letter`"))),
+                }
+                Ok(Step { source, config, limits, failure })
             })
             .collect::<Result<Vec<_>, _>>()?;
 

@@ -97,6 +97,9 @@ pub struct RawPlugin {
     pub config: Option<toml::Table>,
     pub memory_mb: Option<i64>,
     pub call_timeout: Option<String>,
+    pub retries: Option<i64>,
+    pub retry_backoff: Option<String>,
+    pub on_failure: Option<String>,
 }
 
 /// `[sink]`.

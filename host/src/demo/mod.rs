@@ -120,7 +120,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
     cluster.create_topic(TOPIC, PARTITIONS)?;
     let bootstrap = cluster.bootstrap();
 
-    let step = |name: &str, config: &str| Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default() };
+    let step = |name: &str, config: &str| Step { source: PluginSource::Builtin(name.into()), config: config.into(), limits: Limits::default(), failure: Default::default() };
     let pipeline = Pipeline {
         name: "demo".into(),
         source: Source {

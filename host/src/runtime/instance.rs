@@ -24,6 +24,9 @@ pub struct PluginInstance {
     output_schema: SchemaRef,
     limits: Limits,
     discarded: bool,
+    /// What it was made from, to make a fresh one.
+    loaded: LoadedPlugin,
+    config: Arc<str>,
 }
 
 pub(super) fn decode_schema(bytes: Vec<u8>) -> Result<SchemaRef, String> {
@@ -97,6 +100,8 @@ impl PluginInstance {
             name,
             limits,
             discarded: false,
+            loaded: loaded.clone(),
+            config: Arc::from(config),
         };
         let schema = instance.call("init", |p, s| p.call_init(s, config))?;
         instance.output_schema = decode_schema(schema).map_err(|reason| CallError::BadOutput {
@@ -105,6 +110,11 @@ impl PluginInstance {
             reason: format!("the output schema is not an Arrow IPC schema: {reason}"),
         })?;
         Ok(instance)
+    }
+
+    /// A new instance of the same plugin with the same config, in its initial state.
+    pub fn fresh(&self) -> Result<PluginInstance, CallError> {
+        Self::new(&self.loaded, &self.config)
     }
 
     /// What the plugin says about itself.
