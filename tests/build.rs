@@ -5,5 +5,5 @@
 mod build_support;
 
 fn main() {
-    build_support::build_and_export(&["tests/plugins/hostile", "tests/plugins/other-world", "tests/plugins/ad-clicks-v2"], "SLUICE_TEST_PLUGIN_");
+    build_support::build_and_export(&["tests/plugins/hostile", "tests/plugins/other-world", "tests/plugins/ad-clicks-v2", "tests/plugins/raw-output"], "SLUICE_TEST_PLUGIN_");
 }

@@ -899,7 +899,7 @@ fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_
         limits,
         failure: FailurePolicy { retries: 1, backoff: Duration::from_millis(10), then },
     };
-    let tight = Limits { memory_bytes: 32 << 20, call_timeout: Duration::from_millis(300) };
+    let tight = Limits { memory_bytes: 32 << 20, call_timeout: Duration::from_millis(300), max_output_bytes: 64 << 10 };
     std::thread::scope(|scope| {
         // A healthy pipeline in the same process, all along.
         let calm = scope.spawn(|| {
@@ -911,10 +911,11 @@ fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_
             summary.batches
         });
         for (mode, expected) in [
-            ("spin", "time budget of 300 ms per call exceeded"),
-            ("alloc", "memory limit of 32 MiB exceeded"),
-            ("recurse", "stack overflow"),
+            ("spin", "trapped in process: time budget of 300 ms per call exceeded"),
+            ("alloc", "trapped in process: memory limit of 32 MiB exceeded"),
+            ("recurse", "trapped in process: stack overflow"),
             ("panic", "hostile plugin panicked on purpose with 10 records"),
+            ("flood", "MiB exceeds the limit of 0.1 MiB per call (maxOutputMb)"),
         ] {
             // Dead-lettered: the run goes on and every record of the failed batches is a
             // dead letter with the trap as its reason.
@@ -932,7 +933,7 @@ fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_
             let mut p = pipeline(&bootstrap, &["target"], StartingOffsets::Earliest, Some(10), vec![hostile(mode, tight, OnFailure::Stop)]);
             p.source.group_id = format!("hostile-stop-{mode}");
             let e = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut Discarding, &mut |_| {}).unwrap_err();
-            assert!(e.to_string().contains("plugin hostile trapped in process: ") && e.to_string().contains(expected), "{mode}: {e}");
+            assert!(e.to_string().contains("plugin hostile ") && e.to_string().contains(expected), "{mode}: {e}");
         }
         assert!(calm.join().unwrap() >= 20, "the healthy pipeline ran its batches");
     });

@@ -60,6 +60,7 @@ fn the_commented_example_means_what_it_says() {
     assert_eq!(filter["where"][0]["value"], "click");
     assert_eq!(p.steps[1].limits.memory_bytes, 1024 << 20);
     assert_eq!(p.steps[1].limits.call_timeout, Duration::from_secs(30));
+    assert_eq!(p.steps[1].limits.max_output_bytes, 64 << 20);
     assert_eq!(p.steps[1].failure, FailurePolicy { retries: 3, backoff: Duration::from_millis(500), then: OnFailure::DeadLetter });
     assert_eq!(p.steps[0].failure, FailurePolicy::default());
     let clicks: serde_json::Value = serde_json::from_str(&p.steps[1].config).unwrap();

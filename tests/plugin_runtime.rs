@@ -396,3 +396,45 @@ fn compiled_plugins_are_cached_on_disk_and_a_corrupt_cache_file_is_replaced() {
     instance.process(&batch(&[b"{}".to_vec()], 0), &ctx(0, None)).unwrap();
     assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "the corrupt file was rewritten");
 }
+
+#[test]
+fn output_beyond_the_size_limit_is_refused_and_the_instance_goes_on() {
+    let limits = Limits { max_output_bytes: 1 << 20, ..Limits::default() };
+    let mut instance = hostile_instance("flood", limits);
+    let records = vec![b"{\"a\": 1}".to_vec(); 20];
+    let e = instance.process(&batch(&records, 0), &ctx(0, None)).unwrap_err();
+    assert!(matches!(e, CallError::BadOutput { .. }), "{e}");
+    assert!(e.to_string().contains("exceeds the limit of 1.0 MiB per call (maxOutputMb)"), "{e}");
+    let e = instance.process(&batch(&records, 0), &ctx(1, None)).unwrap_err();
+    assert!(matches!(e, CallError::BadOutput { .. }), "the instance was kept and is refused again: {e}");
+    host_still_works();
+}
+
+#[test]
+fn a_plugin_gets_no_files_no_environment_and_no_network() {
+    let mut instance = hostile_instance("escape", Limits::default());
+    let out = instance.process(&batch(&[b"{}".to_vec()], 0), &ctx(0, None)).unwrap();
+    let values = sluice_sdk::Batch::new(out.batches[0].clone()).unwrap();
+    let report: Value = serde_json::from_slice(values.records().next().unwrap().value().unwrap()).unwrap();
+    for attempt in ["read_file", "list_dir", "write_file", "env_var", "env_vars", "connect", "args"] {
+        let outcome = report[attempt].as_str().unwrap();
+        assert!(outcome.starts_with("denied"), "{attempt}: {outcome} (report {report})");
+    }
+    assert!(!std::path::Path::new("/tmp/sluice-escape").exists());
+}
+
+#[test]
+fn broken_output_from_a_plugin_without_the_sdk_is_refused_with_the_reason() {
+    let loaded = runtime().load_file(sluice_tests::RAW_OUTPUT_WASM, Limits::default()).unwrap();
+    for (mode, expected) in [
+        ("garbage", "plugin raw-output returned invalid output from process: output is not an Arrow IPC stream"),
+        ("other-schema", "output columns [\"n: Int64\"] differ from the schema declared by init"),
+        ("bad-row", "rejected row 1000000 of a batch of 2 rows"),
+    ] {
+        let mut instance = loaded.instantiate(mode).unwrap();
+        let e = instance.process(&batch(&[b"{}".to_vec(), b"{}".to_vec()], 0), &ctx(0, None)).unwrap_err();
+        assert!(e.to_string().contains(expected), "{mode}: {e}");
+    }
+    let mut fine = loaded.instantiate("forward").unwrap();
+    assert_eq!(fine.process(&batch(&[b"{}".to_vec()], 0), &ctx(0, None)).unwrap().batches[0].num_rows(), 1);
+}

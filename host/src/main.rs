@@ -118,6 +118,9 @@ struct LimitArgs {
     /// Time budget per plugin call (e.g. 500ms, 10s).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     call_timeout: Duration,
+    /// Largest output of one call, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = Limits::DEFAULT_MAX_OUTPUT_BYTES / (1024 * 1024))]
+    max_output_mb: usize,
 }
 
 impl LimitArgs {
@@ -128,7 +131,10 @@ impl LimitArgs {
         if self.call_timeout.is_zero() {
             bail!("--call-timeout must be longer than zero");
         }
-        Ok(Limits { memory_bytes: self.memory_mb * 1024 * 1024, call_timeout: self.call_timeout })
+        if self.max_output_mb == 0 {
+            bail!("--max-output-mb must be at least 1");
+        }
+        Ok(Limits { memory_bytes: self.memory_mb * 1024 * 1024, call_timeout: self.call_timeout, max_output_bytes: self.max_output_mb * 1024 * 1024 })
     }
 }
 

@@ -10,6 +10,10 @@ pub const HOSTILE_WASM: &str = env!("SLUICE_TEST_PLUGIN_HOSTILE");
 /// A valid component of another WIT world.
 pub const OTHER_WORLD_WASM: &str = env!("SLUICE_TEST_PLUGIN_OTHER_WORLD");
 
+/// A transform that speaks the WIT contract by hand and returns output the host must
+/// refuse (config `"garbage"`, `"other-schema"` or `"bad-row"`).
+pub const RAW_OUTPUT_WASM: &str = env!("SLUICE_TEST_PLUGIN_RAW_OUTPUT");
+
 /// `ad-clicks` 2.0.0: the same aggregation and state as `plugins/ad-clicks`, plus an
 /// `avg_cost` column.
 pub const AD_CLICKS_V2_WASM: &str = env!("SLUICE_TEST_PLUGIN_AD_CLICKS_V2");

@@ -427,6 +427,12 @@ impl Pipeline {
                     }
                     limits.memory_bytes = (mb as usize) << 20;
                 }
+                if let Some(mb) = p.max_output_mb {
+                    if mb <= 0 {
+                        return Err(invalid(&key("maxOutputMb"), format!("must be a positive number of MiB, got {mb}")));
+                    }
+                    limits.max_output_bytes = (mb as usize) << 20;
+                }
                 if let Some(text) = p.call_timeout {
                     limits.call_timeout = match humantime::parse_duration(&text) {
                         Ok(d) if !d.is_zero() => d,

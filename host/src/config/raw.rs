@@ -96,6 +96,7 @@ pub struct RawPlugin {
     pub name: Option<String>,
     pub config: Option<toml::Table>,
     pub memory_mb: Option<i64>,
+    pub max_output_mb: Option<i64>,
     pub call_timeout: Option<String>,
     pub retries: Option<i64>,
     pub retry_backoff: Option<String>,

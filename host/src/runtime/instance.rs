@@ -170,6 +170,10 @@ impl PluginInstance {
         };
         let out = self.call("process", |p, s| p.call_process(s, &input, &wit_ctx))?;
         let bad = |reason: String| CallError::BadOutput { plugin: self.name.to_string(), call: "process", reason };
+        if out.data.len() > self.limits.max_output_bytes {
+            let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+            return Err(bad(format!("the output of {:.1} MiB exceeds the limit of {:.1} MiB per call (maxOutputMb)", mib(out.data.len()), mib(self.limits.max_output_bytes))));
+        }
         let batches = if out.data.is_empty() {
             Vec::new()
         } else {

@@ -45,6 +45,8 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Longest a single call (init, process, snapshot, restore) may run.
     pub call_timeout: Duration,
+    /// Largest output of one `process` call (Arrow IPC bytes).
+    pub max_output_bytes: usize,
 }
 
 impl Limits {
@@ -52,11 +54,13 @@ impl Limits {
     pub const DEFAULT_MEMORY_BYTES: usize = 512 * 1024 * 1024;
     /// 10 seconds.
     pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+    /// 256 MiB.
+    pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 256 * 1024 * 1024;
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory_bytes: Self::DEFAULT_MEMORY_BYTES, call_timeout: Self::DEFAULT_CALL_TIMEOUT }
+        Self { memory_bytes: Self::DEFAULT_MEMORY_BYTES, call_timeout: Self::DEFAULT_CALL_TIMEOUT, max_output_bytes: Self::DEFAULT_MAX_OUTPUT_BYTES }
     }
 }
 
