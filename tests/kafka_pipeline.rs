@@ -500,6 +500,28 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_ba
 }
 
 /// Each test body runs once on the mock cluster and once on tansu.
+/// Short windows with a watermark delay longer than the events' disorder (≤ 3 s) plus how
+/// far one partition can be read ahead of another in the continuous-run tests (a round of
+/// events, ≤ 7.5 s of event time): no event is late, as in the one-batch reference.
+const CONTINUOUS_WINDOWS: &str = "window_ms = 10000\nslide_ms = 5000\nwatermark_delay_ms = 15000\n";
+const CONTINUOUS_PARAMS: AdClicksParams = AdClicksParams { window_ms: 10_000, slide_ms: 5_000, delay_ms: 15_000 };
+
+/// `rows` (ad-clicks output of a run that was stopped, so its newest windows are still
+/// open) hold exactly the independent computation's counts for the windows the watermark
+/// closed, and none before the newest closed one is missing.
+fn assert_closed_windows_match(rows: &[Value], events: &[Value]) {
+    let expected = reference::ad_clicks(events, CONTINUOUS_PARAMS, None);
+    let mut actual: Vec<WindowRow> = rows.iter().map(WindowRow::from_json).collect();
+    actual.sort_by(|a, b| (a.window_start, &a.campaign_id).cmp(&(b.window_start, &b.campaign_id)));
+    let newest = actual.iter().map(|w| w.window_end).max().expect("windows closed");
+    let closed: Vec<&WindowRow> = expected.iter().filter(|w| w.window_end <= newest).collect();
+    assert!(closed.len() > 20, "windows closed during the run: {}", closed.len());
+    assert_eq!(actual.len(), closed.len());
+    for (a, e) in actual.iter().zip(closed) {
+        assert_eq!((a.window_start, &a.campaign_id, a.clicks, a.unique_users), (e.window_start, &e.campaign_id, e.clicks, e.unique_users));
+    }
+}
+
 /// Produces seed-style events, continuing the same event stream call after call.
 struct EventStream {
     loader: Loader,
@@ -551,10 +573,7 @@ fn plugins_are_swapped_live_without_losing_or_repeating_a_record(broker: &dyn Br
     let dir = plugins.path();
     let v1 = sluice::examples::named("ad-clicks").unwrap().to_vec();
     let v2 = std::fs::read(sluice_tests::AD_CLICKS_V2_WASM).unwrap();
-    // A watermark delay longer than the events' disorder (≤ 3 s) plus how far one partition
-    // can be read ahead of the other (a round, 6 s of event time): no event is late, as in
-    // the one-batch reference computation.
-    let windows = "window_ms = 10000\nslide_ms = 5000\nwatermark_delay_ms = 15000\n";
+    let windows = CONTINUOUS_WINDOWS;
     publish(dir, "ad-clicks.wasm", &v1);
     publish(dir, "ad-clicks.toml", windows.as_bytes());
     publish(dir, "filter.wasm", &std::fs::read(sluice_tests::HOSTILE_WASM).unwrap());
@@ -637,18 +656,7 @@ fn plugins_are_swapped_live_without_losing_or_repeating_a_record(broker: &dyn Br
             rows.push(row);
         }
     }
-    // Windows the watermark closed hold exactly the independent computation's counts, and
-    // none before the newest closed one is missing.
-    let expected = reference::ad_clicks(&events.sent, AdClicksParams { delay_ms: 15_000, ..SHORT_PARAMS }, None);
-    let mut actual: Vec<WindowRow> = rows.iter().map(WindowRow::from_json).collect();
-    actual.sort_by(|a, b| (a.window_start, &a.campaign_id).cmp(&(b.window_start, &b.campaign_id)));
-    let newest = actual.iter().map(|w| w.window_end).max().unwrap();
-    let closed: Vec<&WindowRow> = expected.iter().filter(|w| w.window_end <= newest).collect();
-    assert!(closed.len() > 20, "windows closed during the run: {}", closed.len());
-    assert_eq!(actual.len(), closed.len());
-    for (a, e) in actual.iter().zip(closed) {
-        assert_eq!((a.window_start, &a.campaign_id, a.clicks, a.unique_users), (e.window_start, &e.campaign_id, e.clicks, e.unique_users));
-    }
+    assert_closed_windows_match(&rows, &events.sent);
     // The checkpoint names the version whose state it holds.
     let last = CheckpointStore::open(p.checkpoint.as_ref().unwrap()).unwrap().recover().unwrap().checkpoint.unwrap();
     let identity = &last.tasks[0].plugins[1].identity;
@@ -946,4 +954,47 @@ impl Sink for Discarding {
     fn write(&mut self, _: u64, _: &[RecordBatch]) -> Result<(), SinkError> {
         Ok(())
     }
+}
+
+#[test]
+fn a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_nothing_lost() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+    let broker = Mock::start().unwrap();
+    broker.create_topic("outage", 2).unwrap();
+    let (out, ck) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let json_windows = r#"{"window_ms": 10000, "slide_ms": 5000, "watermark_delay_ms": 15000}"#;
+    let p = with_checkpoint(pipeline(&broker.bootstrap(), &["outage"], StartingOffsets::Earliest, Some(300), vec![builtin("ad-clicks", json_windows)]), ck.path());
+    let mut events = EventStream::new(&broker, "outage", 2);
+    let read = Mutex::new(0u64);
+    let stop = AtomicBool::new(false);
+    let wait_until_read = |n: usize, read: &Mutex<u64>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while *read.lock().unwrap() < n as u64 {
+            assert!(std::time::Instant::now() < deadline, "read {} of {n}", read.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let summary = std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            pipeline::run(&p, &runtime(), Until::Stopped, &stop, &mut jsonl_dir(out.path()), &mut |b| *read.lock().unwrap() += b.records)
+        });
+        for _ in 0..2 {
+            events.send(700);
+            wait_until_read(events.sent.len(), &read);
+        }
+        // The broker goes away for longer than a batch interval and a request timeout.
+        broker.set_up(false).unwrap();
+        std::thread::sleep(Duration::from_secs(12));
+        assert!(!run.is_finished(), "the pipeline waits for the broker instead of stopping");
+        broker.set_up(true).unwrap();
+        for _ in 0..4 {
+            events.send(700);
+            wait_until_read(events.sent.len(), &read);
+        }
+        stop.store(true, Ordering::SeqCst);
+        run.join().unwrap().unwrap()
+    });
+    assert_eq!(summary.records, events.sent.len() as u64, "every record read once");
+    assert_closed_windows_match(&read_dir_rows(out.path()), &events.sent);
 }

@@ -37,6 +37,16 @@ impl Mock {
     pub fn start() -> anyhow::Result<Self> {
         Ok(Self(MockCluster::new(1).context("cannot start librdkafka's mock cluster")?))
     }
+
+    /// Take the broker down (its connections are closed and new ones refused) or bring
+    /// it back, keeping its data: a broker outage.
+    pub fn set_up(&self, up: bool) -> anyhow::Result<()> {
+        if up {
+            self.0.broker_up(1).context("cannot bring the mock broker back up")
+        } else {
+            self.0.broker_down(1).context("cannot take the mock broker down")
+        }
+    }
 }
 
 impl Broker for Mock {

@@ -14,7 +14,7 @@ use crate::chain::{Chain, Rejected};
 use crate::checkpoint::{self, Checkpoint, CheckpointStore, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
-use crate::kafka::{KafkaSource, PartitionLag, PREFETCH_ROWS};
+use crate::kafka::{KafkaSource, PartitionLag, SourceError, PREFETCH_ROWS};
 use crate::rate::{RateController, RateState};
 use crate::runtime::Runtime;
 use crate::swap::{self, Found, WatchedStep, Watcher};
@@ -151,6 +151,15 @@ pub fn run(
     run_watched(pipeline, &mut chain, watcher, options.into(), stop, sink, progress)
 }
 
+/// Whether a source error means "the brokers are away for now".
+fn is_waiting_error(e: &SourceError) -> bool {
+    match e {
+        SourceError::FetchTimeout { .. } => true,
+        SourceError::Kafka { error, .. } => crate::kafka::is_transient(error),
+        _ => false,
+    }
+}
+
 /// The least read-ahead, records, however small rate control makes the batches.
 const MIN_READ_AHEAD: usize = 10_000;
 
@@ -277,7 +286,7 @@ fn run_watched(
         }
         tracing::info!("replaying batch {} with its recorded offset ranges", plan.batch_id);
         let lag = runner.source.lag()?;
-        runner.batch(plan, None, &lag, progress)?;
+        runner.batch(plan, None, &lag, stop, progress)?;
     }
     runner.run(options.until, next_batch_id, stop, progress)
 }
@@ -325,7 +334,16 @@ impl Runner<'_> {
             self.swap_plugins();
             let tick = Instant::now();
             let scheduling_delay = tick.saturating_duration_since(due);
-            let mut lag = self.source.lag()?;
+            let mut lag = match self.source.lag() {
+                Ok(lag) => lag,
+                Err(e) if !stop.load(Ordering::SeqCst) => {
+                    // The brokers are away: plan again once they answer.
+                    tracing::warn!("cannot plan batch {batch_id}: {e}; trying again");
+                    std::thread::sleep(self.rate.interval().min(Duration::from_secs(5)));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(targets) = &targets {
                 for (p, t) in lag.iter_mut().zip(targets) {
                     p.high = p.high.min(t.high);
@@ -362,7 +380,7 @@ impl Runner<'_> {
                         watermark_ms: if flush { Some(i64::MAX) } else { self.watermark },
                     }],
                 };
-                self.batch(&plan, Some(scheduling_delay), &lag, progress)?;
+                self.batch(&plan, Some(scheduling_delay), &lag, stop, progress)?;
                 batch_id += 1;
             }
             if caught_up {
@@ -447,11 +465,29 @@ impl Runner<'_> {
         }
     }
 
+    /// Fetch a batch's ranges, waiting as long as the brokers are away (a warning at every
+    /// fetch timeout), until stopped.
+    fn fetch(&mut self, batch_id: u64, ranges: &[OffsetRange], stop: &AtomicBool) -> anyhow::Result<RecordBatch> {
+        let started = Instant::now();
+        loop {
+            match self.source.fetch(ranges, self.fetch_timeout) {
+                Err(e @ (SourceError::FetchTimeout { .. } | SourceError::Kafka { .. })) if is_waiting_error(&e) => {
+                    if stop.load(Ordering::SeqCst) {
+                        anyhow::bail!("stopped while batch {batch_id} waited for its records ({e}); it is not committed and runs again on restart");
+                    }
+                    tracing::warn!("batch {batch_id}: waiting for its records for {} s ({e})", started.elapsed().as_secs());
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
     /// Run one planned batch: offset log, fetch, plugins, sink, rate update, checkpoint and
     /// commit log, consumer-group offsets. `scheduling_delay` is how late a new batch
     /// started; `None` for a replayed one (already in the offset log, and not a lesson for
     /// rate control). `lag` is the state before it, for progress.
-    fn batch(&mut self, plan: &PlannedBatch, scheduling_delay: Option<Duration>, lag: &[PartitionLag], progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
+    fn batch(&mut self, plan: &PlannedBatch, scheduling_delay: Option<Duration>, lag: &[PartitionLag], stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
         let tick = Instant::now();
         let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| anyhow::anyhow!("batch {} has no plan for task {TASK}", plan.batch_id))?;
         let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
@@ -459,7 +495,7 @@ impl Runner<'_> {
         if let (Some(c), Some(_)) = (&self.checkpoints, scheduling_delay) {
             c.plan(plan)?;
         }
-        let batch = if records > 0 { self.source.fetch(&ranges, self.fetch_timeout)? } else { RecordBatch::new_empty(record_schema()) };
+        let batch = if records > 0 { self.fetch(plan.batch_id, &ranges, stop)? } else { RecordBatch::new_empty(record_schema()) };
         let fetched = tick.elapsed();
         let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task.watermark_ms };
         let out = self.chain.process(batch, &ctx)?;
@@ -507,7 +543,12 @@ impl Runner<'_> {
             // What a failure policy rebuilds an instance from (a checkpoint does this too).
             self.chain.snapshot()?;
         }
-        self.source.commit(&ranges)?;
+        if let Err(e) = self.source.commit(&ranges) {
+            // Only lag tools read the group's offsets when there is a checkpoint; without one
+            // a restart would read this batch again (at least once). The next batch's commit
+            // covers this one.
+            tracing::warn!("batch {}: committing the consumer group's offsets failed: {e}", plan.batch_id);
+        }
         let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
         let duration = tick.elapsed();
         tracing::debug!(

@@ -21,7 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{record_schema, OffsetRange};
 
 use self::prefetch::{Prefetcher, TakeError};
-pub use self::prefetch::PREFETCH_ROWS;
+pub use self::prefetch::{is_transient, PREFETCH_ROWS};
 
 use crate::config::{Source, StartingOffsets};
 

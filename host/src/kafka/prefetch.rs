@@ -208,6 +208,7 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
     let mut unhanded = 0;
     let mut last_handover = Instant::now();
     let mut throttled = false;
+    let mut last_warning: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         if throttled {
             std::thread::sleep(THROTTLE);
@@ -216,6 +217,16 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
         }
         let idle = match consumer.poll(POLL) {
             None => true,
+            Some(Err(error)) if is_transient(&error) => {
+                // The broker is away or busy; librdkafka reconnects and fetches again by
+                // itself, and a batch waits for its records meanwhile.
+                if last_warning.is_none_or(|t: Instant| t.elapsed() >= WARN_EVERY) {
+                    tracing::warn!("the source cannot reach the brokers ({error}); waiting for them");
+                    last_warning = Some(Instant::now());
+                }
+                std::thread::sleep(POLL);
+                true
+            }
             Some(Err(error)) => {
                 shared.lock().error = Some(error);
                 shared.ready.notify_all();
@@ -250,6 +261,34 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
             last_handover = Instant::now();
             throttled = shared.has_enough();
         }
+    }
+}
+
+/// How often the consumer thread repeats that the brokers are away.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Errors that go away when the brokers come back: connections lost, leaders moving,
+/// requests timing out.
+pub fn is_transient(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(code) => matches!(
+            code,
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::Resolve
+                | C::NetworkException
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::BrokerNotAvailable
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+                | C::CoordinatorLoadInProgress
+                | C::TimedOutQueue
+        ),
+        None => false,
     }
 }
 
