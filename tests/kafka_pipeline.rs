@@ -742,6 +742,47 @@ fn bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same_output(bro
     }
 }
 
+fn a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_nothing_lost(broker: &dyn Broker) {
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+    broker.create_topic("outage", 2).unwrap();
+    let (out, ck) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let json_windows = r#"{"window_ms": 10000, "slide_ms": 5000, "watermark_delay_ms": 15000}"#;
+    let p = with_checkpoint(pipeline(&broker.bootstrap(), &["outage"], StartingOffsets::Earliest, Some(300), vec![builtin("ad-clicks", json_windows)]), ck.path());
+    let mut events = EventStream::new(broker, "outage", 2);
+    let read = Mutex::new(0u64);
+    let stop = AtomicBool::new(false);
+    let wait_until_read = |n: usize, read: &Mutex<u64>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while *read.lock().unwrap() < n as u64 {
+            assert!(std::time::Instant::now() < deadline, "read {} of {n}", read.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let summary = std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            pipeline::run(&p, &runtime(), Until::Stopped, &stop, &mut jsonl_dir(out.path()), &mut |b| *read.lock().unwrap() += b.records)
+        });
+        for _ in 0..2 {
+            events.send(700);
+            wait_until_read(events.sent.len(), &read);
+        }
+        // The broker goes away for longer than a batch interval and a request timeout.
+        broker.set_available(false).unwrap();
+        std::thread::sleep(Duration::from_secs(12));
+        assert!(!run.is_finished(), "the pipeline waits for the broker instead of stopping");
+        broker.set_available(true).unwrap();
+        for _ in 0..4 {
+            events.send(700);
+            wait_until_read(events.sent.len(), &read);
+        }
+        stop.store(true, Ordering::SeqCst);
+        run.join().unwrap().unwrap()
+    });
+    assert_eq!(summary.records, events.sent.len() as u64, "every record read once");
+    assert_closed_windows_match(&read_dir_rows(out.path()), &events.sent);
+}
+
 macro_rules! on_each_broker {
     ($($test:ident),* $(,)?) => {
         mod mock {
@@ -765,6 +806,7 @@ on_each_broker!(
     a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_batch_twice,
     plugins_are_swapped_live_without_losing_or_repeating_a_record,
     bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same_output,
+    a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_nothing_lost,
 );
 
 #[test]
@@ -954,47 +996,4 @@ impl Sink for Discarding {
     fn write(&mut self, _: u64, _: &[RecordBatch]) -> Result<(), SinkError> {
         Ok(())
     }
-}
-
-#[test]
-fn a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_nothing_lost() {
-    use std::sync::atomic::Ordering;
-    use std::sync::Mutex;
-    let broker = Mock::start().unwrap();
-    broker.create_topic("outage", 2).unwrap();
-    let (out, ck) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let json_windows = r#"{"window_ms": 10000, "slide_ms": 5000, "watermark_delay_ms": 15000}"#;
-    let p = with_checkpoint(pipeline(&broker.bootstrap(), &["outage"], StartingOffsets::Earliest, Some(300), vec![builtin("ad-clicks", json_windows)]), ck.path());
-    let mut events = EventStream::new(&broker, "outage", 2);
-    let read = Mutex::new(0u64);
-    let stop = AtomicBool::new(false);
-    let wait_until_read = |n: usize, read: &Mutex<u64>| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while *read.lock().unwrap() < n as u64 {
-            assert!(std::time::Instant::now() < deadline, "read {} of {n}", read.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    let summary = std::thread::scope(|scope| {
-        let run = scope.spawn(|| {
-            pipeline::run(&p, &runtime(), Until::Stopped, &stop, &mut jsonl_dir(out.path()), &mut |b| *read.lock().unwrap() += b.records)
-        });
-        for _ in 0..2 {
-            events.send(700);
-            wait_until_read(events.sent.len(), &read);
-        }
-        // The broker goes away for longer than a batch interval and a request timeout.
-        broker.set_up(false).unwrap();
-        std::thread::sleep(Duration::from_secs(12));
-        assert!(!run.is_finished(), "the pipeline waits for the broker instead of stopping");
-        broker.set_up(true).unwrap();
-        for _ in 0..4 {
-            events.send(700);
-            wait_until_read(events.sent.len(), &read);
-        }
-        stop.store(true, Ordering::SeqCst);
-        run.join().unwrap().unwrap()
-    });
-    assert_eq!(summary.records, events.sent.len() as u64, "every record read once");
-    assert_closed_windows_match(&read_dir_rows(out.path()), &events.sent);
 }

@@ -26,6 +26,9 @@ pub trait Broker {
     fn exact_producer_settings(&self) -> &'static [(&'static str, &'static str)] {
         &[]
     }
+    /// Make the broker unavailable (`false`) or available again (`true`), keeping its data:
+    /// an outage, for tests.
+    fn set_available(&self, available: bool) -> anyhow::Result<()>;
 }
 
 /// librdkafka's in-process mock cluster. It keeps only a few MiB per partition: right for
@@ -38,15 +41,6 @@ impl Mock {
         Ok(Self(MockCluster::new(1).context("cannot start librdkafka's mock cluster")?))
     }
 
-    /// Take the broker down (its connections are closed and new ones refused) or bring
-    /// it back, keeping its data: a broker outage.
-    pub fn set_up(&self, up: bool) -> anyhow::Result<()> {
-        if up {
-            self.0.broker_up(1).context("cannot bring the mock broker back up")
-        } else {
-            self.0.broker_down(1).context("cannot take the mock broker down")
-        }
-    }
 }
 
 impl Broker for Mock {
@@ -58,6 +52,15 @@ impl Broker for Mock {
     }
     fn kind(&self) -> &'static str {
         "mock"
+    }
+    /// The mock broker goes down (its connections are closed and new ones refused) or
+    /// comes back up.
+    fn set_available(&self, available: bool) -> anyhow::Result<()> {
+        if available {
+            self.0.broker_up(1).context("cannot bring the mock broker back up")
+        } else {
+            self.0.broker_down(1).context("cannot take the mock broker down")
+        }
     }
 }
 
@@ -153,6 +156,16 @@ impl Broker for Tansu {
         "tansu"
     }
 
+    /// The tansu process is stopped (SIGSTOP: it answers nothing, its connections hang)
+    /// or continued (SIGCONT), by its PID. Its storage is in memory, so a real restart
+    /// would lose the topics; a stopped process keeps them.
+    fn set_available(&self, available: bool) -> anyhow::Result<()> {
+        let signal = if available { "-CONT" } else { "-STOP" };
+        let status = Command::new("kill").args([signal, &self.pid().to_string()]).status().context("cannot run kill")?;
+        anyhow::ensure!(status.success(), "kill {signal} {} failed", self.pid());
+        Ok(())
+    }
+
     /// One record per produce request. tansu 0.6 (memory storage) answers ListOffsets
     /// "latest" with the base offset of the partition's last record batch + 1 rather than
     /// its last offset + 1, and a fetch from an offset inside a multi-record batch returns
@@ -177,6 +190,9 @@ impl Broker for External {
     }
     fn kind(&self) -> &'static str {
         "external"
+    }
+    fn set_available(&self, _: bool) -> anyhow::Result<()> {
+        bail!("sluice does not control the external broker at {}", self.0)
     }
 }
 
