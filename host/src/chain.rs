@@ -55,6 +55,9 @@ impl FailurePolicy {
     pub const DEFAULT_RETRIES: u32 = 2;
     /// Backoff by default.
     pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+    /// Stop at the first failure. Without retries no state copies are needed when
+    /// checkpointing is off: the benchmarks use it so that they measure the plugins alone.
+    pub const STOP_AT_ONCE: Self = Self { retries: 0, backoff: Duration::ZERO, then: OnFailure::Stop };
 }
 
 impl Default for FailurePolicy {

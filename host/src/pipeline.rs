@@ -87,19 +87,19 @@ fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> anyhow::Result<(Chain, 
     let mut stages = Vec::new();
     let mut watched = Vec::new();
     for (i, step) in pipeline.steps.iter().enumerate() {
-        let instance = match &step.source {
-            PluginSource::Builtin(name) => {
-                let bytes = examples::named(name).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?;
-                runtime.load(bytes, &format!("builtin:{name}"), step.limits).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?.instantiate(&step.config)
-            }
-            PluginSource::File(path) => runtime.load_file(path, step.limits).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?.instantiate(&step.config),
+        let instance: anyhow::Result<_> = match &step.source {
+            PluginSource::Builtin(name) => examples::named(name)
+                .map_err(anyhow::Error::msg)
+                .and_then(|bytes| Ok(runtime.load(bytes, &format!("builtin:{name}"), step.limits)?.instantiate(&step.config)?)),
+            PluginSource::File(path) => runtime.load_file(path, step.limits).map_err(anyhow::Error::from).and_then(|p| Ok(p.instantiate(&step.config)?)),
             PluginSource::Dir(name) => {
                 let dir = pipeline.plugin_dir.as_ref().ok_or_else(|| {
                     anyhow::anyhow!("plugin[{i}] names plugin `{name}`, which is `{name}.wasm` in the plugin directory, but none is set: add `pluginDir = \"plugins\"` to the pipeline file or pass --plugin-dir")
                 })?;
-                let files = swap::read_plugin(dir, name, &step.config).map_err(|(_, reason)| anyhow::anyhow!("plugin[{i}]: {reason}"))?;
-                watched.push(WatchedStep { step: i, name: name.clone(), inline_config: step.config.clone(), limits: step.limits, digest: files.digest });
-                Ok(swap::prepare(runtime, &files, step.limits).map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?)
+                swap::read_plugin(dir, name, &step.config).map_err(|(_, reason)| anyhow::anyhow!(reason)).and_then(|files| {
+                    watched.push(WatchedStep { step: i, name: name.clone(), inline_config: step.config.clone(), limits: step.limits, digest: files.digest });
+                    swap::prepare(runtime, &files, step.limits).map_err(anyhow::Error::msg)
+                })
             }
         };
         stages.push(instance.map_err(|e| anyhow::anyhow!("plugin[{i}]: {e}"))?);

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::per_sec;
 use super::pipeline::{produce, TOPIC};
 use crate::broker::{Broker, Tansu};
+use crate::chain::FailurePolicy;
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step, DEFAULT_RETAIN};
 use crate::demo::FILTER_CONFIG;
@@ -57,7 +58,7 @@ pub struct CheckpointBench {
 }
 
 fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: bool) -> Pipeline {
-    let step = |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default(), failure: Default::default() };
+    let step = |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default(), failure: FailurePolicy::STOP_AT_ONCE };
     Pipeline {
         name: name.into(),
         source: Source { topics: vec![TOPIC.into()], starting_offsets: StartingOffsets::Earliest, max_offsets_per_trigger: Some(batch), partition_rates: Default::default(), group_id: name.into() },

@@ -18,7 +18,7 @@ use sluice_sdk::testing::{AggregateDriver, TransformDriver};
 
 use super::{per_sec, NativeStage};
 use crate::broker::{Broker, Tansu};
-use crate::chain::{Chain, Stage};
+use crate::chain::{Chain, FailurePolicy, Stage};
 use crate::config::{Pipeline, Sink as SinkConfig, Source, StartingOffsets};
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::demo::FILTER_CONFIG;
@@ -80,11 +80,15 @@ type ChainFn = fn(&Runtime) -> anyhow::Result<Chain>;
 
 fn wasm(runtime: &Runtime, name: &str, config: &str) -> anyhow::Result<Chain> {
     let plugin = runtime.load(examples::named(name).map_err(anyhow::Error::msg)?, &format!("builtin:{name}"), Limits::default())?;
-    Ok(Chain::new(vec![plugin.instantiate(config)?])?)
+    let mut chain = Chain::new(vec![plugin.instantiate(config)?])?;
+    chain.set_policies([FailurePolicy::STOP_AT_ONCE]);
+    Ok(chain)
 }
 
 fn native(stage: impl Stage + 'static) -> anyhow::Result<Chain> {
-    Ok(Chain::of_stages(vec![Box::new(stage)])?)
+    let mut chain = Chain::of_stages(vec![Box::new(stage)])?;
+    chain.set_policies([FailurePolicy::STOP_AT_ONCE]);
+    Ok(chain)
 }
 
 const CASES: [(&str, ChainFn); 5] = [
