@@ -341,7 +341,9 @@ fn sighup_applies_new_rate_settings_from_the_pipeline_file_while_running() {
         }
         assert!(seen(needle), "no `{needle}` in:\n{}", lines.lock().unwrap().join("\n"));
     };
-    wait("| 10 records |"); // 100 records/s × 100 ms
+    // Not a terminal: each batch's progress record is logged.
+    wait(r#""records":10,"#); // 100 records/s × 100 ms
+    wait(r#""plugins":[{"plugin":"json-filter 1.0.0","ms":"#);
     // A broken file keeps the running settings.
     std::fs::write(&file, "[source]\n").unwrap();
     assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
@@ -349,7 +351,7 @@ fn sighup_applies_new_rate_settings_from_the_pipeline_file_while_running() {
     write(1_000);
     assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
     wait("retuned from");
-    wait("| 100 records |");
+    wait(r#""records":100,"#);
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     let status = child.wait().unwrap();
     reader.join().unwrap();

@@ -714,8 +714,28 @@ fn bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same_output(bro
     let filter = r#"{"where": [{"field": "event", "op": "eq", "value": "click"}], "select": ["campaign_id", "user_id", "cost", "timestamp"]}"#;
     let mut p = pipeline(&broker.bootstrap(), &["mixed"], StartingOffsets::Earliest, Some(400), vec![builtin("json-filter", filter), builtin("ad-clicks", "{}")]);
     p.dead_letter = Some(SinkConfig::Jsonl { path: dead.path().display().to_string() });
-    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+    let history = std::sync::Arc::new(pipeline::ProgressHistory::new(100));
+    let options = RunOptions { until: Until::AvailableNow, history: Some(history.clone()), ..RunOptions::default() };
+    let summary = pipeline::run(&p, &runtime(), options, &AtomicBool::new(false), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
     assert_eq!((summary.records, summary.rejected), (2_000, bad.len() as u64));
+
+    // Each batch's progress record: what it read, where the time went, per plugin and
+    // partition, and how many records went to the dead letters.
+    let records = history.recent();
+    assert_eq!(records.len() as u64, summary.batches);
+    let sum = |key: &str| records.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("records"), sum("dead_letters"), sum("rejected")), (2_000, bad.len() as u64, bad.len() as u64));
+    for r in &records {
+        let plugins: Vec<&str> = r["plugins"].as_array().unwrap().iter().map(|p| p["plugin"].as_str().unwrap()).collect();
+        assert_eq!(plugins, ["json-filter 1.0.0", "ad-clicks 1.0.0"], "{r}");
+        let d = &r["duration_ms"];
+        let parts: f64 = ["fetch", "plugins", "sink", "checkpoint", "commit"].iter().map(|k| d[k].as_f64().unwrap()).sum();
+        assert!(parts <= d["total"].as_f64().unwrap() + 0.01 && d["plugins"].as_f64().unwrap() > 0.0, "{r}");
+        let parts: u64 = r["partitions"].as_array().unwrap().iter().map(|p| (p["until"].as_i64().unwrap() - p["from"].as_i64().unwrap()) as u64).sum();
+        assert_eq!(parts, r["records"].as_u64().unwrap(), "{r}");
+    }
+    let last = records.last().unwrap();
+    assert_eq!((last["lag"].as_u64(), last["partitions"].as_array().unwrap().len()), (Some(0), 2));
 
     // The good records give what they give on their own.
     let clicks: Vec<Value> = good.into_iter().filter(|e| e["event"] == "click").collect();

@@ -210,6 +210,8 @@ pub struct ChainOutput {
     /// Newly swapped-in plugin versions that processed their first batch and now run for
     /// good (`name version`).
     pub promoted: Vec<String>,
+    /// Each step (`name version`) and the time it took, retries included.
+    pub step_times: Vec<(String, std::time::Duration)>,
 }
 
 /// A swapped-in version that failed its first batch.
@@ -464,6 +466,7 @@ impl Chain {
         let mut input = batch;
         let last = self.stages.len().saturating_sub(1);
         for i in 0..self.stages.len() {
+            let started = std::time::Instant::now();
             let stage = &mut self.stages[i];
             let finished = match (stage.process(&input, ctx), self.replaced[i].take()) {
                 (Ok(finished), Some(before)) => {
@@ -482,6 +485,7 @@ impl Chain {
                 (Err(error), None) => self.recover(i, &input, ctx, error, &mut out)?,
             };
             let stage = &self.stages[i];
+            out.step_times.push((shown(stage.as_ref()), started.elapsed()));
             for e in finished.record_errors {
                 out.rejected.push(locate(&input, e.row as usize, stage.as_ref(), e.reason));
             }

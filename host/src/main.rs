@@ -171,13 +171,22 @@ struct DemoArgs {
     speedup: u64,
 }
 
+/// Whether a person watches: stderr is a terminal. Then `sluice run` prints a progress
+/// line per batch; otherwise each batch's progress record is logged instead.
+fn interactive() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Progress records (`sluice::progress`) are logged when nobody watches a terminal.
+    let default_filter = if interactive() { "info,sluice::progress=off" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plugin(PluginCommand::Inspect { plugin, json }) => inspect(&plugin, json),
@@ -393,8 +402,15 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_d
     // SIGHUP: read the pipeline file again and apply its rate settings (live tuning).
     let retune = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, retune.clone()).context("cannot install the SIGHUP handler")?;
-    let options = RunOptions { until, ignore_state, retune: Some((retune, path.to_path_buf())) };
+    let options = RunOptions { until, ignore_state, retune: Some((retune, path.to_path_buf())), history: None };
+    let interactive = interactive();
     let summary = sluice::pipeline::run(&pipeline, &runtime, options, &stop, sink.as_mut(), &mut |p| {
+        for r in &p.rejected {
+            tracing::warn!("rejected {}/{}@{} by {} {}: {}", r.topic, r.partition, r.offset, r.plugin, r.version, r.reason);
+        }
+        if !interactive {
+            return;
+        }
         eprintln!(
             "batch {} | {} records | {:.0} records/s processed | {:.1} ms | {} rows out | lag {} | watermark {}",
             p.batch_id,
@@ -405,9 +421,6 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_d
             p.lag,
             p.watermark_ms.map(|w| if w == i64::MAX { "end".to_string() } else { w.to_string() }).unwrap_or_else(|| "-".into())
         );
-        for r in &p.rejected {
-            eprintln!("rejected {}/{}@{} by {}: {}", r.topic, r.partition, r.offset, r.plugin, r.reason);
-        }
     })?;
     eprintln!(
         "{}: stopped after {} batches: {} records in, {} rows out, {} rejected; plugin versions swapped in: {}, refused: {}",

@@ -31,11 +31,56 @@ pub enum Until {
     AvailableNow,
 }
 
-/// What happened in one batch, for progress lines.
+/// Where the time of one batch went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BatchDurations {
+    /// Planning: high watermarks, rate budgets, ranges (zero for a replayed batch).
+    pub plan: Duration,
+    /// Waiting for the batch's records.
+    pub fetch: Duration,
+    /// The plugin chain.
+    pub plugins: Duration,
+    /// Writing and committing the output and the dead letters.
+    pub sink: Duration,
+    /// Writing the checkpoint (and the state copies a failure policy needs).
+    pub checkpoint: Duration,
+    /// Committing the consumer group's offsets.
+    pub commit: Duration,
+}
+
+/// One partition in one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionProgress {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// First offset of the batch (the position before it).
+    pub from: i64,
+    /// One past the last offset of the batch.
+    pub until: i64,
+    /// The newest high watermark known when the batch ended.
+    pub high: i64,
+}
+
+/// What happened in one batch (like Spark's `StreamingQueryProgress`).
 #[derive(Debug, Clone)]
 pub struct BatchProgress {
     /// Batch id.
     pub batch_id: u64,
+    /// When it was planned (its processing time), epoch ms.
+    pub timestamp_ms: i64,
+    /// Records read per second of wall time since the previous batch started (Spark's
+    /// input rate); for the first batch of a run, per second of its own duration.
+    pub input_per_sec: f64,
+    /// Where the time went.
+    pub durations: BatchDurations,
+    /// Each plugin step (`name version`) and its time.
+    pub step_times: Vec<(String, Duration)>,
+    /// Per partition: the batch's range and the high watermark after it.
+    pub partitions: Vec<PartitionProgress>,
+    /// Records sent to the dead-letter sink.
+    pub dead_letters: u64,
     /// Records read.
     pub records: u64,
     /// Rows written to the sink.
@@ -58,6 +103,63 @@ pub struct BatchProgress {
     /// Plugin versions rejected so far in this run: at preparation, at the swap, or in
     /// their first batch.
     pub swaps_failed: u64,
+}
+
+impl BatchProgress {
+    /// The record as JSON, the form logged and served (times in milliseconds).
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let d = &self.durations;
+        serde_json::json!({
+            "batch_id": self.batch_id,
+            "timestamp_ms": self.timestamp_ms,
+            "records": self.records,
+            "input_rows_per_sec": self.input_per_sec.round(),
+            "processed_rows_per_sec": self.processed_per_sec.round(),
+            "output_rows": self.output_rows,
+            "duration_ms": {
+                "total": ms(self.duration), "plan": ms(d.plan), "fetch": ms(d.fetch), "plugins": ms(d.plugins),
+                "sink": ms(d.sink), "checkpoint": ms(d.checkpoint), "commit": ms(d.commit), "swap": ms(self.swap_time),
+            },
+            "plugins": self.step_times.iter().map(|(name, t)| serde_json::json!({"plugin": name, "ms": ms(*t)})).collect::<Vec<_>>(),
+            "watermark_ms": self.watermark_ms,
+            "partitions": self.partitions.iter().map(|p| serde_json::json!({
+                "topic": p.topic, "partition": p.partition, "from": p.from, "until": p.until, "high": p.high, "lag": (p.high - p.until).max(0),
+            })).collect::<Vec<_>>(),
+            "lag": self.lag,
+            "rejected": self.rejected.len(),
+            "dead_letters": self.dead_letters,
+            "swaps": self.swaps,
+            "swaps_failed": self.swaps_failed,
+        })
+    }
+}
+
+/// The progress records of the last batches, newest last.
+#[derive(Debug)]
+pub struct ProgressHistory {
+    keep: usize,
+    records: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+impl ProgressHistory {
+    /// Keep the last `keep` records.
+    pub fn new(keep: usize) -> Self {
+        Self { keep: keep.max(1), records: Default::default() }
+    }
+
+    fn push(&self, record: serde_json::Value) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() == self.keep {
+            records.pop_front();
+        }
+        records.push_back(record);
+    }
+
+    /// The records kept, oldest first.
+    pub fn recent(&self) -> Vec<serde_json::Value> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
 }
 
 /// Totals of a run.
@@ -123,6 +225,9 @@ pub struct RunOptions {
     /// Live tuning: when the flag is set, the pipeline file is read again before the next
     /// batch and its rate settings applied; other changes need a restart.
     pub retune: Option<(Arc<AtomicBool>, PathBuf)>,
+    /// Where the progress record of each batch is kept (besides the `sluice::progress` log
+    /// event every batch emits).
+    pub history: Option<Arc<ProgressHistory>>,
 }
 
 impl From<Until> for RunOptions {
@@ -266,6 +371,8 @@ fn run_watched(
         None => None,
     };
     let mut runner = Runner {
+        history: options.history.clone(),
+        last_start: None,
         dead_letters,
         watcher,
         swap_time: Duration::ZERO,
@@ -286,13 +393,16 @@ fn run_watched(
         }
         tracing::info!("replaying batch {} with its recorded offset ranges", plan.batch_id);
         let lag = runner.source.lag()?;
-        runner.batch(plan, None, &lag, stop, progress)?;
+        runner.batch(plan, None, Duration::ZERO, &lag, stop, progress)?;
     }
     runner.run(options.until, next_batch_id, stop, progress)
 }
 
 /// The loop's state.
 struct Runner<'a> {
+    history: Option<Arc<ProgressHistory>>,
+    /// When the previous batch started.
+    last_start: Option<Instant>,
     /// Where rejected records go.
     dead_letters: Option<Box<dyn Sink>>,
     watcher: Option<Watcher>,
@@ -380,7 +490,7 @@ impl Runner<'_> {
                         watermark_ms: if flush { Some(i64::MAX) } else { self.watermark },
                     }],
                 };
-                self.batch(&plan, Some(scheduling_delay), &lag, stop, progress)?;
+                self.batch(&plan, Some(scheduling_delay), tick.elapsed(), &lag, stop, progress)?;
                 batch_id += 1;
             }
             if caught_up {
@@ -487,8 +597,17 @@ impl Runner<'_> {
     /// commit log, consumer-group offsets. `scheduling_delay` is how late a new batch
     /// started; `None` for a replayed one (already in the offset log, and not a lesson for
     /// rate control). `lag` is the state before it, for progress.
-    fn batch(&mut self, plan: &PlannedBatch, scheduling_delay: Option<Duration>, lag: &[PartitionLag], stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
+    fn batch(
+        &mut self,
+        plan: &PlannedBatch,
+        scheduling_delay: Option<Duration>,
+        planning: Duration,
+        lag: &[PartitionLag],
+        stop: &AtomicBool,
+        progress: &mut dyn FnMut(&BatchProgress),
+    ) -> anyhow::Result<()> {
         let tick = Instant::now();
+        let since_last = self.last_start.replace(tick).map(|t| tick.duration_since(t));
         let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| anyhow::anyhow!("batch {} has no plan for task {TASK}", plan.batch_id))?;
         let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
         let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
@@ -510,6 +629,7 @@ impl Runner<'_> {
         }
         // Dead letters are written under the batch's id too, before its checkpoint: a
         // replayed batch does not write them twice (exactly once in a file sink).
+        let mut dead_letters = 0;
         if let Some(dead) = self.dead_letters.as_mut() {
             if !out.rejected.is_empty() && !dead.is_committed(plan.batch_id) {
                 let letters = match self.running.dead_letter {
@@ -518,8 +638,10 @@ impl Runner<'_> {
                 };
                 dead.write(plan.batch_id, &[letters]).map_err(|e| anyhow::anyhow!("dead letters: {e}"))?;
                 dead.commit(plan.batch_id).map_err(|e| anyhow::anyhow!("dead letters: {e}"))?;
+                dead_letters = out.rejected.len() as u64;
             }
         }
+        let sunk = tick.elapsed();
         self.watermark = out.watermark_ms.or(self.watermark);
         if let Some(delay) = scheduling_delay {
             self.rate.after_batch(now_ms(), records as u64, tick.elapsed(), delay);
@@ -538,11 +660,11 @@ impl Runner<'_> {
                 rate_controller: Some(serde_json::to_value(self.rate.state()).expect("rate state serializes")),
             })?;
         }
-        let checkpointed = tick.elapsed();
         if self.checkpoints.is_none() && self.chain.needs_state_copies() {
             // What a failure policy rebuilds an instance from (a checkpoint does this too).
             self.chain.snapshot()?;
         }
+        let checkpointed = tick.elapsed();
         if let Err(e) = self.source.commit(&ranges) {
             // Only lag tools read the group's offsets when there is a checkpoint; without one
             // a restart would read this batch again (at least once). The next batch's commit
@@ -551,21 +673,32 @@ impl Runner<'_> {
         }
         let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
         let duration = tick.elapsed();
-        tracing::debug!(
-            "batch {}: fetch {:.1} ms, plugins {:.1} ms, sink and checkpoint {:.1} ms, group commit {:.1} ms",
-            plan.batch_id,
-            fetched.as_secs_f64() * 1e3,
-            (processed - fetched).as_secs_f64() * 1e3,
-            (checkpointed - processed).as_secs_f64() * 1e3,
-            (duration - checkpointed).as_secs_f64() * 1e3
-        );
-        let left = self.source.remaining_after(lag, &ranges);
+        let partitions: Vec<PartitionProgress> = self
+            .source
+            .positions_and_highs(lag, &ranges)
+            .into_iter()
+            .map(|(p, until, high)| PartitionProgress { topic: p.topic.clone(), partition: p.partition, from: p.next.min(until), until, high })
+            .collect();
+        let left = partitions.iter().map(|p| (p.high - p.until).max(0) as u64).sum();
         self.summary.batches += 1;
         self.summary.records += records as u64;
         self.summary.output_rows += output_rows;
         self.summary.rejected += out.rejected.len() as u64;
-        progress(&BatchProgress {
+        let report = BatchProgress {
             batch_id: plan.batch_id,
+            timestamp_ms: plan.processing_time_ms,
+            input_per_sec: records as f64 / since_last.unwrap_or(duration).as_secs_f64().max(1e-9),
+            durations: BatchDurations {
+                plan: planning,
+                fetch: fetched,
+                plugins: processed - fetched,
+                sink: sunk - processed,
+                checkpoint: checkpointed - sunk,
+                commit: duration - checkpointed,
+            },
+            step_times: out.step_times,
+            partitions,
+            dead_letters,
             records: records as u64,
             output_rows,
             rejected: out.rejected,
@@ -576,7 +709,13 @@ impl Runner<'_> {
             swap_time: std::mem::take(&mut self.swap_time),
             swaps: self.summary.swaps,
             swaps_failed: self.summary.swaps_failed,
-        });
+        };
+        let json = report.to_json();
+        tracing::info!(target: "sluice::progress", progress = %json);
+        if let Some(history) = &self.history {
+            history.push(json);
+        }
+        progress(&report);
         Ok(())
     }
 }

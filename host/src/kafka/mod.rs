@@ -223,13 +223,19 @@ impl KafkaSource {
     /// position (`lag`, as planned) to the newest high watermark a fetch response reported
     /// (no request is made; the plan's watermark where none came).
     pub fn remaining_after(&self, lag: &[PartitionLag], ranges: &[OffsetRange]) -> u64 {
+        self.positions_and_highs(lag, ranges).into_iter().map(|(_, next, high)| (high - next).max(0) as u64).sum()
+    }
+
+    /// Per partition of `lag`: its position once `ranges` are done and the newest high
+    /// watermark known (as [`Self::remaining_after`]).
+    pub fn positions_and_highs<'l>(&self, lag: &'l [PartitionLag], ranges: &[OffsetRange]) -> Vec<(&'l PartitionLag, i64, i64)> {
         lag.iter()
             .map(|p| {
                 let until = ranges.iter().find(|r| r.topic == p.topic && r.partition == p.partition).map_or(p.next, |r| r.until);
                 let high = fetched_high_watermark(&self.consumer, &p.topic, p.partition).unwrap_or(p.high).max(p.high);
-                (high - until).max(0) as u64
+                (p, until, high)
             })
-            .sum()
+            .collect()
     }
 
     /// Read ahead at most `rows` records beyond the batch in flight (capped at
