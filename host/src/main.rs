@@ -178,8 +178,11 @@ fn interactive() -> bool {
 }
 
 fn main() -> ExitCode {
-    // Progress records (`sluice::progress`) are logged when nobody watches a terminal.
-    let default_filter = if interactive() { "info,sluice::progress=off" } else { "info" };
+    let cli = Cli::parse();
+    // Progress records (`sluice::progress`) are logged when nobody watches a terminal, except
+    // for the demo and the benchmarks, which print their own.
+    let own_progress = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    let default_filter = if interactive() || own_progress { "info,sluice::progress=off" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "json") {
@@ -187,7 +190,6 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Plugin(PluginCommand::Inspect { plugin, json }) => inspect(&plugin, json),
         Command::Plugin(PluginCommand::Test(args)) => test(args),
