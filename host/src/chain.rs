@@ -489,11 +489,6 @@ impl Chain {
             for e in finished.record_errors {
                 out.rejected.push(locate(&input, e.row as usize, stage.as_ref(), e.reason));
             }
-            if i > 0 {
-                // A later step saw what transforms made of the record: dead letters carry
-                // the record as it came from Kafka.
-                originals(&source, &mut out.rejected);
-            }
             out.late_records += finished.late_records;
             if finished.watermark_ms.is_some() {
                 out.watermark_ms = finished.watermark_ms;
@@ -508,6 +503,11 @@ impl Chain {
                         .expect("batches checked against the record schema"),
                 };
             }
+        }
+        if last > 0 {
+            // Later steps saw what transforms made of a record: dead letters carry the
+            // record as it came from Kafka.
+            originals(&source, &mut out.rejected);
         }
         Ok(out)
     }
