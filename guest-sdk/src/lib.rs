@@ -77,6 +77,7 @@
 extern crate self as sluice_sdk;
 
 mod batch;
+pub mod collections;
 mod driver;
 pub mod json;
 pub mod log;

@@ -15,9 +15,11 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
+use crate::collections::HashMap;
 use crate::Error;
 
 /// A window `[start, end)` in epoch milliseconds.
@@ -113,17 +115,17 @@ pub enum Admission {
 
 /// Keyed window state: one accumulator `A` per (window, key), plus the watermark.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Windowed<K: Ord, A> {
+pub struct Windowed<K: Ord + Hash, A> {
     spec: WindowSpec,
     delay_ms: i64,
     mode: OutputMode,
     max_event_ms: Option<i64>,
     watermark_ms: Option<i64>,
-    open: BTreeMap<Window, BTreeMap<K, A>>,
+    open: BTreeMap<Window, HashMap<K, A>>,
     changed: BTreeSet<(Window, K)>,
 }
 
-impl<K: Ord + Clone, A: Default> Windowed<K, A> {
+impl<K: Ord + Hash + Clone, A: Default> Windowed<K, A> {
     /// Empty state with the watermark `delay_ms` behind the newest event.
     pub fn new(spec: WindowSpec, delay_ms: i64, mode: OutputMode) -> Result<Self, Error> {
         if delay_ms < 0 {
@@ -147,7 +149,7 @@ impl<K: Ord + Clone, A: Default> Windowed<K, A> {
 
     /// Number of open (window, key) accumulators.
     pub fn open_len(&self) -> usize {
-        self.open.values().map(BTreeMap::len).sum()
+        self.open.values().map(HashMap::len).sum()
     }
 
     /// Add an event at `ts` for `key` to every window of it that is still open, calling
@@ -156,7 +158,7 @@ impl<K: Ord + Clone, A: Default> Windowed<K, A> {
     pub fn add<Q>(&mut self, ts: i64, key: &Q, mut update: impl FnMut(&mut A)) -> Admission
     where
         K: Borrow<Q>,
-        Q: Ord + ToOwned<Owned = K> + ?Sized,
+        Q: Ord + Hash + ToOwned<Owned = K> + ?Sized,
     {
         self.max_event_ms = Some(self.max_event_ms.map_or(ts, |m| m.max(ts)));
         let mut accepted = false;
@@ -169,10 +171,15 @@ impl<K: Ord + Clone, A: Default> Windowed<K, A> {
                 self.changed.insert((window, key.to_owned()));
             }
             let per_key = self.open.entry(window).or_default();
-            if !per_key.contains_key(key) {
-                per_key.insert(key.to_owned(), A::default());
+            // One lookup for the common case (the key is already in the window).
+            match per_key.get_mut(key) {
+                Some(acc) => update(acc),
+                None => {
+                    let mut acc = A::default();
+                    update(&mut acc);
+                    per_key.insert(key.to_owned(), acc);
+                }
             }
-            update(per_key.get_mut(key).expect("inserted above"));
         }
         if accepted {
             Admission::Accepted
@@ -201,7 +208,9 @@ impl<K: Ord + Clone, A: Default> Windowed<K, A> {
             }
             let (window, per_key) = entry.remove_entry();
             if self.mode == OutputMode::Append {
-                for (key, acc) in &per_key {
+                let mut keys: Vec<(&K, &A)> = per_key.iter().collect();
+                keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (key, acc) in keys {
                     emit(window, key, acc);
                 }
             }

@@ -19,10 +19,10 @@
 //! Records that are not valid click events are rejected with the reason (dead letters).
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sluice_sdk::collections::HashSet;
 use sluice_sdk::arrow_schema::{DataType, Field, Schema, SchemaRef};
 use sluice_sdk::window::{Admission, LatePolicy, OutputMode, WindowSpec, Windowed};
 use sluice_sdk::{Aggregate, Batch, Context, Error, Output};
