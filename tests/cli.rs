@@ -113,11 +113,12 @@ fn mistakes_get_a_message_that_says_what_is_wrong_and_exit_non_zero() {
 #[test]
 fn demo_runs_the_example_plugins_over_a_mock_broker_and_prints_closing_windows() {
     let cache = tempfile::tempdir().unwrap();
-    let out = sluice(&["demo", "--duration", "5s", "--rate", "4000", "--interval", "500ms", "--speedup", "60"], cache.path());
+    let out = sluice(&["demo", "--duration", "5s", "--rate", "4000", "--interval", "500ms", "--speedup", "60", "--http", "127.0.0.1:0"], cache.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(stderr.contains("sluice demo: mock Kafka cluster at 127.0.0.1:"), "{stderr}");
+    assert!(stderr.contains("dashboard: http://127.0.0.1:"), "the demo prints its dashboard's URL: {stderr}");
     let windows = stdout.lines().filter(|l| l.starts_with("window ")).count();
     // 5 s at x60 is 300 s of event time: the first windows close while the demo runs.
     assert!(windows >= 12, "expected windows for all 12 campaigns, got:\n{stdout}\n{stderr}");
@@ -208,7 +209,7 @@ fn run_stops_on_sigterm_after_finishing_its_batch_and_exits_zero() {
     let out_dir = dir.path().join("out");
     let file = pipeline_file(dir.path(), &cluster.bootstrap_servers(), &out_dir);
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", file.to_str().unwrap()])
+        .args(["run", file.to_str().unwrap(), "--http", "127.0.0.1:0"])
         .env("SLUICE_CACHE_DIR", dir.path())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -222,6 +223,7 @@ fn run_stops_on_sigterm_after_finishing_its_batch_and_exits_zero() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("stopped after"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(": dashboard at http://127.0.0.1:"), "--http prints the dashboard's URL: {}", text(&out.stderr));
     assert!(sink_rows(&out_dir) > 0);
 }
 

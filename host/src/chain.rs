@@ -212,6 +212,9 @@ pub struct ChainOutput {
     pub promoted: Vec<String>,
     /// Each step (`name version`) and the time it took, retries included.
     pub step_times: Vec<(String, std::time::Duration)>,
+    /// One `name version` per failed plugin call that the chain got over: retried, rolled
+    /// back to the version before, or sent to the dead letters.
+    pub failures: Vec<String>,
 }
 
 /// A swapped-in version that failed its first batch.
@@ -479,6 +482,7 @@ impl Chain {
                     let failed = std::mem::replace(stage, before);
                     let rolled = RolledBack { step: i, failed: shown(failed.as_ref()), running: shown(stage.as_ref()), error: error.to_string() };
                     tracing::error!("plugin step {i}: {} failed its first batch ({}); {} runs on and processes the batch", rolled.failed, rolled.error, rolled.running);
+                    out.failures.push(rolled.failed.clone());
                     out.rolled_back.push(rolled);
                     stage.process(&input, ctx)?
                 }
@@ -516,6 +520,7 @@ impl Chain {
     fn recover(&mut self, i: usize, input: &RecordBatch, ctx: &Context, error: CallError, out: &mut ChainOutput) -> Result<Finished, CallError> {
         let policy = self.policies[i];
         let name = shown(self.stages[i].as_ref());
+        out.failures.push(name.clone());
         let mut error = error;
         for attempt in 1..=policy.retries {
             let wait = policy.backoff.saturating_mul(1 << (attempt - 1).min(16));
@@ -526,7 +531,10 @@ impl Chain {
                     tracing::info!("plugin step {i}: {name} processed batch {} on retry {attempt}", ctx.batch_id);
                     return Ok(finished);
                 }
-                Err(e) => error = e,
+                Err(e) => {
+                    out.failures.push(name.clone());
+                    error = e;
+                }
             }
         }
         match policy.then {
@@ -685,6 +693,7 @@ mod tests {
         let out = chain.process(records(4), &Context::default()).unwrap();
         assert_eq!(count(&out), 7, "3 before, 4 now, nothing of the failed attempts");
         assert!(out.rejected.is_empty());
+        assert_eq!(out.failures, vec!["count 1".to_string(); 2], "both failed calls are counted");
     }
 
     #[test]
@@ -697,6 +706,7 @@ mod tests {
         let out = chain.process(records(4), &Context::default()).unwrap();
         assert!(out.batches.is_empty());
         assert_eq!(out.rejected.len(), 4);
+        assert_eq!(out.failures.len(), 3);
         assert!(out.rejected[0].reason.contains("failed in count 1 3 times") && out.rejected[0].reason.contains("trapped on purpose"), "{}", out.rejected[0].reason);
         let out = chain.process(records(2), &Context::default()).unwrap();
         assert_eq!(count(&out), 5, "the next batch goes on from the checkpointed state");
@@ -736,6 +746,7 @@ mod tests {
         let out = chain.process(records(2), &Context::default()).unwrap();
         assert_eq!(count(&out), 5, "the batch was processed once, by version 1");
         assert_eq!(out.rolled_back.len(), 1);
+        assert_eq!(out.failures, vec!["count 2".to_string()]);
         assert_eq!((out.rolled_back[0].failed.as_str(), out.rolled_back[0].running.as_str()), ("count 2", "count 1"));
         assert!(out.rolled_back[0].error.contains("broken on purpose"));
         assert_eq!(chain.stages().next().unwrap().version(), "1");

@@ -45,6 +45,10 @@ enum Command {
         /// watched: a new `<name>.wasm` or `<name>.toml` is swapped in live.
         #[arg(long)]
         plugin_dir: Option<PathBuf>,
+        /// Serve the dashboard (/), Prometheus metrics (/metrics) and progress records
+        /// (/progress) on this address, e.g. 127.0.0.1:4040 (port 0: any free port).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
     },
     /// Inspect checkpoints.
     #[command(subcommand)]
@@ -169,6 +173,13 @@ struct DemoArgs {
     /// Event-time seconds per wall-clock second, so one-minute windows close quickly.
     #[arg(long, default_value_t = 10)]
     speedup: u64,
+    /// Address of the dashboard, metrics and progress server (port 0: any free port;
+    /// when the default port is taken, any free port is used).
+    #[arg(long, value_name = "ADDR", default_value = demo::DEFAULT_HTTP)]
+    http: String,
+    /// Do not start the HTTP server.
+    #[arg(long, conflicts_with = "http")]
+    no_http: bool,
 }
 
 /// Whether a person watches: stderr is a terminal. Then `sluice run` prints a progress
@@ -195,7 +206,7 @@ fn main() -> ExitCode {
         Command::Plugin(PluginCommand::Test(args)) => test(args),
         Command::Demo(args) => run_demo(args),
         Command::Check { pipeline, plugin_dir } => check(&pipeline, plugin_dir),
-        Command::Run { pipeline, available_now, ignore_state, plugin_dir } => run(&pipeline, available_now, ignore_state, plugin_dir),
+        Command::Run { pipeline, available_now, ignore_state, plugin_dir, http } => run(&pipeline, available_now, ignore_state, plugin_dir, http),
         Command::Checkpoint(CheckpointCommand::Show { location, json }) => show_checkpoints(&location, json),
         Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Pipeline(args)) => sluice::bench::pipeline::run(&args, &mut std::io::stdout()).map(drop),
@@ -391,7 +402,7 @@ fn stop_on_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
     Ok(stop)
 }
 
-fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_dir: Option<PathBuf>, http: Option<String>) -> anyhow::Result<()> {
     use sluice::pipeline::{RunOptions, Until};
     let pipeline = load_pipeline(path, plugin_dir)?;
     let mut sink = sluice::sink::open(&pipeline.sink, &pipeline.kafka).with_context(|| path.display().to_string())?;
@@ -404,7 +415,18 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_d
     // SIGHUP: read the pipeline file again and apply its rate settings (live tuning).
     let retune = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, retune.clone()).context("cannot install the SIGHUP handler")?;
-    let options = RunOptions { until, ignore_state, retune: Some((retune, path.to_path_buf())), history: None };
+    let mut options = RunOptions { until, ignore_state, retune: Some((retune, path.to_path_buf())), ..RunOptions::default() };
+    let _server = match http {
+        Some(addr) => {
+            let observed = sluice::http::Observed::new(&pipeline.name);
+            options.history = Some(observed.history.clone());
+            options.metrics = Some(observed.metrics.clone());
+            let server = sluice::http::Server::start(&addr, observed)?;
+            eprintln!("{}: dashboard at {} (metrics at {}metrics)", pipeline.name, server.url(), server.url());
+            Some(server)
+        }
+        None => None,
+    };
     let interactive = interactive();
     let summary = sluice::pipeline::run(&pipeline, &runtime, options, &stop, sink.as_mut(), &mut |p| {
         for r in &p.rejected {
@@ -435,7 +457,8 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     if args.rate == 0 || args.interval.is_zero() || args.speedup == 0 {
         bail!("--rate, --interval and --speedup must be greater than zero");
     }
-    let options = demo::DemoOptions { duration: args.duration, rate: args.rate, interval: args.interval, speedup: args.speedup };
+    let http = (!args.no_http).then_some(args.http);
+    let options = demo::DemoOptions { duration: args.duration, rate: args.rate, interval: args.interval, speedup: args.speedup, http };
     let mut out = std::io::stdout().lock();
     let mut progress = std::io::stderr().lock();
     demo::run(&options, stop_on_signal()?, &mut out, &mut progress)?;

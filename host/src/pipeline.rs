@@ -14,6 +14,7 @@ use crate::chain::{Chain, Rejected};
 use crate::checkpoint::{self, Checkpoint, CheckpointStore, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
+use crate::metrics::Metrics;
 use crate::kafka::{KafkaSource, PartitionLag, SourceError, PREFETCH_ROWS};
 use crate::rate::{RateController, RateState};
 use crate::runtime::Runtime;
@@ -103,6 +104,11 @@ pub struct BatchProgress {
     /// Plugin versions rejected so far in this run: at preparation, at the swap, or in
     /// their first batch.
     pub swaps_failed: u64,
+    /// The trigger interval the batch ran under.
+    pub interval: Duration,
+    /// One `name version` per failed plugin call the chain got over (retried, rolled back
+    /// or sent to the dead letters).
+    pub failures: Vec<String>,
 }
 
 impl BatchProgress {
@@ -121,7 +127,13 @@ impl BatchProgress {
                 "total": ms(self.duration), "plan": ms(d.plan), "fetch": ms(d.fetch), "plugins": ms(d.plugins),
                 "sink": ms(d.sink), "checkpoint": ms(d.checkpoint), "commit": ms(d.commit), "swap": ms(self.swap_time),
             },
-            "plugins": self.step_times.iter().map(|(name, t)| serde_json::json!({"plugin": name, "ms": ms(*t)})).collect::<Vec<_>>(),
+            "interval_ms": ms(self.interval),
+            "plugins": self.step_times.iter().map(|(step, t)| serde_json::json!({
+                "plugin": step,
+                "ms": ms(*t),
+                "rejected": self.rejected.iter().filter(|r| step.strip_prefix(r.plugin.as_str()).and_then(|v| v.strip_prefix(' ')) == Some(r.version.as_str())).count(),
+                "failures": self.failures.iter().filter(|f| *f == step).count(),
+            })).collect::<Vec<_>>(),
             "watermark_ms": self.watermark_ms,
             "partitions": self.partitions.iter().map(|p| serde_json::json!({
                 "topic": p.topic, "partition": p.partition, "from": p.from, "until": p.until, "high": p.high, "lag": (p.high - p.until).max(0),
@@ -129,6 +141,7 @@ impl BatchProgress {
             "lag": self.lag,
             "rejected": self.rejected.len(),
             "dead_letters": self.dead_letters,
+            "plugin_failures": self.failures.len(),
             "swaps": self.swaps,
             "swaps_failed": self.swaps_failed,
         })
@@ -228,6 +241,8 @@ pub struct RunOptions {
     /// Where the progress record of each batch is kept (besides the `sluice::progress` log
     /// event every batch emits).
     pub history: Option<Arc<ProgressHistory>>,
+    /// Metrics to keep up to date after each batch (served on `/metrics`).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl From<Until> for RunOptions {
@@ -372,6 +387,7 @@ fn run_watched(
     };
     let mut runner = Runner {
         history: options.history.clone(),
+        metrics: options.metrics.clone(),
         last_start: None,
         dead_letters,
         watcher,
@@ -401,6 +417,7 @@ fn run_watched(
 /// The loop's state.
 struct Runner<'a> {
     history: Option<Arc<ProgressHistory>>,
+    metrics: Option<Arc<Metrics>>,
     /// When the previous batch started.
     last_start: Option<Instant>,
     /// Where rejected records go.
@@ -607,6 +624,7 @@ impl Runner<'_> {
         progress: &mut dyn FnMut(&BatchProgress),
     ) -> anyhow::Result<()> {
         let tick = Instant::now();
+        let interval = self.rate.interval();
         let since_last = self.last_start.replace(tick).map(|t| tick.duration_since(t));
         let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| anyhow::anyhow!("batch {} has no plan for task {TASK}", plan.batch_id))?;
         let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
@@ -709,11 +727,16 @@ impl Runner<'_> {
             swap_time: std::mem::take(&mut self.swap_time),
             swaps: self.summary.swaps,
             swaps_failed: self.summary.swaps_failed,
+            interval,
+            failures: out.failures,
         };
         let json = report.to_json();
         tracing::info!(target: "sluice::progress", progress = %json);
         if let Some(history) = &self.history {
             history.push(json);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.record(&report);
         }
         progress(&report);
         Ok(())

@@ -21,7 +21,7 @@ use arrow_array::RecordBatch;
 use crate::broker::{Broker, Mock};
 use crate::config::{Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
 use crate::kafka::{Loader, Outgoing};
-use crate::pipeline::{self, Until};
+use crate::pipeline::{self, RunOptions, Until};
 use crate::runtime::{Limits, Runtime};
 use crate::sink::{Sink, SinkError};
 use generator::{EventGenerator, EventSpec};
@@ -42,11 +42,17 @@ pub struct DemoOptions {
     pub interval: Duration,
     /// Event-time seconds per wall-clock second.
     pub speedup: u64,
+    /// Serve the dashboard, metrics and progress records on this address (see
+    /// [`DEFAULT_HTTP`]).
+    pub http: Option<String>,
 }
+
+/// Where `sluice demo` serves its dashboard; when the port is taken, any free port is used.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:4040";
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self { duration: Duration::from_secs(30), rate: 5_000, interval: Duration::from_secs(1), speedup: 10 }
+        Self { duration: Duration::from_secs(30), rate: 5_000, interval: Duration::from_secs(1), speedup: 10, http: None }
     }
 }
 
@@ -155,6 +161,23 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
         runtime.load(bytes, &format!("builtin:{name}"), Limits::default())?;
     }
 
+    let observed = crate::http::Observed::new(&pipeline.name);
+    let _server = match &options.http {
+        Some(addr) => {
+            let server = match crate::http::Server::start(addr, observed.clone()) {
+                Err(e) if addr == DEFAULT_HTTP => {
+                    tracing::info!("{e}; using any free port");
+                    crate::http::Server::start("127.0.0.1:0", observed.clone())?
+                }
+                started => started?,
+            };
+            writeln!(progress, "dashboard: {} (Prometheus metrics at {}metrics)", server.url(), server.url())?;
+            Some(server)
+        }
+        None => None,
+    };
+    let options_run = RunOptions { until: Until::Stopped, history: Some(observed.history.clone()), metrics: Some(observed.metrics.clone()), ..RunOptions::default() };
+
     let produced = Arc::new(AtomicU64::new(0));
     let producer = {
         let loader = Loader::connect(&bootstrap, &[])?;
@@ -174,7 +197,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
 
     let mut printer = WindowPrinter { out, windows: 0 };
     let mut consumed = 0;
-    let result = pipeline::run(&pipeline, &runtime, Until::Stopped, &stop, &mut printer, &mut |p| {
+    let result = pipeline::run(&pipeline, &runtime, options_run, &stop, &mut printer, &mut |p| {
         consumed += p.records;
         let _ = writeln!(
             progress,
