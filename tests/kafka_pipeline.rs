@@ -949,6 +949,21 @@ fn the_swap_benchmark_times_each_swap_against_the_median_batch() {
 }
 
 #[test]
+fn the_latency_benchmark_measures_each_kept_event_from_its_producer_to_the_sink() {
+    use sluice::bench::latency::{run_on, LatencyBenchArgs};
+    let args = LatencyBenchArgs { rate: 2_000, interval: Duration::from_millis(100), duration: Duration::from_secs(3), warmup: Duration::from_secs(1), partitions: 2 };
+    let mut out = Vec::new();
+    let report = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    // About 3 s of clicks (most events are clicks) at 2 000 events/s are counted, no warm-up.
+    let counted = report.latencies_ms.len();
+    assert!((2_000..=7_000).contains(&counted), "{counted} events counted: {text}");
+    assert!(report.latencies_ms.windows(2).all(|w| w[0] <= w[1]) && report.latencies_ms[0] >= 0, "{text}");
+    assert!(report.quantile(0.5).unwrap() < 10_000, "a median of seconds means the stamps are not wall-clock times: {text}");
+    assert!(text.contains("| 2000 | 100 ms | "), "{text}");
+}
+
+#[test]
 fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_runs_on() {
     use sluice::chain::{FailurePolicy, OnFailure};
     let broker = Mock::start().unwrap();

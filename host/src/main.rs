@@ -82,6 +82,9 @@ enum BenchCommand {
     /// The stall a live plugin swap causes, on a real broker (tansu): per swap, time at the
     /// batch boundary and the new version's first batch against the median batch.
     Swap(sluice::bench::swap::SwapBenchArgs),
+    /// Event → sink latency of a stateless pipeline (WebAssembly json-filter) at a fixed
+    /// input rate with short batches, on a real broker (tansu): p50, p90, p99, max.
+    Latency(sluice::bench::latency::LatencyBenchArgs),
     /// The burst benchmark's paced producer (run by it as a child process).
     #[command(hide = true)]
     Produce(sluice::bench::burst::ProduceArgs),
@@ -212,6 +215,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Pipeline(args)) => sluice::bench::pipeline::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Burst(args)) => sluice::bench::burst::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Swap(args)) => sluice::bench::swap::run_bench(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Latency(args)) => sluice::bench::latency::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Produce(args)) => sluice::bench::burst::produce(&args).map(|sent| println!("{sent}")),
         Command::Bench(BenchCommand::Checkpoint(args)) => sluice::bench::checkpoint::run_bench(&args, &mut std::io::stdout()).map(drop),
     };

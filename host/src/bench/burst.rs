@@ -169,6 +169,10 @@ pub struct ProduceArgs {
     /// Phases `<duration>@<records/s>`, in order, e.g. `8s@5000 2s@50000 80s@5000`.
     #[arg(required = true, value_parser = parse_phase)]
     pub phases: Vec<(Duration, f64)>,
+    /// Stamp each event's `timestamp` with the wall clock (epoch ms) when it is created,
+    /// instead of the generator's event time (for latency measurements).
+    #[arg(long)]
+    pub wall_clock: bool,
 }
 
 fn parse_phase(s: &str) -> Result<(Duration, f64), String> {
@@ -203,7 +207,10 @@ pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
         owed += rate * now.duration_since(last).as_secs_f64();
         last = now;
         while owed >= 1.0 {
-            let e = gen.next_event();
+            let mut e = gen.next_event();
+            if args.wall_clock {
+                e.timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            }
             let value = serde_json::to_vec(&e)?;
             let out = Outgoing { partition: Some((sent % args.partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
             loader.send(&args.topic, out)?;
@@ -220,9 +227,12 @@ pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
 pub(crate) struct Producer(std::process::Child);
 
 impl Producer {
-    pub(crate) fn start(exe: &Path, bootstrap: &str, topic: &str, partitions: i32, phases: &[(Duration, f64)]) -> anyhow::Result<Self> {
+    pub(crate) fn start(exe: &Path, bootstrap: &str, topic: &str, partitions: i32, phases: &[(Duration, f64)], wall_clock: bool) -> anyhow::Result<Self> {
         let mut command = std::process::Command::new(exe);
         command.args(["bench", "produce", "--bootstrap", bootstrap, "--topic", topic, "--partitions", &partitions.to_string()]);
+        if wall_clock {
+            command.arg("--wall-clock");
+        }
         command.args(phases.iter().map(|(d, r)| format!("{}ms@{r}", d.as_millis())));
         let child = command
             .stdout(std::process::Stdio::null())
@@ -273,7 +283,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
     let stage = CostStage { per_record: Duration::from_secs_f64(1.0 / c), schema: record_schema() };
     let mut chain = Chain::of_stages(vec![Box::new(stage)])?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut producer = Producer::start(exe, &broker.bootstrap(), &topic, args.partitions, &phases)?;
+    let mut producer = Producer::start(exe, &broker.bootstrap(), &topic, args.partitions, &phases, false)?;
     let started = Instant::now();
     let burst = (args.before.as_secs_f64(), (args.before + args.burst).as_secs_f64());
     let mut batches = Vec::new();

@@ -4,6 +4,7 @@
 
 pub mod burst;
 pub mod checkpoint;
+pub mod latency;
 pub mod pipeline;
 pub mod plugins;
 pub mod swap;

@@ -78,7 +78,7 @@ impl Sink for Discard {
 
 type ChainFn = fn(&Runtime) -> anyhow::Result<Chain>;
 
-fn wasm(runtime: &Runtime, name: &str, config: &str) -> anyhow::Result<Chain> {
+pub(crate) fn wasm(runtime: &Runtime, name: &str, config: &str) -> anyhow::Result<Chain> {
     let plugin = runtime.load(examples::named(name).map_err(anyhow::Error::msg)?, &format!("builtin:{name}"), Limits::default())?;
     let mut chain = Chain::new(vec![plugin.instantiate(config)?])?;
     chain.set_policies([FailurePolicy::STOP_AT_ONCE]);

@@ -130,7 +130,7 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
     let runtime = Runtime::new(None)?;
     // Slow machines (or debug builds) compile for longer; the run waits for every swap.
     let limit = total + Duration::from_secs(300);
-    let mut producer = Producer::start(exe, &broker.bootstrap(), topic, args.partitions, &[(limit, args.rate as f64)])?;
+    let mut producer = Producer::start(exe, &broker.bootstrap(), topic, args.partitions, &[(limit, args.rate as f64)], false)?;
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let mut seen: Vec<Seen> = Vec::new();
