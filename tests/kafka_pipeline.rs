@@ -964,6 +964,54 @@ fn the_latency_benchmark_measures_each_kept_event_from_its_producer_to_the_sink(
 }
 
 #[test]
+fn the_peers_benchmark_runs_sluice_and_the_native_ceiling_as_processes_and_compares_their_windows() {
+    use sluice::bench::peers::{run_on, PeersBenchArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let args = PeersBenchArgs {
+        records: 20_000,
+        partitions: 2,
+        event_time_rate: 200,
+        venv: dir.path().join("venv"),
+        systems: vec!["sluice".into(), "native".into()],
+        json: Some(dir.path().join("peers.json")),
+        csv: Some(dir.path().join("peers.csv")),
+    };
+    let mut out = Vec::new();
+    let results = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
+    let report = String::from_utf8(out).unwrap();
+    assert_eq!(results.len(), 2, "{report}");
+    // 100 s of event time: windows up to 30 s after the start are closed for everyone.
+    assert!(results[0].windows >= 12, "{report}");
+    assert_eq!(results[1].matches_sluice, Some(true), "the same aggregation gives the same windows: {report}");
+    assert!(results.iter().all(|r| r.records_per_sec > 0.0 && r.peak_rss_mib > 1.0), "{report}");
+    assert!(report.contains("sluice / native Rust over rdkafka: "), "{report}");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("peers.json")).unwrap()).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert_eq!(std::fs::read_to_string(dir.path().join("peers.csv")).unwrap().lines().count(), 3);
+}
+
+#[test]
+fn quix_streams_and_bytewax_close_the_same_windows_as_sluice_on_tansu() {
+    use sluice::bench::peers::{run_on, PeersBenchArgs};
+    let broker = Tansu::start().unwrap();
+    let args = PeersBenchArgs {
+        records: 20_000,
+        partitions: 2,
+        event_time_rate: 200,
+        // Shared with `sluice bench peers`: PyPI is asked once per machine.
+        venv: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/peers-venv"),
+        systems: vec!["sluice".into(), "quix".into(), "bytewax".into()],
+        json: None,
+        csv: None,
+    };
+    let mut out = Vec::new();
+    let results = run_on(&args, &broker, Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
+    let report = String::from_utf8(out).unwrap();
+    assert!(results[0].windows >= 12, "{report}");
+    assert_eq!(results.iter().map(|r| r.matches_sluice).collect::<Vec<_>>(), [None, Some(true), Some(true)], "{report}");
+}
+
+#[test]
 fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_runs_on() {
     use sluice::chain::{FailurePolicy, OnFailure};
     let broker = Mock::start().unwrap();

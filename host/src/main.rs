@@ -85,6 +85,13 @@ enum BenchCommand {
     /// Event → sink latency of a stateless pipeline (WebAssembly json-filter) at a fixed
     /// input rate with short batches, on a real broker (tansu): p50, p90, p99, max.
     Latency(sluice::bench::latency::LatencyBenchArgs),
+    /// The ad-click aggregation in sluice, natively over rdkafka, in Quix Streams and in
+    /// Bytewax (from PyPI, into a virtual environment), on the same data on a real broker
+    /// (tansu): records/s, wall time, peak RSS, and whether the closed windows match.
+    Peers(sluice::bench::peers::PeersBenchArgs),
+    /// The peers benchmark's native ceiling (run by it as a child process).
+    #[command(hide = true)]
+    Ceiling(sluice::bench::peers::CeilingArgs),
     /// The burst benchmark's paced producer (run by it as a child process).
     #[command(hide = true)]
     Produce(sluice::bench::burst::ProduceArgs),
@@ -216,6 +223,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Burst(args)) => sluice::bench::burst::run(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Swap(args)) => sluice::bench::swap::run_bench(&args, &mut std::io::stdout()).map(drop),
         Command::Bench(BenchCommand::Latency(args)) => sluice::bench::latency::run(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Peers(args)) => sluice::bench::peers::run(&args, &mut std::io::stdout()).map(drop),
+        Command::Bench(BenchCommand::Ceiling(args)) => sluice::bench::peers::ceiling(&args).map(drop),
         Command::Bench(BenchCommand::Produce(args)) => sluice::bench::burst::produce(&args).map(|sent| println!("{sent}")),
         Command::Bench(BenchCommand::Checkpoint(args)) => sluice::bench::checkpoint::run_bench(&args, &mut std::io::stdout()).map(drop),
     };

@@ -5,6 +5,7 @@
 pub mod burst;
 pub mod checkpoint;
 pub mod latency;
+pub mod peers;
 pub mod pipeline;
 pub mod plugins;
 pub mod swap;

@@ -77,6 +77,23 @@ pub struct Totals {
     users: HashSet<String>,
 }
 
+impl Totals {
+    /// Clicks counted.
+    pub fn clicks(&self) -> u64 {
+        self.clicks
+    }
+
+    /// Sum of their `cost`.
+    pub fn total_cost(&self) -> f64 {
+        self.total_cost
+    }
+
+    /// Distinct `user_id`s among them.
+    pub fn unique_users(&self) -> u64 {
+        self.users.len() as u64
+    }
+}
+
 /// One output row.
 #[derive(Debug, Serialize)]
 struct Row<'a> {
@@ -129,37 +146,18 @@ impl Aggregate for AdClicks {
     fn process(&mut self, batch: &Batch, ctx: &Context, out: &mut Output) -> Result<(), Error> {
         let mut late = 0;
         for record in batch.records() {
-            let click: Click = match record.json() {
-                Ok(c) => c,
-                Err(reason) => {
-                    out.reject(record.index(), reason);
-                    continue;
-                }
-            };
-            if !click.cost.is_finite() {
-                out.reject(record.index(), format!("cost must be a finite number, got {}", click.cost));
+            let Some(value) = record.value() else {
+                out.reject(record.index(), "value is null");
                 continue;
-            }
-            let user = click.user_id.as_ref();
-            let admission = self.windows.add(click.timestamp, click.campaign_id.as_ref(), |t| {
-                t.clicks += 1;
-                t.total_cost += click.cost;
-                if !t.users.contains(user) {
-                    t.users.insert(user.to_owned());
+            };
+            match self.add_json(value) {
+                Ok((_, Admission::Accepted)) => {}
+                Ok((_, Admission::Late)) if self.late_policy == LatePolicy::Drop => late += 1,
+                Ok((event_time, Admission::Late)) => {
+                    let watermark = self.windows.watermark().unwrap_or(i64::MIN);
+                    out.reject(record.index(), format!("late: event time {event_time} is behind the watermark {watermark} for all of its windows"));
                 }
-            });
-            if admission == Admission::Late {
-                match self.late_policy {
-                    LatePolicy::Drop => late += 1,
-                    LatePolicy::Reject => out.reject(
-                        record.index(),
-                        format!(
-                            "late: event time {} is behind the watermark {} for all of its windows",
-                            click.timestamp,
-                            self.windows.watermark().unwrap_or(i64::MIN)
-                        ),
-                    ),
-                }
+                Err(reason) => out.reject(record.index(), reason),
             }
         }
         out.add_late(late);
@@ -188,6 +186,32 @@ impl Aggregate for AdClicks {
 
     fn set_state(&mut self, state: Self::State) {
         self.windows = state;
+    }
+}
+
+impl AdClicks {
+    /// Count one event, a JSON click (the plugin's per-record work, usable natively): its
+    /// event time and whether a window took it, or why the value is not a valid click.
+    pub fn add_json(&mut self, value: &[u8]) -> Result<(i64, Admission), String> {
+        let click: Click = sluice_sdk::json::parse(value)?;
+        if !click.cost.is_finite() {
+            return Err(format!("cost must be a finite number, got {}", click.cost));
+        }
+        let user = click.user_id.as_ref();
+        let admission = self.windows.add(click.timestamp, click.campaign_id.as_ref(), |t| {
+            t.clicks += 1;
+            t.total_cost += click.cost;
+            if !t.users.contains(user) {
+                t.users.insert(user.to_owned());
+            }
+        });
+        Ok((click.timestamp, admission))
+    }
+
+    /// Move the watermark (at least to `floor_ms`) and hand each window that closed to
+    /// `emit`: the window, the campaign and its totals.
+    pub fn close_windows(&mut self, floor_ms: Option<i64>, emit: impl FnMut(sluice_sdk::window::Window, &String, &Totals)) {
+        self.windows.finish_batch(floor_ms, emit);
     }
 }
 
