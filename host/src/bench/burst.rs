@@ -19,7 +19,7 @@ use sluice_sdk::{record_schema, Context, Finished, PluginKind};
 use crate::broker::{Broker, Tansu};
 use crate::chain::{Chain, Stage};
 use crate::checkpoint::PluginIdentity;
-use crate::config::{Backpressure, Pipeline, Sink as SinkConfig, Source, StartingOffsets};
+use crate::config::Backpressure;
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::kafka::{Loader, Outgoing};
 use super::pipeline::Discard;
@@ -157,15 +157,9 @@ fn rss_mib() -> f64 {
 /// child process so that the pipeline's resident memory is measured alone.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProduceArgs {
-    /// Bootstrap servers.
-    #[arg(long)]
-    pub bootstrap: String,
-    /// Topic to write.
-    #[arg(long)]
-    pub topic: String,
-    /// Partitions of the topic; records go round-robin.
-    #[arg(long)]
-    pub partitions: i32,
+    /// The topic to write; records go round-robin over its partitions.
+    #[command(flatten)]
+    pub target: super::TopicArgs,
     /// Phases `<duration>@<records/s>`, in order, e.g. `8s@5000 2s@50000 80s@5000`.
     #[arg(required = true, value_parser = parse_phase)]
     pub phases: Vec<(Duration, f64)>,
@@ -188,8 +182,9 @@ fn parse_phase(s: &str) -> Result<(Duration, f64), String> {
 /// Produce generated ad events to the topic at each phase's rate, one phase after the
 /// other; returns how many were sent once all are acknowledged.
 pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
-    anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
-    let loader = Loader::connect(&args.bootstrap, &[])?;
+    let target = &args.target;
+    anyhow::ensure!(target.partitions >= 1, "--partitions must be at least 1");
+    let loader = Loader::connect(&target.bootstrap, &[])?;
     let mut gen = EventGenerator::new(EventSpec::default());
     let started = Instant::now();
     let mut sent = 0u64;
@@ -212,8 +207,8 @@ pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
                 e.timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             }
             let value = serde_json::to_vec(&e)?;
-            let out = Outgoing { partition: Some((sent % args.partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
-            loader.send(&args.topic, out)?;
+            let out = Outgoing { partition: Some((sent % target.partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
+            loader.send(&target.topic, out)?;
             sent += 1;
             owed -= 1.0;
         }
@@ -261,25 +256,11 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
     broker.create_topic(&topic, args.partitions)?;
     let c = args.capacity as f64;
     let phases = vec![(args.before, 0.5 * c), (args.burst, 10.0 * c), (args.after, 0.5 * c)];
-    let pipeline = Pipeline {
-        name: topic.clone(),
-        source: Source {
-            topics: vec![topic.clone()],
-            starting_offsets: StartingOffsets::Earliest,
-            max_offsets_per_trigger: None,
-            partition_rates: Default::default(),
-            group_id: topic.clone(),
-        },
-        trigger_interval: args.interval,
-        adaptive_interval: None,
-        kafka: args.kafka.iter().cloned().chain([("bootstrap.servers".to_string(), broker.bootstrap())]).collect(),
-        steps: Vec::new(),
-        plugin_dir: None,
-        sink: SinkConfig::Jsonl { path: "-".into() },
-        dead_letter: None,
-        checkpoint: None,
-        backpressure: backpressure.then(|| Backpressure { initial_rate: None, pid: Default::default() }),
-    };
+    let mut pipeline = super::bench_pipeline(&topic, &topic, broker.bootstrap(), args.interval);
+    for (k, v) in &args.kafka {
+        pipeline.kafka.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    pipeline.backpressure = backpressure.then(|| Backpressure { initial_rate: None, pid: Default::default() });
     let stage = CostStage { per_record: Duration::from_secs_f64(1.0 / c), schema: record_schema() };
     let mut chain = Chain::of_stages(vec![Box::new(stage)])?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -20,7 +20,6 @@ use arrow_array::RecordBatch;
 
 use super::burst::Producer;
 use crate::broker::{Broker, Tansu};
-use crate::config::{Pipeline, Sink as SinkConfig, Source, StartingOffsets};
 use crate::demo::FILTER_CONFIG;
 use crate::pipeline::{run_chain, Until};
 use crate::runtime::Runtime;
@@ -103,25 +102,7 @@ pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exe: &Path, out: &mu
     anyhow::ensure!(args.rate > 0 && !args.interval.is_zero() && !args.duration.is_zero() && args.partitions >= 1, "--rate, --interval, --duration and --partitions must be above zero");
     let topic = "sluice-bench-latency";
     broker.create_topic(topic, args.partitions)?;
-    let pipeline = Pipeline {
-        name: topic.into(),
-        source: Source {
-            topics: vec![topic.into()],
-            starting_offsets: StartingOffsets::Earliest,
-            max_offsets_per_trigger: None,
-            partition_rates: Default::default(),
-            group_id: topic.into(),
-        },
-        trigger_interval: args.interval,
-        adaptive_interval: None,
-        kafka: [("bootstrap.servers".to_string(), broker.bootstrap())].into(),
-        steps: Vec::new(),
-        plugin_dir: None,
-        sink: SinkConfig::Jsonl { path: "-".into() },
-        dead_letter: None,
-        checkpoint: None,
-        backpressure: None,
-    };
+    let pipeline = super::bench_pipeline(topic, topic, broker.bootstrap(), args.interval);
     let runtime = Runtime::with_default_cache()?;
     let mut chain = super::pipeline::wasm(&runtime, "json-filter", FILTER_CONFIG)?;
     let total = args.warmup + args.duration;

@@ -24,6 +24,47 @@ use crate::runtime::CallError;
 
 pub use plugins::{run, BenchArgs, BenchRow};
 
+/// Where a benchmark's helper process reads or writes (the hidden `bench produce` and
+/// `bench ceiling` commands).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicArgs {
+    /// Bootstrap servers.
+    #[arg(long)]
+    pub bootstrap: String,
+    /// The topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Partitions of the topic.
+    #[arg(long)]
+    pub partitions: i32,
+}
+
+/// What the benchmarks run: `topic` from the earliest offset (consumer group `group`) on
+/// `bootstrap`, every `interval`, with no steps, no checkpoint, no rate control and a
+/// stdout sink (they pass their own chain and sink); callers change what they measure.
+pub(crate) fn bench_pipeline(group: &str, topic: &str, bootstrap: String, interval: Duration) -> crate::config::Pipeline {
+    use crate::config::{Pipeline, Sink, Source, StartingOffsets};
+    Pipeline {
+        name: group.into(),
+        source: Source {
+            topics: vec![topic.into()],
+            starting_offsets: StartingOffsets::Earliest,
+            max_offsets_per_trigger: None,
+            partition_rates: Default::default(),
+            group_id: group.into(),
+        },
+        trigger_interval: interval,
+        adaptive_interval: None,
+        kafka: [("bootstrap.servers".to_string(), bootstrap)].into(),
+        steps: Vec::new(),
+        plugin_dir: None,
+        sink: Sink::Jsonl { path: "-".into() },
+        dead_letter: None,
+        checkpoint: None,
+        backpressure: None,
+    }
+}
+
 /// `n` seed-style ad events as JSON.
 pub(crate) fn events(n: usize) -> Vec<Vec<u8>> {
     let mut gen = EventGenerator::new(EventSpec::default());

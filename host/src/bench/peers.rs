@@ -69,15 +69,9 @@ pub struct PeersBenchArgs {
 /// Options of `sluice bench ceiling` (hidden): the native ad-clicks over rdkafka.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CeilingArgs {
-    /// Bootstrap servers.
-    #[arg(long)]
-    pub bootstrap: String,
-    /// Topic to read from the beginning.
-    #[arg(long)]
-    pub topic: String,
-    /// Partitions of the topic.
-    #[arg(long)]
-    pub partitions: i32,
+    /// The topic to read from the beginning.
+    #[command(flatten)]
+    pub source: super::TopicArgs,
     /// Stop after this many records.
     #[arg(long)]
     pub records: u64,
@@ -112,14 +106,15 @@ type Windows = BTreeMap<(i64, String), (i64, u64, f64, u64)>;
 /// from a partition that ran ahead would drop a slower partition's records as late.
 pub fn ceiling(args: &CeilingArgs) -> anyhow::Result<u64> {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &args.bootstrap).set("group.id", "sluice-bench-ceiling").set("enable.auto.commit", "false");
+    let source = &args.source;
+    config.set("bootstrap.servers", &source.bootstrap).set("group.id", "sluice-bench-ceiling").set("enable.auto.commit", "false");
     for (k, v) in TUNED_DEFAULTS {
         config.set(k, v);
     }
     let consumer: BaseConsumer = config.create()?;
     let mut assignment = TopicPartitionList::new();
-    for p in 0..args.partitions {
-        assignment.add_partition_offset(&args.topic, p, Offset::Beginning)?;
+    for p in 0..source.partitions {
+        assignment.add_partition_offset(&source.topic, p, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
     let mut clicks = ad_clicks::AdClicks::new(ad_clicks::Config::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -143,7 +138,7 @@ pub fn ceiling(args: &CeilingArgs) -> anyhow::Result<u64> {
                 }
                 seen += 1;
             }
-            Some(Err(e)) => anyhow::bail!("reading {}: {e}", args.topic),
+            Some(Err(e)) => anyhow::bail!("reading {}: {e}", source.topic),
             None => anyhow::bail!("no record for 30 s after {seen} of {}", args.records),
         }
     }

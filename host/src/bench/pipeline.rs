@@ -8,7 +8,6 @@
 //!
 //! Records/s are compared with consume-only and, for each plugin, WebAssembly with native.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -19,7 +18,6 @@ use sluice_sdk::testing::{AggregateDriver, TransformDriver};
 use super::{per_sec, NativeStage};
 use crate::broker::{Broker, Tansu};
 use crate::chain::{Chain, FailurePolicy, Stage};
-use crate::config::{Pipeline, Sink as SinkConfig, Source, StartingOffsets};
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::demo::FILTER_CONFIG;
 use crate::examples;
@@ -148,25 +146,8 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
         let mut best: Option<PipelineRow> = None;
         for rep in 0..args.repeat {
             let group = format!("sluice-bench-{}-{rep}", name.replace(' ', "-"));
-            let pipeline = Pipeline {
-                name: group.clone(),
-                source: Source {
-                    topics: vec![TOPIC.into()],
-                    starting_offsets: StartingOffsets::Earliest,
-                    max_offsets_per_trigger: Some(args.batch),
-                    partition_rates: Default::default(),
-                    group_id: group,
-                },
-                trigger_interval: Duration::ZERO,
-                adaptive_interval: None,
-                kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.clone())]),
-                steps: Vec::new(),
-                plugin_dir: None,
-                sink: SinkConfig::Jsonl { path: "-".into() },
-                dead_letter: None,
-                checkpoint: None,
-                backpressure: None,
-            };
+            let mut pipeline = super::bench_pipeline(&group, TOPIC, bootstrap.clone(), Duration::ZERO);
+            pipeline.source.max_offsets_per_trigger = Some(args.batch);
             let mut chain = make(&runtime)?;
             let started = Instant::now();
             let summary = run_chain(&pipeline, &mut chain, Until::AvailableNow, &AtomicBool::new(false), &mut Discard, &mut |_| {})?;

@@ -9,7 +9,6 @@
 //! duration of the new version's first batch, against the median batch duration; the
 //! stall is the excess, in batch intervals.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::burst::Producer;
 use super::pipeline::Discard;
 use crate::broker::{Broker, Tansu};
-use crate::config::{Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
+use crate::config::{Pipeline, PluginSource, Step};
 use crate::pipeline::{run, Until};
 use crate::runtime::{Limits, Runtime};
 
@@ -108,23 +107,9 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
     let warmup = 3 * args.interval;
     let total = warmup + args.every * (args.swaps as u32 + 1);
     let pipeline = Pipeline {
-        name: topic.into(),
-        source: Source {
-            topics: vec![topic.into()],
-            starting_offsets: StartingOffsets::Earliest,
-            max_offsets_per_trigger: None,
-            partition_rates: Default::default(),
-            group_id: topic.into(),
-        },
-        trigger_interval: args.interval,
-        adaptive_interval: None,
-        kafka: BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]),
         steps: vec![Step { source: PluginSource::Dir("ad-clicks".into()), config: "{}".into(), limits: Limits::default(), failure: Default::default() }],
         plugin_dir: Some(plugins.path().to_path_buf()),
-        sink: SinkConfig::Jsonl { path: "-".into() },
-        dead_letter: None,
-        checkpoint: None,
-        backpressure: None,
+        ..super::bench_pipeline(topic, topic, broker.bootstrap(), args.interval)
     };
     // No disk cache, so that every new version is compiled.
     let runtime = Runtime::new(None)?;
