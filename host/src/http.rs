@@ -234,8 +234,7 @@ mod tests {
     }
 
     fn server() -> Server {
-        let observed = Observed { pipeline: "p".into(), history: Arc::new(ProgressHistory::new(3)), metrics: Arc::default() };
-        Server::start("127.0.0.1:0", observed).unwrap()
+        Server::start("127.0.0.1:0", Observed::new("p")).unwrap()
     }
 
     #[test]
@@ -268,9 +267,12 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_address_says_what_to_give() {
-        let observed = Observed { pipeline: "p".into(), history: Arc::new(ProgressHistory::new(3)), metrics: Arc::default() };
-        let e = Server::start("localhost", observed).err().unwrap().to_string();
+    fn a_bad_or_taken_address_says_what_is_wrong() {
+        let e = Server::start("localhost", Observed::new("p")).err().unwrap().to_string();
         assert!(e.contains("not a host:port") && e.contains("127.0.0.1:4040"), "{e}");
+        let first = server();
+        let taken = first.addr().to_string();
+        let e = Server::start(&taken, Observed::new("p")).err().unwrap().to_string();
+        assert!(e.contains(&format!("cannot listen on {taken} for the HTTP server")), "{e}");
     }
 }

@@ -176,9 +176,15 @@ fn measure(command: &mut Command, what: &str) -> anyhow::Result<(Duration, f64)>
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    loop {
+        // SAFETY: as above.
+        if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } == pid {
+            break;
+        }
+        let error = std::io::Error::last_os_error();
+        anyhow::ensure!(error.kind() == std::io::ErrorKind::Interrupted, "waiting for {what}: {error}");
+    }
     let wall = started.elapsed();
-    anyhow::ensure!(waited == pid, "waiting for {what}: {}", std::io::Error::last_os_error());
     anyhow::ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{what} failed (wait status {status}); its output is above");
     Ok((wall, usage.ru_maxrss as f64 / 1024.0))
 }
