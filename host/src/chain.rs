@@ -326,6 +326,12 @@ fn shown(stage: &dyn Stage) -> String {
     format!("{} {}", stage.name(), stage.version())
 }
 
+/// A step as the chain reports it (`name version`, see [`ChainOutput::step_times`]) →
+/// (`name`, `version`).
+pub(crate) fn step_parts(shown: &str) -> (&str, &str) {
+    shown.rsplit_once(' ').unwrap_or((shown, ""))
+}
+
 impl Chain {
     /// Check the order of `instances` and build the chain.
     pub fn new(instances: Vec<PluginInstance>) -> Result<Self, ChainError> {

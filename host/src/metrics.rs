@@ -79,12 +79,10 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-/// `name version` as the chain shows a step → (`name`, `version`).
+/// A step as the chain reports it → owned (`name`, `version`) labels.
 fn plugin_labels(shown: &str) -> (String, String) {
-    match shown.rsplit_once(' ') {
-        Some((name, version)) => (name.to_string(), version.to_string()),
-        None => (shown.to_string(), String::new()),
-    }
+    let (name, version) = crate::chain::step_parts(shown);
+    (name.to_string(), version.to_string())
 }
 
 impl Metrics {
@@ -236,6 +234,9 @@ mod tests {
         second.dead_letters = 1;
         second.failures = vec!["ad-clicks 1.0.0".into()];
         metrics.record(&second);
+        // The progress record counts the same per plugin version.
+        let json = second.to_json();
+        assert_eq!((json["plugins"][0]["rejected"].as_u64(), json["plugins"][0]["failures"].as_u64()), (Some(1), Some(1)), "{json}");
         let text = metrics.render();
         assert_eq!(value(&text, "sluice_batches_total"), "2");
         assert_eq!(value(&text, "sluice_input_records_total"), "400");

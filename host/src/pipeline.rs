@@ -131,7 +131,7 @@ impl BatchProgress {
             "plugins": self.step_times.iter().map(|(step, t)| serde_json::json!({
                 "plugin": step,
                 "ms": ms(*t),
-                "rejected": self.rejected.iter().filter(|r| step.strip_prefix(r.plugin.as_str()).and_then(|v| v.strip_prefix(' ')) == Some(r.version.as_str())).count(),
+                "rejected": self.rejected.iter().filter(|r| crate::chain::step_parts(step) == (r.plugin.as_str(), r.version.as_str())).count(),
                 "failures": self.failures.iter().filter(|f| *f == step).count(),
             })).collect::<Vec<_>>(),
             "watermark_ms": self.watermark_ms,
@@ -224,7 +224,8 @@ fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> anyhow::Result<(Chain, 
     Ok((chain, watched))
 }
 
-fn now_ms() -> i64 {
+/// The wall clock, epoch milliseconds.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 

@@ -204,7 +204,7 @@ pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
         while owed >= 1.0 {
             let mut e = gen.next_event();
             if args.wall_clock {
-                e.timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                e.timestamp = crate::pipeline::now_ms();
             }
             let value = serde_json::to_vec(&e)?;
             let out = Outgoing { partition: Some((sent % target.partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };

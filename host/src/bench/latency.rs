@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::RecordBatch;
@@ -21,7 +21,7 @@ use arrow_array::RecordBatch;
 use super::burst::Producer;
 use crate::broker::{Broker, Tansu};
 use crate::demo::FILTER_CONFIG;
-use crate::pipeline::{run_chain, Until};
+use crate::pipeline::{now_ms, run_chain, Until};
 use crate::runtime::Runtime;
 use crate::sink::{Sink, SinkError};
 
@@ -62,10 +62,6 @@ impl LatencyReport {
         let n = self.latencies_ms.len();
         (n > 0).then(|| self.latencies_ms[((q * n as f64).ceil() as usize).clamp(1, n) - 1])
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Records, per row, the time from the event's `timestamp` to now.
