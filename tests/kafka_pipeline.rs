@@ -975,6 +975,7 @@ fn the_peers_benchmark_runs_sluice_and_the_native_ceiling_as_processes_and_compa
         systems: vec!["sluice".into(), "native".into()],
         json: Some(dir.path().join("peers.json")),
         csv: Some(dir.path().join("peers.csv")),
+        bootstrap: None,
     };
     let mut out = Vec::new();
     let results = run_on(&args, &Mock::start().unwrap(), Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();
@@ -1003,6 +1004,7 @@ fn quix_streams_and_bytewax_close_the_same_windows_as_sluice_on_tansu() {
         systems: vec!["sluice".into(), "quix".into(), "bytewax".into()],
         json: None,
         csv: None,
+        bootstrap: None,
     };
     let mut out = Vec::new();
     let results = run_on(&args, &broker, Path::new(env!("CARGO_BIN_EXE_sluice")), &mut out).unwrap();

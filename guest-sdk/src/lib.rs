@@ -95,7 +95,7 @@ pub use arrow_schema;
 pub use batch::{Batch, Record};
 pub use output::{Finished, Output, RecordError};
 pub use plugin::{Aggregate, Context, Error, ErrorKind, NoConfig, OffsetRange, PluginKind, Transform};
-pub use schema::{columns, decode_ipc, encode_ipc, is_record_schema, record_schema, same_columns, RecordParts, RecordsBuilder};
+pub use schema::{columns, decode_ipc, encode_ipc, encode_ipc_into, is_record_schema, record_schema, same_columns, RecordParts, RecordsBuilder};
 pub use serde_json;
 
 /// Not public API: used by the export macros.

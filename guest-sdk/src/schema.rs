@@ -210,13 +210,22 @@ impl RecordsBuilder {
 
 /// Encode batches as one Arrow IPC stream (a schema message, the batches, end of stream).
 pub fn encode_ipc(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let capacity = batches.iter().map(|b| b.get_array_memory_size()).sum::<usize>() + 1024;
-    let mut writer = StreamWriter::try_new(Vec::with_capacity(capacity), schema)?;
+    let mut out = Vec::new();
+    encode_ipc_into(schema, batches, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode_ipc`] into `out`, replacing what it held. A caller that encodes batch after
+/// batch keeps one buffer: its memory is reused instead of allocated (and, for large
+/// batches, faulted in from the OS) each time.
+pub fn encode_ipc_into(schema: &Schema, batches: &[RecordBatch], out: &mut Vec<u8>) -> Result<(), ArrowError> {
+    out.clear();
+    out.reserve(batches.iter().map(|b| b.get_array_memory_size()).sum::<usize>() + 1024);
+    let mut writer = StreamWriter::try_new(out, schema)?;
     for batch in batches {
         writer.write(batch)?;
     }
-    writer.finish()?;
-    writer.into_inner()
+    writer.finish()
 }
 
 /// Decode an Arrow IPC stream into its schema and batches. The batches share the input
@@ -240,6 +249,23 @@ pub fn decode_ipc(bytes: Vec<u8>) -> Result<(SchemaRef, Vec<RecordBatch>), Arrow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoding_into_a_used_buffer_gives_the_same_bytes_as_a_fresh_one() {
+        let batch = |n: i64| {
+            let mut b = RecordsBuilder::default();
+            for o in 0..n {
+                b.append(RecordParts { topic: "t", partition: 0, offset: o, timestamp: None, key: None, value: Some(b"{}") }, []);
+            }
+            b.finish()
+        };
+        let mut buffer = Vec::new();
+        encode_ipc_into(&record_schema(), &[batch(1000)], &mut buffer).unwrap();
+        encode_ipc_into(&record_schema(), &[batch(3)], &mut buffer).unwrap();
+        assert_eq!(buffer, encode_ipc(&record_schema(), &[batch(3)]).unwrap());
+        let (_, batches) = decode_ipc(buffer).unwrap();
+        assert_eq!(batches[0].num_rows(), 3);
+    }
 
     #[test]
     fn builder_round_trips_through_ipc() {

@@ -40,6 +40,9 @@ pub enum CheckpointError {
     /// Reading or writing failed.
     #[error("checkpoint {0}")]
     Store(#[from] StoreError),
+    /// The thread that writes checkpoints ended unexpectedly.
+    #[error("the checkpoint writer thread ended unexpectedly; the last checkpoint may not be written (the run can be restarted from the one before)")]
+    WriterGone,
     /// The objects cannot be used to resume.
     #[error("checkpoint location {location}: {message}")]
     Unusable {
@@ -345,6 +348,69 @@ pub struct Listed {
     pub content: Result<Checkpoint, String>,
 }
 
+/// Commits checkpoints on a thread of its own, one at a time and in order, so that the
+/// next batch runs while a checkpoint is encoded, hashed, written (fsynced) and old ones
+/// pruned. At most one checkpoint is in flight: handing over the next waits for it.
+///
+/// A crash while one is in flight loses nothing: that batch's plan is in the offset log,
+/// so recovery restores the checkpoint before it and replays the batch (a sink that already
+/// committed its output is not written again).
+pub struct CheckpointWriter {
+    jobs: Option<std::sync::mpsc::SyncSender<Checkpoint>>,
+    results: std::sync::mpsc::Receiver<Result<(), CheckpointError>>,
+    in_flight: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CheckpointWriter {
+    /// Start the writer thread for `store`.
+    pub fn start(store: std::sync::Arc<CheckpointStore>) -> Self {
+        let (jobs, inbox) = std::sync::mpsc::sync_channel::<Checkpoint>(1);
+        let (report, results) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("sluice-checkpoint".into())
+            .spawn(move || {
+                for checkpoint in inbox {
+                    let result = store.commit(&checkpoint);
+                    let failed = result.is_err();
+                    if report.send(result).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the checkpoint thread");
+        Self { jobs: Some(jobs), results, in_flight: false, thread: Some(thread) }
+    }
+
+    /// Wait for the checkpoint handed over before (failing with its error), then hand
+    /// over `checkpoint`.
+    pub fn commit(&mut self, checkpoint: Checkpoint) -> Result<(), CheckpointError> {
+        self.flush()?;
+        let jobs = self.jobs.as_ref().expect("jobs close only on drop");
+        jobs.send(checkpoint).map_err(|_| CheckpointError::WriterGone)?;
+        self.in_flight = true;
+        Ok(())
+    }
+
+    /// Wait until the checkpoint handed over last is committed.
+    pub fn flush(&mut self) -> Result<(), CheckpointError> {
+        if std::mem::take(&mut self.in_flight) {
+            self.results.recv().map_err(|_| CheckpointError::WriterGone)??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CheckpointWriter {
+    /// Let the checkpoint in flight finish.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A checkpoint location.
 pub struct CheckpointStore {
     location: Location,
@@ -571,6 +637,40 @@ mod tests {
             store.plan(&planned(id)).unwrap();
             store.commit(&checkpoint(id)).unwrap();
         }
+    }
+
+    #[test]
+    fn the_writer_commits_checkpoints_in_order_while_the_caller_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(store(dir.path().to_str().unwrap(), 3));
+        s.create(&metadata()).unwrap();
+        let mut writer = CheckpointWriter::start(s.clone());
+        for id in 0..5 {
+            s.plan(&planned(id)).unwrap();
+            writer.commit(checkpoint(id)).unwrap();
+        }
+        writer.flush().unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!(r.checkpoint, Some(checkpoint(4)));
+        assert!(r.replay.is_empty() && r.warnings.is_empty());
+        assert_eq!(s.ids(CHECKPOINTS).unwrap(), vec![2, 3, 4], "retention pruned on the writer's thread");
+    }
+
+    #[test]
+    fn a_checkpoint_the_writer_cannot_write_fails_the_next_commit_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(store(dir.path().to_str().unwrap(), 10));
+        s.create(&metadata()).unwrap();
+        // A file where the checkpoints directory belongs: no checkpoint can be written.
+        std::fs::write(dir.path().join(CHECKPOINTS), b"in the way").unwrap();
+        let mut writer = CheckpointWriter::start(s.clone());
+        s.plan(&planned(0)).unwrap();
+        writer.commit(checkpoint(0)).unwrap();
+        let e = writer.commit(checkpoint(1)).unwrap_err().to_string();
+        assert!(e.contains("cannot write checkpoints/"), "{e}");
+        assert!(writer.flush().is_ok() && writer.commit(checkpoint(2)).is_err(), "the writer takes no checkpoint after a failed one");
+        let r = s.recover().unwrap();
+        assert_eq!((r.checkpoint, r.replay), (None, vec![planned(0)]), "the batch whose checkpoint failed is replayed");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use arrow_array::RecordBatch;
 use sluice_sdk::{record_schema, Context, OffsetRange};
 
 use crate::chain::{Chain, Rejected};
-use crate::checkpoint::{self, Checkpoint, CheckpointStore, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
+use crate::checkpoint::{self, Checkpoint, CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
 use crate::metrics::Metrics;
@@ -43,7 +43,9 @@ pub struct BatchDurations {
     pub plugins: Duration,
     /// Writing and committing the output and the dead letters.
     pub sink: Duration,
-    /// Writing the checkpoint (and the state copies a failure policy needs).
+    /// Taking the plugins' state for the checkpoint (and the state copies a failure
+    /// policy needs), and waiting for the previous checkpoint's write when it is still going:
+    /// a checkpoint is written while the next batch runs.
     pub checkpoint: Duration,
     /// Committing the consumer group's offsets.
     pub commit: Duration,
@@ -314,7 +316,7 @@ fn run_watched(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
-    let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?;
+    let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?.map(Arc::new);
     let recovered = match &checkpoints {
         Some(c) => c.recover()?,
         None => Recovered::default(),
@@ -399,6 +401,7 @@ fn run_watched(
         chain,
         sink,
         source,
+        writer: checkpoints.clone().map(CheckpointWriter::start),
         checkpoints,
         watermark: task.and_then(|t| t.watermark_ms),
         summary: RunSummary::default(),
@@ -406,7 +409,7 @@ fn run_watched(
     };
     for plan in &recovered.replay {
         if stop.load(Ordering::SeqCst) {
-            return Ok(runner.summary);
+            return runner.finish();
         }
         tracing::info!("replaying batch {} with its recorded offset ranges", plan.batch_id);
         let lag = runner.source.lag()?;
@@ -433,15 +436,31 @@ struct Runner<'a> {
     chain: &'a mut Chain,
     sink: &'a mut dyn Sink,
     source: KafkaSource,
-    checkpoints: Option<CheckpointStore>,
+    checkpoints: Option<Arc<CheckpointStore>>,
+    /// Commits the checkpoints while the next batch runs.
+    writer: Option<CheckpointWriter>,
     watermark: Option<i64>,
     summary: RunSummary,
     fetch_timeout: Duration,
 }
 
 impl Runner<'_> {
-    /// Plan and run batches from `batch_id` on, once per trigger interval, until `until`.
-    fn run(mut self, until: Until, mut batch_id: u64, stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<RunSummary> {
+    /// Plan and run batches from `batch_id` on, once per trigger interval, until `until`;
+    /// then wait for the last checkpoint.
+    fn run(mut self, until: Until, batch_id: u64, stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<RunSummary> {
+        self.run_batches(until, batch_id, stop, progress)?;
+        self.finish()
+    }
+
+    /// Wait until the last checkpoint is written; the summary of the run.
+    fn finish(mut self) -> anyhow::Result<RunSummary> {
+        if let Some(writer) = &mut self.writer {
+            writer.flush()?;
+        }
+        Ok(self.summary)
+    }
+
+    fn run_batches(&mut self, until: Until, mut batch_id: u64, stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<()> {
         let targets: Option<Vec<PartitionLag>> = match until {
             Until::AvailableNow => Some(self.source.lag()?),
             Until::Stopped => None,
@@ -451,7 +470,7 @@ impl Runner<'_> {
         let mut due = Instant::now();
         loop {
             if stop.load(Ordering::SeqCst) {
-                return Ok(self.summary);
+                return Ok(());
             }
             if let Some((flag, path)) = &self.retune {
                 if flag.swap(false, Ordering::SeqCst) {
@@ -512,7 +531,7 @@ impl Runner<'_> {
                 batch_id += 1;
             }
             if caught_up {
-                return Ok(self.summary);
+                return Ok(());
             }
             let interval = self.rate.interval();
             due = tick + interval;
@@ -665,17 +684,18 @@ impl Runner<'_> {
         if let Some(delay) = scheduling_delay {
             self.rate.after_batch(now_ms(), records as u64, tick.elapsed(), delay);
         }
-        if let Some(c) = &self.checkpoints {
+        if let Some(writer) = &mut self.writer {
             let positions = self
                 .source
                 .positions_after(&ranges)
                 .into_iter()
                 .map(|((topic, partition), next)| Position { topic, partition, next })
                 .collect();
-            c.commit(&Checkpoint {
+            let plugins = self.chain.snapshot()?;
+            writer.commit(Checkpoint {
                 batch_id: plan.batch_id,
                 created_ms: now_ms(),
-                tasks: vec![TaskState { task: TASK, positions, plugins: self.chain.snapshot()?, watermark_ms: self.watermark }],
+                tasks: vec![TaskState { task: TASK, positions, plugins, watermark_ms: self.watermark }],
                 rate_controller: Some(serde_json::to_value(self.rate.state()).expect("rate state serializes")),
             })?;
         }

@@ -64,6 +64,10 @@ pub struct PeersBenchArgs {
     /// Write the results as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Use this broker (`host:port`) instead of starting tansu; the topic
+    /// `sluice-bench-peers` must not exist yet.
+    #[arg(long)]
+    pub bootstrap: Option<String>,
 }
 
 /// Options of `sluice bench ceiling` (hidden): the native ad-clicks over rdkafka.
@@ -365,9 +369,15 @@ fn target_of(system: &str) -> &'static str {
     }
 }
 
-/// `sluice bench peers`: start tansu, run [`run_on`], stop it.
+/// `sluice bench peers`: start tansu (unless `--bootstrap` is given), run [`run_on`], stop the broker.
 pub fn run(args: &PeersBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<PeerResult>> {
-    let broker = Tansu::start()?;
-    writeln!(out, "broker: tansu {} (pid {}) at {}", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
-    run_on(args, &broker, &std::env::current_exe()?, out)
+    let exe = std::env::current_exe()?;
+    match &args.bootstrap {
+        Some(bootstrap) => run_on(args, &crate::broker::External(bootstrap.clone()), &exe, out),
+        None => {
+            let broker = Tansu::start()?;
+            writeln!(out, "broker: tansu {} (pid {}) at {}", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+            run_on(args, &broker, &exe, out)
+        }
+    }
 }

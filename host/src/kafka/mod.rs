@@ -36,6 +36,10 @@ pub const TUNED_DEFAULTS: [(&str, &str); 4] =
 /// as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often planning asks the brokers for high watermarks while fetch responses report
+/// them (see [`KafkaSource::lag`]).
+const LIST_EVERY: Duration = Duration::from_secs(1);
+
 /// How long connecting waits for the first fetch responses, which carry each partition's
 /// high watermark.
 const WATERMARK_WAIT: Duration = Duration::from_secs(2);
@@ -108,6 +112,9 @@ pub struct KafkaSource {
     max_offsets_per_trigger: Option<u64>,
     /// Read-ahead limit, records.
     read_ahead: usize,
+    /// The high watermarks the brokers listed last (ListOffsets), per partition, and when.
+    listed: BTreeMap<(String, i32), i64>,
+    listed_at: Option<std::time::Instant>,
 }
 
 impl KafkaSource {
@@ -181,7 +188,7 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let positions: Vec<_> = next.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let prefetcher = Prefetcher::start(consumer.clone(), &positions).map_err(failed("assigning the source's partitions"))?;
-        let source = Self { consumer, prefetcher: Some(prefetcher), next, max_offsets_per_trigger: source.max_offsets_per_trigger, read_ahead: PREFETCH_ROWS };
+        let source = Self { consumer, prefetcher: Some(prefetcher), next, max_offsets_per_trigger: source.max_offsets_per_trigger, read_ahead: PREFETCH_ROWS, listed: BTreeMap::new(), listed_at: None };
         source.await_fetched_watermarks(WATERMARK_WAIT);
         Ok(source)
     }
@@ -197,26 +204,41 @@ impl KafkaSource {
 
     /// Current position and high watermark of every partition: the larger of what the
     /// brokers answer to a ListOffsets request and what their last fetch response said
-    /// (some brokers, e.g. tansu 0.6, under-report the former). When the request fails
+    /// (some brokers, e.g. tansu 0.6, under-report the former). The brokers are asked at
+    /// most every [`LIST_EVERY`] while every partition's fetch responses report a
+    /// watermark: those are at most a fetch wait old while the consumer reads, and asking
+    /// per batch cost a round trip per partition on every batch. When the request fails
     /// (a slow or restarting broker) but a fetch response has reported a watermark, that
     /// one is used and a warning logged: records below it exist, so the plan stays exact
     /// and only less is planned. Without either, the error is returned.
-    pub fn lag(&self) -> Result<Vec<PartitionLag>, SourceError> {
-        self.next
-            .iter()
-            .map(|((topic, partition), &next)| {
-                let fetched = fetched_high_watermark(&self.consumer, topic, *partition);
-                let high = match (self.consumer.fetch_watermarks(topic, *partition, REQUEST_TIMEOUT), fetched) {
-                    (Ok((_, listed)), fetched) => listed.max(fetched.unwrap_or(-1)),
+    pub fn lag(&mut self) -> Result<Vec<PartitionLag>, SourceError> {
+        let fetched: Vec<Option<i64>> = self.next.keys().map(|(t, p)| fetched_high_watermark(&self.consumer, t, *p)).collect();
+        let fresh = self.listed_at.is_some_and(|at| at.elapsed() < LIST_EVERY) && fetched.iter().all(Option::is_some);
+        let mut lag = Vec::with_capacity(self.next.len());
+        let mut listed_all = true;
+        for (((topic, partition), &next), fetched) in self.next.iter().zip(fetched) {
+            let high = if fresh {
+                self.listed.get(&(topic.clone(), *partition)).copied().unwrap_or(-1).max(fetched.unwrap_or(-1))
+            } else {
+                match (self.consumer.fetch_watermarks(topic, *partition, REQUEST_TIMEOUT), fetched) {
+                    (Ok((_, listed)), fetched) => {
+                        self.listed.insert((topic.clone(), *partition), listed);
+                        listed.max(fetched.unwrap_or(-1))
+                    }
                     (Err(e), Some(fetched)) => {
                         tracing::warn!("reading the high watermark of {topic}/{partition} failed ({e}); planning up to {fetched}, the last one a fetch response reported");
+                        listed_all = false;
                         fetched
                     }
                     (Err(e), None) => return Err(failed(format!("reading the high watermark of {topic}/{partition}"))(e)),
-                };
-                Ok(PartitionLag { topic: topic.clone(), partition: *partition, next, high })
-            })
-            .collect()
+                }
+            };
+            lag.push(PartitionLag { topic: topic.clone(), partition: *partition, next, high });
+        }
+        if !fresh && listed_all {
+            self.listed_at = Some(std::time::Instant::now());
+        }
+        Ok(lag)
     }
 
     /// Records left on the brokers once `ranges` are done: from each partition's planned

@@ -204,7 +204,9 @@ impl Drop for Prefetcher {
 /// The consumer thread: poll, append to per-partition builders, hand over, and wait while
 /// enough is buffered.
 fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
-    let mut local: HashMap<Key, (RecordsBuilder, i64)> = HashMap::new();
+    // Per partition: its builder and the last offset appended. Few partitions: a list,
+    // searched without allocating a key per record.
+    let mut local: Vec<(Key, RecordsBuilder, i64)> = Vec::new();
     let mut unhanded = 0;
     let mut last_handover = Instant::now();
     let mut throttled = false;
@@ -235,8 +237,14 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
                 true
             }
             Some(Ok(m)) => {
-                let key = (m.topic().to_string(), m.partition());
-                let (builder, last) = local.entry(key).or_insert_with(|| (RecordsBuilder::default(), -1));
+                let i = match local.iter().position(|((t, p), ..)| *p == m.partition() && t == m.topic()) {
+                    Some(i) => i,
+                    None => {
+                        local.push(((m.topic().to_string(), m.partition()), RecordsBuilder::default(), -1));
+                        local.len() - 1
+                    }
+                };
+                let (_, builder, last) = &mut local[i];
                 let headers = m.headers();
                 let header_iter = (0..headers.map_or(0, |h| h.count())).filter_map(|i| headers.and_then(|h| h.try_get(i)).map(|h| (h.key, h.value)));
                 builder.append(
@@ -292,9 +300,9 @@ pub fn is_transient(error: &KafkaError) -> bool {
     }
 }
 
-fn hand_over(local: &mut HashMap<Key, (RecordsBuilder, i64)>, shared: &Shared) {
+fn hand_over(local: &mut [(Key, RecordsBuilder, i64)], shared: &Shared) {
     let mut state = shared.lock();
-    for (key, (builder, last)) in local.iter_mut() {
+    for (key, builder, last) in local.iter_mut() {
         if builder.is_empty() {
             continue;
         }

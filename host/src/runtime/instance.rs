@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use sluice_sdk::{decode_ipc, encode_ipc, record_schema, same_columns, Context, ErrorKind, Finished, RecordError};
+use sluice_sdk::{decode_ipc, encode_ipc_into, record_schema, same_columns, Context, ErrorKind, Finished, RecordError};
 use wasmtime::{Store, Trap};
 
 use super::bindings::sluice::plugin::types as wit;
@@ -27,6 +27,9 @@ pub struct PluginInstance {
     /// What it was made from, to make a fresh one.
     loaded: LoadedPlugin,
     config: Arc<str>,
+    /// The IPC encoding of the batch in flight, kept between batches so that its memory
+    /// is reused.
+    input: Vec<u8>,
 }
 
 pub(super) fn decode_schema(bytes: Vec<u8>) -> Result<SchemaRef, String> {
@@ -102,6 +105,7 @@ impl PluginInstance {
             discarded: false,
             loaded: loaded.clone(),
             config: Arc::from(config),
+            input: Vec::new(),
         };
         let schema = instance.call("init", |p, s| p.call_init(s, config))?;
         instance.output_schema = decode_schema(schema).map_err(|reason| CallError::BadOutput {
@@ -157,7 +161,8 @@ impl PluginInstance {
     /// Process one batch in the record schema.
     pub fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError> {
         let bad = |reason: String| CallError::BadOutput { plugin: self.name.to_string(), call: "process", reason };
-        let input = encode_ipc(&record_schema(), std::slice::from_ref(batch)).map_err(|e| bad(format!("cannot encode the input batch: {e}")))?;
+        let mut input = std::mem::take(&mut self.input);
+        encode_ipc_into(&record_schema(), std::slice::from_ref(batch), &mut input).map_err(|e| bad(format!("cannot encode the input batch: {e}")))?;
         let wit_ctx = wit::BatchContext {
             batch_id: ctx.batch_id,
             offset_ranges: ctx
@@ -168,7 +173,9 @@ impl PluginInstance {
             processing_time_ms: ctx.processing_time_ms,
             watermark_ms: ctx.watermark_ms,
         };
-        let out = self.call("process", |p, s| p.call_process(s, &input, &wit_ctx))?;
+        let out = self.call("process", |p, s| p.call_process(s, &input, &wit_ctx));
+        self.input = input;
+        let out = out?;
         let bad = |reason: String| CallError::BadOutput { plugin: self.name.to_string(), call: "process", reason };
         if out.data.len() > self.limits.max_output_bytes {
             let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
