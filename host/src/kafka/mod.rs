@@ -25,12 +25,14 @@ pub use self::prefetch::{is_transient, PREFETCH_ROWS};
 
 use crate::config::{Source, StartingOffsets};
 
-/// Consumer settings that made a 7× throughput difference on a real broker, and a 16 MiB
-/// bound on librdkafka's read-ahead queue (its default is 64 MiB; consume-only throughput
-/// did not change measurably, memory under a backlog fell from ~300 to ~120 MiB in the
-/// burst benchmark). The pipeline's `[kafka]` table overrides them.
+/// Consumer settings that made a 7× throughput difference on a real broker, and a 2 MiB
+/// bound on librdkafka's read-ahead queue (its default is 64 MiB). With 1 M events on
+/// tansu (7 runs each, medians; README "Benchmarks against peers"), 2 MiB instead of
+/// 16 MiB read a json-filter pipeline that drops everything in 1.45 s instead of 1.62 s,
+/// with a peak RSS of 204 instead of 306 MiB; 1 MiB was slower. The pipeline's `[kafka]`
+/// table overrides them.
 pub const TUNED_DEFAULTS: [(&str, &str); 4] =
-    [("fetch.wait.max.ms", "10"), ("fetch.queue.backoff.ms", "5"), ("queued.min.messages", "1000000"), ("queued.max.messages.kbytes", "16384")];
+    [("fetch.wait.max.ms", "10"), ("fetch.queue.backoff.ms", "5"), ("queued.min.messages", "1000000"), ("queued.max.messages.kbytes", "2048")];
 
 /// How long metadata and offset requests may take before the source reports the broker
 /// as unreachable.
