@@ -27,7 +27,7 @@ fn inspect_prints_name_version_kind_state_version_and_schema() {
     let out = sluice(&["plugin", "inspect", "builtin:ad-clicks"], cache.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    for expected in ["name:          ad-clicks", "version:       1.0.0", "kind:          aggregate", "state version: 1", "window_start   Int64", "unique_users   Int64"] {
+    for expected in ["name:          ad-clicks", "version:       1.0.0", "kind:          aggregate", "state version: 2", "window_start   Int64", "unique_users   Int64"] {
         assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
     }
     let out = sluice(&["plugin", "inspect", "builtin:json-filter", "--json"], cache.path());

@@ -238,7 +238,7 @@ fn json_filter_handles_edge_cases_through_webassembly() {
 #[test]
 fn inspect_reports_what_plugins_say_about_themselves() {
     let info = load(examples::AD_CLICKS, "ad-clicks").info().clone();
-    assert_eq!((info.name.as_str(), info.version.as_str(), info.kind, info.state_version), ("ad-clicks", "1.0.0", PluginKind::Aggregate, 1));
+    assert_eq!((info.name.as_str(), info.version.as_str(), info.kind, info.state_version), ("ad-clicks", "1.0.0", PluginKind::Aggregate, 2));
     let columns: Vec<_> = info.output_schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(columns, ["window_start", "window_end", "campaign_id", "clicks", "total_cost", "unique_users"]);
     assert_eq!(info.content_hash.len(), 64);

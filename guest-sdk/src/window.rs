@@ -125,6 +125,34 @@ pub struct Windowed<K: Ord + Hash, A> {
     changed: BTreeSet<(Window, K)>,
 }
 
+impl<K: Ord + Hash, A> Windowed<K, A> {
+    /// The same windows, keys and watermark with each accumulator turned into another type
+    /// (for a state migration).
+    pub fn map_accumulators<B>(self, mut f: impl FnMut(Window, &K, A) -> B) -> Windowed<K, B> {
+        Windowed {
+            spec: self.spec,
+            delay_ms: self.delay_ms,
+            mode: self.mode,
+            max_event_ms: self.max_event_ms,
+            watermark_ms: self.watermark_ms,
+            open: self
+                .open
+                .into_iter()
+                .map(|(window, per_key)| (window, per_key.into_iter().map(|(k, a)| {
+                    let b = f(window, &k, a);
+                    (k, b)
+                }).collect()))
+                .collect(),
+            changed: self.changed,
+        }
+    }
+
+    /// The window layout.
+    pub fn spec(&self) -> WindowSpec {
+        self.spec
+    }
+}
+
 impl<K: Ord + Hash + Clone, A: Default> Windowed<K, A> {
     /// Empty state with the watermark `delay_ms` behind the newest event.
     pub fn new(spec: WindowSpec, delay_ms: i64, mode: OutputMode) -> Result<Self, Error> {
@@ -160,6 +188,15 @@ impl<K: Ord + Hash + Clone, A: Default> Windowed<K, A> {
         K: Borrow<Q>,
         Q: Ord + Hash + ToOwned<Owned = K> + ?Sized,
     {
+        self.add_to_windows(ts, key, |_, acc| update(acc))
+    }
+
+    /// [`add`](Self::add), with each window handed to `update` along with its accumulator.
+    pub fn add_to_windows<Q>(&mut self, ts: i64, key: &Q, mut update: impl FnMut(Window, &mut A)) -> Admission
+    where
+        K: Borrow<Q>,
+        Q: Ord + Hash + ToOwned<Owned = K> + ?Sized,
+    {
         self.max_event_ms = Some(self.max_event_ms.map_or(ts, |m| m.max(ts)));
         let mut accepted = false;
         for window in self.spec.windows_of(ts) {
@@ -173,10 +210,10 @@ impl<K: Ord + Hash + Clone, A: Default> Windowed<K, A> {
             let per_key = self.open.entry(window).or_default();
             // One lookup for the common case (the key is already in the window).
             match per_key.get_mut(key) {
-                Some(acc) => update(acc),
+                Some(acc) => update(window, acc),
                 None => {
                     let mut acc = A::default();
-                    update(&mut acc);
+                    update(window, &mut acc);
                     per_key.insert(key.to_owned(), acc);
                 }
             }

@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sluice_sdk::collections::HashSet;
+use sluice_sdk::collections::{HashMap, HashSet};
 use sluice_sdk::arrow_schema::{DataType, Field, Schema, SchemaRef};
 use sluice_sdk::window::{Admission, LatePolicy, OutputMode, WindowSpec, Windowed};
 use sluice_sdk::{Aggregate, Batch, Context, Error, Output};
@@ -74,7 +74,7 @@ struct Click<'a> {
 pub struct Totals {
     clicks: u64,
     total_cost: f64,
-    users: HashSet<String>,
+    unique_users: u64,
 }
 
 impl Totals {
@@ -90,8 +90,64 @@ impl Totals {
 
     /// Distinct `user_id`s among them.
     pub fn unique_users(&self) -> u64 {
-        self.users.len() as u64
+        self.unique_users
     }
+}
+
+/// The open windows that have counted one user of one campaign: window indices (window
+/// start / slide) as bits of 64-window words, `(index div 64, bits)`. An event's windows
+/// are a few neighbouring indices, so this is usually one word.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Seen(Vec<(i64, u64)>);
+
+impl Seen {
+    /// Mark window `index`; true when it was not marked yet.
+    fn mark(&mut self, index: i64) -> bool {
+        let (word, bit) = (index.div_euclid(64), 1u64 << index.rem_euclid(64));
+        match self.0.iter_mut().find(|(w, _)| *w == word) {
+            Some((_, bits)) => {
+                let new = *bits & bit == 0;
+                *bits |= bit;
+                new
+            }
+            None => {
+                self.0.push((word, bit));
+                true
+            }
+        }
+    }
+
+    /// Forget the windows before `index`; true when none is left.
+    fn forget_before(&mut self, index: i64) -> bool {
+        let (word, first_bit) = (index.div_euclid(64), index.rem_euclid(64));
+        self.0.retain_mut(|(w, bits)| {
+            if *w == word {
+                *bits &= !0u64 << first_bit;
+            }
+            *w >= word && *bits != 0
+        });
+        self.0.is_empty()
+    }
+}
+
+/// The aggregation's state: totals per window and campaign, and which windows have counted
+/// each user (so that a user is looked up once per event, not once per window, and kept
+/// once per campaign, not once per window).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    windows: Windowed<String, Totals>,
+    /// Per campaign, per user: the open windows that counted them.
+    seen: HashMap<String, HashMap<String, Seen>>,
+    /// Windows before this index are closed and forgotten in `seen`.
+    forgotten_before: i64,
+}
+
+/// State version 1: each window kept the set of its users.
+#[derive(Debug, Deserialize)]
+struct TotalsV1 {
+    clicks: u64,
+    total_cost: f64,
+    users: HashSet<String>,
 }
 
 /// One output row.
@@ -111,13 +167,13 @@ struct Row<'a> {
 pub struct AdClicks {
     late_policy: LatePolicy,
     avg_cost: bool,
-    windows: Windowed<String, Totals>,
+    state: State,
 }
 
 impl Aggregate for AdClicks {
     type Config = Config;
-    type State = Windowed<String, Totals>;
-    const STATE_VERSION: u32 = 1;
+    type State = State;
+    const STATE_VERSION: u32 = 2;
 
     fn output_schema(config: &Config) -> SchemaRef {
         let mut fields = vec![
@@ -139,7 +195,11 @@ impl Aggregate for AdClicks {
         Ok(Self {
             late_policy: config.late_policy,
             avg_cost: config.avg_cost,
-            windows: Windowed::new(spec, config.watermark_delay_ms, config.output_mode)?,
+            state: State {
+                windows: Windowed::new(spec, config.watermark_delay_ms, config.output_mode)?,
+                seen: HashMap::default(),
+                forgotten_before: i64::MIN,
+            },
         })
     }
 
@@ -154,7 +214,7 @@ impl Aggregate for AdClicks {
                 Ok((_, Admission::Accepted)) => {}
                 Ok((_, Admission::Late)) if self.late_policy == LatePolicy::Drop => late += 1,
                 Ok((event_time, Admission::Late)) => {
-                    let watermark = self.windows.watermark().unwrap_or(i64::MIN);
+                    let watermark = self.state.windows.watermark().unwrap_or(i64::MIN);
                     out.reject(record.index(), format!("late: event time {event_time} is behind the watermark {watermark} for all of its windows"));
                 }
                 Err(reason) => out.reject(record.index(), reason),
@@ -163,7 +223,7 @@ impl Aggregate for AdClicks {
         out.add_late(late);
         let mut result = Ok(());
         let avg_cost = self.avg_cost;
-        self.windows.finish_batch(ctx.watermark_ms, |window, campaign, t| {
+        self.close_windows(ctx.watermark_ms, |window, campaign, t| {
             if result.is_ok() {
                 result = out.push_row(&Row {
                     window_start: window.start,
@@ -171,21 +231,41 @@ impl Aggregate for AdClicks {
                     campaign_id: campaign,
                     clicks: t.clicks,
                     total_cost: t.total_cost,
-                    unique_users: t.users.len() as u64,
+                    unique_users: t.unique_users,
                     avg_cost: avg_cost.then(|| t.total_cost / t.clicks as f64),
                 });
             }
         });
-        out.set_watermark(self.windows.watermark());
+        out.set_watermark(self.state.windows.watermark());
         result
     }
 
     fn state(&self) -> &Self::State {
-        &self.windows
+        &self.state
     }
 
     fn set_state(&mut self, state: Self::State) {
-        self.windows = state;
+        self.state = state;
+    }
+
+    /// Version 1 kept each window's set of users; version 2 counts them and marks, per
+    /// user, the windows that counted them.
+    fn migrate(from_version: u32, bytes: &[u8]) -> Result<State, Error> {
+        if from_version != 1 {
+            return Err(Error::incompatible_state(format!("state version {from_version} is not one ad-clicks reads (1 and 2)")));
+        }
+        let old: Windowed<String, TotalsV1> =
+            postcard::from_bytes(bytes).map_err(|e| Error::incompatible_state(format!("state version 1 does not read: {e}")))?;
+        let slide = old.spec().slide_ms();
+        let mut seen: HashMap<String, HashMap<String, Seen>> = HashMap::default();
+        let windows = old.map_accumulators(|window, campaign, t| {
+            let users = seen.entry(campaign.clone()).or_default();
+            for user in &t.users {
+                users.entry(user.clone()).or_default().mark(window.start.div_euclid(slide));
+            }
+            Totals { clicks: t.clicks, total_cost: t.total_cost, unique_users: t.users.len() as u64 }
+        });
+        Ok(State { windows, seen, forgotten_before: i64::MIN })
     }
 }
 
@@ -197,21 +277,62 @@ impl AdClicks {
         if !click.cost.is_finite() {
             return Err(format!("cost must be a finite number, got {}", click.cost));
         }
-        let user = click.user_id.as_ref();
-        let admission = self.windows.add(click.timestamp, click.campaign_id.as_ref(), |t| {
-            t.clicks += 1;
-            t.total_cost += click.cost;
-            if !t.users.contains(user) {
-                t.users.insert(user.to_owned());
+        let (campaign, user, cost) = (click.campaign_id.as_ref(), click.user_id.as_ref(), click.cost);
+        let State { windows, seen, .. } = &mut self.state;
+        let slide = windows.spec().slide_ms();
+        // One lookup of the campaign and of the user per event; each window then takes the
+        // event and, if it has not counted this user yet, one more unique user.
+        let mut count = |users: &mut Seen| {
+            windows.add_to_windows(click.timestamp, campaign, |window, t| {
+                t.clicks += 1;
+                t.total_cost += cost;
+                if users.mark(window.start.div_euclid(slide)) {
+                    t.unique_users += 1;
+                }
+            })
+        };
+        let mut in_campaign = |users: &mut HashMap<String, Seen>| match users.get_mut(user) {
+            Some(s) => count(s),
+            None => {
+                let mut s = Seen::default();
+                let admission = count(&mut s);
+                if admission == Admission::Accepted {
+                    users.insert(user.to_owned(), s);
+                }
+                admission
             }
-        });
+        };
+        let admission = match seen.get_mut(campaign) {
+            Some(users) => in_campaign(users),
+            None => {
+                let mut users = HashMap::default();
+                let admission = in_campaign(&mut users);
+                if !users.is_empty() {
+                    seen.insert(campaign.to_owned(), users);
+                }
+                admission
+            }
+        };
         Ok((click.timestamp, admission))
     }
 
     /// Move the watermark (at least to `floor_ms`) and hand each window that closed to
-    /// `emit`: the window, the campaign and its totals.
+    /// `emit`: the window, the campaign and its totals. Users are forgotten for the windows
+    /// that closed.
     pub fn close_windows(&mut self, floor_ms: Option<i64>, emit: impl FnMut(sluice_sdk::window::Window, &String, &Totals)) {
-        self.windows.finish_batch(floor_ms, emit);
+        let State { windows, seen, forgotten_before } = &mut self.state;
+        windows.finish_batch(floor_ms, emit);
+        let Some(watermark) = windows.watermark() else { return };
+        // Window k ([k·slide, k·slide + size)) is closed once the watermark reaches its end.
+        let spec = windows.spec();
+        let first_open = watermark.saturating_sub(spec.size_ms()).div_euclid(spec.slide_ms()).saturating_add(1);
+        if first_open > *forgotten_before {
+            seen.retain(|_, users| {
+                users.retain(|_, s| !s.forget_before(first_open));
+                !users.is_empty()
+            });
+            *forgotten_before = first_open;
+        }
     }
 }
 
@@ -280,14 +401,82 @@ mod tests {
         a.push_values(&[click("a", "u1", 1.0, 7)]).unwrap();
         let state = a.snapshot().unwrap();
         let mut b = AggregateHarness::<AdClicks>::new(cfg).unwrap();
-        b.restore(&state, 1).unwrap();
+        b.restore(&state, AdClicks::STATE_VERSION).unwrap();
         b.push_values(&[click("a", "u2", 1.0, 8)]).unwrap();
         let out = b.flush().unwrap();
         let clicks: Vec<_> = out.rows.iter().map(|r| (r["window_start"].clone(), r["clicks"].clone(), r["unique_users"].clone())).collect();
         assert_eq!(clicks, vec![(json!(0), json!(2), json!(2)), (json!(5), json!(2), json!(2))]);
         let err = b.restore(&state, 7).unwrap_err();
         assert!(err.to_string().contains("state version 7"), "{err}");
-        assert!(b.restore(b"garbage!", 1).is_err());
+        assert!(b.restore(b"garbage!", AdClicks::STATE_VERSION).is_err());
+    }
+
+    #[test]
+    fn state_version_1_migrates_and_goes_on_counting_as_if_never_stopped() {
+        use sluice_sdk::window::Windowed;
+        /// Version 1's accumulator, as it serialized.
+        #[derive(Default, Serialize)]
+        struct V1 {
+            clicks: u64,
+            total_cost: f64,
+            users: std::collections::BTreeSet<String>,
+        }
+        let cfg = json!({"window_ms": 30, "slide_ms": 10, "watermark_delay_ms": 30});
+        let first = [("a", "u1", 1.0, 7), ("a", "u2", 2.0, 12), ("b", "u1", 0.5, 25), ("a", "u1", 1.0, 26)];
+        let then = [click("a", "u1", 1.0, 31), click("a", "u3", 1.0, 33), click("b", "u1", 1.0, 40)];
+        // What version 1 would have saved after the first batch (no window closed yet: the
+        // watermark is -4).
+        let spec = WindowSpec::sliding(30, 10).unwrap();
+        let mut v1: Windowed<String, V1> = Windowed::new(spec, 30, OutputMode::Append).unwrap();
+        for (c, u, cost, ts) in first {
+            v1.add(ts, c, |t| {
+                t.clicks += 1;
+                t.total_cost += cost;
+                t.users.insert(u.to_string());
+            });
+        }
+        v1.finish_batch(None, |_, _, _| panic!("nothing closes yet"));
+        let bytes = postcard::to_allocvec(&v1).unwrap();
+
+        let mut migrated = AggregateHarness::<AdClicks>::new(cfg.clone()).unwrap();
+        migrated.restore(&bytes, 1).unwrap();
+        let mut rows = migrated.push_values(&then).unwrap().rows;
+        rows.extend(migrated.flush().unwrap().rows);
+        let mut never_stopped = AggregateHarness::<AdClicks>::new(cfg).unwrap();
+        never_stopped.push_values(&first.map(|(c, u, cost, ts)| click(c, u, cost, ts))).unwrap();
+        let mut expected = never_stopped.push_values(&then).unwrap().rows;
+        expected.extend(never_stopped.flush().unwrap().rows);
+        assert_eq!(rows, expected);
+        assert!(expected.iter().any(|r| r["campaign_id"] == json!("a") && r["window_start"] == json!(10) && r["unique_users"] == json!(3)), "{expected:?}");
+    }
+
+    #[test]
+    fn users_are_counted_once_per_window_and_forgotten_when_their_windows_close() {
+        let mut h = AggregateHarness::<AdClicks>::new(json!({"window_ms": 20, "slide_ms": 10, "watermark_delay_ms": 0})).unwrap();
+        // u1 twice in [0, 20) and [10, 20); out of order; then much later again.
+        let counts = |rows: &[serde_json::Map<String, serde_json::Value>]| -> Vec<(i64, u64, u64)> {
+            rows.iter().map(|r| (r["window_start"].as_i64().unwrap(), r["clicks"].as_u64().unwrap(), r["unique_users"].as_u64().unwrap())).collect()
+        };
+        let out = h.push_values(&[click("a", "u1", 1.0, 15), click("a", "u1", 1.0, 5), click("a", "u2", 1.0, 16)]).unwrap();
+        assert_eq!(counts(&out.rows), vec![(-10, 1, 1)], "closed by the watermark at 16");
+        let out = h.push_values(&[click("a", "u1", 1.0, 95)]).unwrap();
+        assert_eq!(counts(&out.rows), vec![(0, 3, 2), (10, 2, 2)]);
+        // Only the user of the windows still open is kept.
+        let state = h.snapshot().unwrap();
+        let state: State = postcard::from_bytes(&state).unwrap();
+        assert_eq!(state.seen["a"].keys().collect::<Vec<_>>(), ["u1"]);
+        assert_eq!(state.seen["a"]["u1"], Seen(vec![(0, (1 << 8) | (1 << 9))]), "windows 80 and 90");
+        let out = h.flush().unwrap();
+        assert_eq!(out.rows.iter().map(|r| r["unique_users"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 1]);
+    }
+
+    #[test]
+    fn window_marks_span_words() {
+        let mut s = Seen::default();
+        assert!(s.mark(63) && s.mark(64) && s.mark(-1) && !s.mark(64));
+        assert!(!s.forget_before(64));
+        assert_eq!(s, Seen(vec![(1, 1)]));
+        assert!(s.forget_before(65));
     }
 
     #[test]

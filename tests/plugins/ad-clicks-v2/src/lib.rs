@@ -37,6 +37,10 @@ impl Aggregate for AdClicksV2 {
     fn set_state(&mut self, state: Self::State) {
         self.0.set_state(state)
     }
+
+    fn migrate(from_version: u32, bytes: &[u8]) -> Result<Self::State, Error> {
+        AdClicks::migrate(from_version, bytes)
+    }
 }
 
 sluice_sdk::export_aggregate!(AdClicksV2, name = "ad-clicks", version = "2.0.0");
