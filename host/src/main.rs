@@ -13,8 +13,8 @@ use sluice::{demo, examples, offline};
 /// glibc's allocator returns large buffers to the OS and faults them in again batch after
 /// batch; mimalloc keeps them, which makes batch timings steady. Built without transparent
 /// huge pages (`no_thp`): memory mimalloc gives back and takes again was faulted in 2 MiB
-/// at a time, each zeroed; without them `sluice run` over 1 M events took 9% less time and
-/// 13% less CPU (5 runs each, medians; README "Benchmarks against peers").
+/// at a time, each zeroed; without them `sluice run` over 1 M events took 2.82 s instead
+/// of 3.49 s (medians of 5 alternating runs; README "Against peers").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
