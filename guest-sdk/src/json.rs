@@ -11,11 +11,29 @@ use serde_json::{Map, Number, Value};
 /// Parse JSON bytes into `T`. The error says what is wrong and where, e.g.
 /// `invalid JSON: expected value at line 1 column 5`.
 pub fn parse<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, String> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    // Valid UTF-8 is checked once, and the parser then skips its per-string check;
+    // anything else goes to the byte parser, which says where the bad bytes are.
+    let parsed = match utf8(bytes) {
+        Some(text) => serde_json::from_str(text),
+        None => serde_json::from_slice(bytes),
+    };
+    parsed.map_err(|e| match e.classify() {
         serde_json::error::Category::Data => format!("unexpected JSON content: {e}"),
         serde_json::error::Category::Eof => format!("truncated JSON: {e}"),
         _ => format!("invalid JSON: {e}"),
     })
+}
+
+/// `bytes` as text when it is valid UTF-8. ASCII, the common case for JSON, is recognised
+/// by a loop the compiler vectorizes (WebAssembly SIMD too): in a plugin that is much
+/// faster than the standard library's check, which reads 4 bytes at a time on wasm32.
+pub fn utf8(bytes: &[u8]) -> Option<&str> {
+    if bytes.iter().fold(0u8, |acc, &b| acc | b) < 0x80 {
+        // SAFETY: every byte is below 0x80, so the bytes are ASCII, which is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
+    }
 }
 
 /// Look up a dotted path such as `geo.country` in a JSON value. Each segment names an

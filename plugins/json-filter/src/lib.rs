@@ -155,8 +155,16 @@ impl<'de> Visitor<'de> for Fill<'_, 'de> {
 /// Parse `text` as a JSON object into `members` (cleared first).
 fn parse_object<'a>(text: &'a [u8], members: &mut Members<'a>) -> Result<(), serde_json::Error> {
     members.clear();
-    let mut de = serde_json::Deserializer::from_slice(text);
-    Fill(members).deserialize(&mut de)?;
+    // Checked as UTF-8 once (then the parser skips its per-string check); bytes that are
+    // not go to the byte parser, which reports where.
+    match sluice_sdk::json::utf8(text) {
+        Some(text) => fill(&mut serde_json::Deserializer::from_str(text), members),
+        None => fill(&mut serde_json::Deserializer::from_slice(text), members),
+    }
+}
+
+fn fill<'a, R: serde_json::de::Read<'a>>(de: &mut serde_json::Deserializer<R>, members: &mut Members<'a>) -> Result<(), serde_json::Error> {
+    Fill(members).deserialize(&mut *de)?;
     de.end()
 }
 
