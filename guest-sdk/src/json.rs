@@ -142,6 +142,27 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn utf8_accepts_ascii_and_multibyte_text_and_refuses_invalid_bytes() {
+        assert_eq!(utf8(br#"{"a": "b"}"#), Some(r#"{"a": "b"}"#));
+        assert_eq!(utf8("{\"ü\": \"日本\"}".as_bytes()), Some("{\"ü\": \"日本\"}"));
+        assert_eq!(utf8(b""), Some(""));
+        assert_eq!(utf8(b"{\"a\": \"\xff\"}"), None);
+        assert_eq!(utf8(b"\xe6\x97"), None, "a cut multibyte sequence");
+    }
+
+    #[test]
+    fn parse_reads_text_and_says_where_bytes_are_not_utf8() {
+        #[derive(Deserialize)]
+        struct V<'a> {
+            a: &'a str,
+        }
+        assert_eq!(parse::<V>("{\"a\": \"日本\"}".as_bytes()).unwrap().a, "日本");
+        let e = parse::<V>(b"{\"a\": \"\xff\"}").err().unwrap();
+        assert!(e.contains("invalid JSON") && e.contains("column"), "{e}");
+        assert!(parse::<V>(b"{\"a\": \"x\"").err().unwrap().starts_with("truncated JSON"));
+    }
+
+    #[test]
     fn lookup_follows_objects_and_array_indexes() {
         let v = json!({"a": {"b": [10, {"c": true}]}});
         assert_eq!(lookup(&v, "a.b.0"), Some(&json!(10)));

@@ -27,7 +27,7 @@ use crate::config::{Source, StartingOffsets};
 
 /// Consumer settings that made a 7× throughput difference on a real broker, and a 2 MiB
 /// bound on librdkafka's read-ahead queue (its default is 64 MiB). With 1 M events on
-/// tansu (7 runs each, medians; README "Benchmarks against peers"), 2 MiB instead of
+/// tansu (7 runs each, medians; README "Against peers"), 2 MiB instead of
 /// 16 MiB read a json-filter pipeline that drops everything in 1.45 s instead of 1.62 s,
 /// with a peak RSS of 204 instead of 306 MiB; 1 MiB was slower. The pipeline's `[kafka]`
 /// table overrides them.
