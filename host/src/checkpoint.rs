@@ -40,8 +40,8 @@ pub enum CheckpointError {
     /// Reading or writing failed.
     #[error("checkpoint {0}")]
     Store(#[from] StoreError),
-    /// The thread that writes checkpoints ended unexpectedly.
-    #[error("the checkpoint writer thread ended unexpectedly; the last checkpoint may not be written (the run can be restarted from the one before)")]
+    /// The thread that writes checkpoints stopped: after a failed checkpoint, or unexpectedly.
+    #[error("the checkpoint writer stopped (an earlier checkpoint could not be written, or its thread ended); restart the run: it resumes from the last committed checkpoint")]
     WriterGone,
     /// The objects cannot be used to resume.
     #[error("checkpoint location {location}: {message}")]
@@ -359,6 +359,8 @@ pub struct CheckpointWriter {
     jobs: Option<std::sync::mpsc::SyncSender<Checkpoint>>,
     results: std::sync::mpsc::Receiver<Result<(), CheckpointError>>,
     in_flight: bool,
+    /// A checkpoint failed: no later one is taken (the thread stops too).
+    failed: bool,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -379,13 +381,16 @@ impl CheckpointWriter {
                 }
             })
             .expect("spawn the checkpoint thread");
-        Self { jobs: Some(jobs), results, in_flight: false, thread: Some(thread) }
+        Self { jobs: Some(jobs), results, in_flight: false, failed: false, thread: Some(thread) }
     }
 
     /// Wait for the checkpoint handed over before (failing with its error), then hand
     /// over `checkpoint`.
     pub fn commit(&mut self, checkpoint: Checkpoint) -> Result<(), CheckpointError> {
         self.flush()?;
+        if self.failed {
+            return Err(CheckpointError::WriterGone);
+        }
         let jobs = self.jobs.as_ref().expect("jobs close only on drop");
         jobs.send(checkpoint).map_err(|_| CheckpointError::WriterGone)?;
         self.in_flight = true;
@@ -395,7 +400,9 @@ impl CheckpointWriter {
     /// Wait until the checkpoint handed over last is committed.
     pub fn flush(&mut self) -> Result<(), CheckpointError> {
         if std::mem::take(&mut self.in_flight) {
-            self.results.recv().map_err(|_| CheckpointError::WriterGone)??;
+            let result = self.results.recv().unwrap_or(Err(CheckpointError::WriterGone));
+            self.failed = result.is_err();
+            return result;
         }
         Ok(())
     }
