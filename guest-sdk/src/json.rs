@@ -8,6 +8,10 @@ use arrow_schema::DataType;
 use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 
+mod members;
+
+pub use members::Members;
+
 /// Parse JSON bytes into `T`. The error says what is wrong and where, e.g.
 /// `invalid JSON: expected value at line 1 column 5`.
 pub fn parse<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, String> {

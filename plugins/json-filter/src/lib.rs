@@ -28,12 +28,10 @@
 //! Values are checked to be valid JSON, but only the fields named in `where` and `select`
 //! are decoded; selected fields are copied as they were written.
 
-use std::borrow::Cow;
-
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+use sluice_sdk::json::Members;
 use sluice_sdk::{Batch, Context, Error, Output, Record, Transform};
 
 /// The plugin's configuration.
@@ -126,95 +124,20 @@ pub struct JsonFilter {
     on_invalid: OnInvalid,
 }
 
-/// The members of a JSON object, values left unparsed (borrowed from the record).
-type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
-
-/// Parses a JSON object into a reused [`Members`] buffer, checking the whole document.
-struct Fill<'v, 'a>(&'v mut Members<'a>);
-
-impl<'de> DeserializeSeed<'de> for Fill<'_, 'de> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Fill<'_, 'de> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
-        while let Some((Key(name), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
-            self.0.push((name, value));
-        }
-        Ok(())
-    }
-}
-
-/// Parse `text` as a JSON object into `members` (cleared first).
-fn parse_object<'a>(text: &'a [u8], members: &mut Members<'a>) -> Result<(), serde_json::Error> {
-    members.clear();
-    // Checked as UTF-8 once (then the parser skips its per-string check); bytes that are
-    // not go to the byte parser, which reports where.
-    match sluice_sdk::json::utf8(text) {
-        Some(text) => fill(&mut serde_json::Deserializer::from_str(text), members),
-        None => fill(&mut serde_json::Deserializer::from_slice(text), members),
-    }
-}
-
-fn fill<'a, R: serde_json::de::Read<'a>>(de: &mut serde_json::Deserializer<R>, members: &mut Members<'a>) -> Result<(), serde_json::Error> {
-    Fill(members).deserialize(&mut *de)?;
-    de.end()
-}
-
-/// A JSON object's members.
-struct RawObject<'m, 'a>(&'m [(Cow<'a, str>, &'a RawValue)]);
-
-/// A member name, borrowed from the record unless it contains escapes.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-impl<'a> RawObject<'_, 'a> {
-    /// The member `name`; the last one wins if it repeats, as in most JSON parsers.
-    fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| *v)
-    }
-}
-
 /// Follow `path` from `object`: object members by name, array elements by index.
-fn lookup<'a>(object: &RawObject<'_, 'a>, path: &[String]) -> Option<&'a RawValue> {
+fn lookup<'a>(object: &Members<'a>, path: &[String]) -> Option<&'a str> {
     let (first, rest) = path.split_first()?;
     let mut current = object.get(first)?;
     let mut inner = Members::new();
     for segment in rest {
-        let text = current.get().as_bytes();
-        current = match text.first() {
+        current = match current.as_bytes().first() {
             Some(b'{') => {
-                parse_object(text, &mut inner).ok()?;
-                RawObject(&inner).get(segment)?
+                inner.parse(current.as_bytes()).ok()?;
+                inner.get(segment)?
             }
             Some(b'[') => {
                 let index: usize = segment.parse().ok()?;
-                *serde_json::from_str::<Vec<&RawValue>>(current.get()).ok()?.get(index)?
+                serde_json::from_str::<Vec<&RawValue>>(current).ok()?.get(index)?.get()
             }
             _ => return None,
         };
@@ -259,18 +182,17 @@ impl Predicate {
 
     /// Whether the record matches; an error when the field's value cannot be read (a
     /// number out of range, for example), which rejects the record.
-    fn matches(&self, doc: &RawObject<'_, '_>) -> Result<bool, String> {
+    fn matches(&self, doc: &Members<'_>) -> Result<bool, String> {
         let raw = lookup(doc, &self.path);
-        if let (Some(expected), Some(raw)) = (&self.raw_string, raw) {
+        if let (Some(expected), Some(text)) = (&self.raw_string, raw) {
             // A string without escapes equals the operand exactly when its text does.
-            let text = raw.get();
             if text.starts_with('"') && !text.contains('\\') {
                 return Ok((text == expected) == (self.op == Op::Eq));
             }
         }
         let found: Option<Value> = match raw {
             None => None,
-            Some(raw) => serde_json::from_str::<Value>(raw.get())
+            Some(raw) => serde_json::from_str::<Value>(raw)
                 .map_err(|e| format!("field `{}`: {e}", self.path.join(".")))?
                 .into(),
         };
@@ -320,12 +242,11 @@ impl JsonFilter {
         let Some(value) = record.value() else {
             return self.invalid(record, out, "value is null".to_string());
         };
-        if parse_object(value, members).is_err() {
-            return self.invalid(record, out, why_not_an_object(value));
+        if let Err(reason) = members.parse(value) {
+            return self.invalid(record, out, reason);
         }
-        let doc = RawObject(members);
         for predicate in &self.predicates {
-            match predicate.matches(&doc) {
+            match predicate.matches(members) {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
                 Err(reason) => return self.invalid(record, out, reason),
@@ -335,7 +256,7 @@ impl JsonFilter {
             None => out.forward(record, None),
             Some(selection) => {
                 buf.clear();
-                write_selected(&doc, selection, buf);
+                write_selected(members, selection, buf);
                 out.forward(record, Some(Some(buf)))
             }
         }
@@ -349,17 +270,9 @@ impl JsonFilter {
     }
 }
 
-/// Why `value` is not a JSON object: the parser's message, or what it is instead.
-fn why_not_an_object(value: &[u8]) -> String {
-    match sluice_sdk::json::parse::<Value>(value) {
-        Err(reason) => reason,
-        Ok(other) => format!("value is JSON but not an object: {}", kind(&other)),
-    }
-}
-
 /// Write the selected members of `object` as a JSON object, copying their raw text.
 /// A nested selection whose parent is not an object, or that finds nothing, is left out.
-fn write_selected(object: &RawObject<'_, '_>, selection: &[Selection], out: &mut Vec<u8>) -> bool {
+fn write_selected(object: &Members<'_>, selection: &[Selection], out: &mut Vec<u8>) -> bool {
     out.push(b'{');
     let mut wrote = false;
     for s in selection {
@@ -371,12 +284,12 @@ fn write_selected(object: &RawObject<'_, '_>, selection: &[Selection], out: &mut
         out.extend_from_slice(s.key_json.as_bytes());
         out.push(b':');
         let kept = if s.children.is_empty() {
-            out.extend_from_slice(raw.get().as_bytes());
+            out.extend_from_slice(raw.as_bytes());
             true
         } else {
             let mut inner = Members::new();
-            match parse_object(raw.get().as_bytes(), &mut inner) {
-                Ok(()) => write_selected(&RawObject(&inner), &s.children, out),
+            match inner.parse(raw.as_bytes()) {
+                Ok(()) => write_selected(&inner, &s.children, out),
                 Err(_) => false,
             }
         };
@@ -411,17 +324,6 @@ fn selection_tree(paths: &[String]) -> Vec<Selection> {
         }
     }
     tree
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 impl Transform for JsonFilter {
