@@ -711,7 +711,10 @@ impl Runner<'_> {
             tracing::warn!("batch {}: committing the consumer group's offsets failed: {e}", plan.batch_id);
         }
         let output_rows: u64 = out.batches.iter().map(|b| b.num_rows() as u64).sum();
-        let duration = tick.elapsed();
+        let processing = tick.elapsed();
+        // The whole batch, planning included (as Spark's trigger execution time): asking
+        // a slow broker for its offsets makes a batch late as much as a slow fetch does.
+        let duration = planning + processing;
         let partitions: Vec<PartitionProgress> = self
             .source
             .positions_and_highs(lag, &ranges)
@@ -733,7 +736,7 @@ impl Runner<'_> {
                 plugins: processed - fetched,
                 sink: sunk - processed,
                 checkpoint: checkpointed - sunk,
-                commit: duration - checkpointed,
+                commit: processing - checkpointed,
             },
             step_times: out.step_times,
             partitions,

@@ -72,6 +72,8 @@ pub struct BurstBatch {
     pub lag: u64,
     /// Resident memory of the process, MiB.
     pub rss_mib: f64,
+    /// Where the batch's time went (the progress record's `duration_ms`).
+    pub phases: serde_json::Value,
 }
 
 /// One run.
@@ -272,7 +274,8 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
     let limit = args.before + args.burst + args.after;
     let result = run_chain(&pipeline, &mut chain, Until::Stopped, &stop, &mut Discard, &mut |p| {
         let at = started.elapsed().as_secs_f64();
-        batches.push(BurstBatch { at, records: p.records, load: p.duration.as_secs_f64() / interval, lag: p.lag, rss_mib: rss_mib() });
+        let phases = p.to_json()["duration_ms"].take();
+        batches.push(BurstBatch { at, records: p.records, load: p.duration.as_secs_f64() / interval, lag: p.lag, rss_mib: rss_mib(), phases });
         // Done when the burst is over, its backlog drained and batches fit the interval
         // again, or at the time limit.
         let drained = at > burst.1 + 2.0 * interval && batches.iter().rev().take(3).all(|b| b.lag <= 2 * args.capacity && b.load <= 1.2);
@@ -301,6 +304,16 @@ pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
         writeln!(out, "|---:|---:|---:|---:|---:|")?;
         for b in &run.batches {
             writeln!(out, "| {:.1} | {} | {:.2} | {} | {:.0} |", b.at, b.records, b.load, b.lag, b.rss_mib)?;
+        }
+        // Where the time went in batches that took much longer than the interval, or that
+        // ended long after the one before (time outside any batch: waiting for data).
+        let mut previous = 0.0;
+        for b in &run.batches {
+            let gap = b.at - previous - b.load * args.interval.as_secs_f64();
+            if b.load > 1.5 || gap > 2.0 * args.interval.as_secs_f64() {
+                writeln!(out, "slow at {:.1} s: {:.2}× the interval, {gap:.1} s before it outside any batch; ms: {}", b.at, b.load, b.phases)?;
+            }
+            previous = b.at;
         }
         let recover = run.batches_to_recover().map_or("never, within the run".to_string(), |n| format!("{n} batches"));
         writeln!(
