@@ -141,10 +141,15 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
         args.repeat
     )?;
     let runtime = Runtime::new(crate::runtime::default_cache_dir())?;
-    let mut rows_out = Vec::new();
-    for (name, make) in CASES {
-        let mut best: Option<PipelineRow> = None;
-        for rep in 0..args.repeat {
+    // Repetitions take the pipelines in turn, every other one in reverse order: the broker's
+    // speed drifts over a run (tansu, with its data in memory, here), and with a fixed
+    // order the WASM pipeline of each pair would always meet the broker after its native
+    // twin did.
+    let mut best: Vec<Option<PipelineRow>> = vec![None; CASES.len()];
+    for rep in 0..args.repeat {
+        let order: Vec<usize> = if rep % 2 == 0 { (0..CASES.len()).collect() } else { (0..CASES.len()).rev().collect() };
+        for i in order {
+            let (name, make) = CASES[i];
             let group = format!("sluice-bench-{}-{rep}", name.replace(' ', "-"));
             let mut pipeline = super::bench_pipeline(&group, TOPIC, bootstrap.clone(), Duration::ZERO);
             pipeline.source.max_offsets_per_trigger = Some(args.batch);
@@ -159,12 +164,12 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
                 args.records
             );
             let row = PipelineRow { pipeline: name, records: summary.records, output_rows: summary.output_rows, batches: summary.batches, records_per_sec: per_sec(summary.records, elapsed) };
-            if best.as_ref().is_none_or(|b| row.records_per_sec > b.records_per_sec) {
-                best = Some(row);
+            if best[i].as_ref().is_none_or(|b| row.records_per_sec > b.records_per_sec) {
+                best[i] = Some(row);
             }
         }
-        rows_out.push(best.expect("at least one repetition"));
     }
+    let rows_out: Vec<PipelineRow> = best.into_iter().map(|b| b.expect("at least one repetition")).collect();
     for pair in rows_out[1..].chunks(2) {
         if let [n, w] = pair {
             anyhow::ensure!(n.output_rows == w.output_rows, "{} wrote {} rows but {} wrote {}", n.pipeline, n.output_rows, w.pipeline, w.output_rows);

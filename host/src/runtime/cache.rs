@@ -9,7 +9,7 @@
 //! The directory is bounded: after writing an artifact, the least recently used ones (by
 //! modification time, renewed on every load) are removed until the artifacts take at most
 //! `$SLUICE_CACHE_MAX_MB` (default [`DEFAULT_MAX_BYTES`]). Every build or swap of a plugin
-//! adds an artifact of ~15 MB, so without a bound the directory would only grow.
+//! adds an artifact of ~6.5 MB, so without a bound the directory would only grow.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -27,7 +27,7 @@ pub(crate) struct ArtifactCache {
     memo: Mutex<HashMap<String, Component>>,
 }
 
-/// Default bound on the artifacts in the cache directory: 1 GiB, some 70 plugin builds.
+/// Default bound on the artifacts in the cache directory: 1 GiB, some 150 plugin builds.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
 /// Environment variable bounding the cache directory, in MiB.
