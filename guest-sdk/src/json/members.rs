@@ -414,6 +414,44 @@ mod tests {
     }
 
     #[test]
+    fn random_documents_get_serde_json_s_verdict() {
+        // Documents glued from JSON fragments, valid and broken, by a fixed-seed generator.
+        const PIECES: [&str; 28] = [
+            "{", "}", "[", "]", ":", ",", " ", "\"a\"", "\"b\"", "\"k\\n\"", "\"\\u00e9\"", "\"\\x\"", "\"", "\\", "1", "-", "0", ".5",
+            "e3", "E-1", "12345678901234567890", "true", "false", "null", "nul", "\u{e9}", "\t", "\"0123456789abcdef\"",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut valid, mut invalid) = (0, 0);
+        for _ in 0..20_000 {
+            let mut doc = String::from(if next(8) == 0 { "" } else { "{" });
+            for _ in 0..next(12) {
+                doc.push_str(PIECES[next(PIECES.len())]);
+            }
+            // Often a well-formed member, so that many documents are valid.
+            if next(2) == 0 {
+                doc = format!("{{\"m\": {}}}", PIECES[14 + next(12)]);
+            }
+            let (ours, theirs) = (members(&doc), serde_members(&doc));
+            assert_eq!(ours.is_ok(), theirs.is_ok(), "{doc:?}: ours {ours:?}, serde_json {theirs:?}");
+            if let (Ok(ours), Ok(theirs)) = (ours, theirs) {
+                // serde_json's map keeps the last of a repeated name, as `get` does.
+                let ours: Vec<(String, String)> = ours.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
+                assert_eq!(ours, theirs, "{doc:?}");
+                valid += 1;
+            } else {
+                invalid += 1;
+            }
+        }
+        assert!(valid > 1_000 && invalid > 1_000, "both kinds are exercised: {valid} valid, {invalid} invalid");
+    }
+
+    #[test]
     fn errors_say_why_in_serde_json_words() {
         let e = members(r#"{"a": }"#).unwrap_err();
         assert!(e.starts_with("invalid JSON") && e.contains("column 7"), "{e}");
