@@ -386,9 +386,14 @@ fn compiled_plugins_are_cached_on_disk_and_a_corrupt_cache_file_is_replaced() {
     assert!(files[0].file_name().unwrap().to_string_lossy().starts_with(&info.content_hash));
 
     let warm = Runtime::new(Some(dir.path().to_path_buf())).unwrap();
-    let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    let meta = || std::fs::metadata(&files[0]).unwrap();
+    let (inode, written, bytes) = (std::os::unix::fs::MetadataExt::ino(&meta()), meta().modified().unwrap(), std::fs::read(&files[0]).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(20));
     warm.load(examples::JSON_FILTER, "json-filter", Limits::default()).unwrap();
-    assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), written, "a cache hit does not rewrite the artifact");
+    // A rewrite would put a new file in place (written aside, then renamed).
+    assert_eq!(std::os::unix::fs::MetadataExt::ino(&meta()), inode, "a cache hit does not rewrite the artifact");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), bytes);
+    assert!(meta().modified().unwrap() > written, "a cache hit marks the artifact used, so that pruning keeps it longest");
 
     std::fs::write(&files[0], b"garbage").unwrap();
     let repaired = Runtime::new(Some(dir.path().to_path_buf())).unwrap();
