@@ -284,7 +284,7 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
     let python = if args.systems.iter().any(|s| s == "quix" || s == "bytewax") { Some(python(&args.venv, out)?) } else { None };
     let n = args.records.to_string();
     let mut results: Vec<PeerResult> = Vec::new();
-    let mut reference: Option<Windows> = None;
+    let mut outputs: Vec<Windows> = Vec::new();
     for system in &args.systems {
         let (name, (wall, rss), files) = match system.as_str() {
             "sluice" => {
@@ -317,25 +317,27 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
             }
         };
         let windows = read_windows(&files, limit)?;
-        let matches_sluice = match (&reference, system.as_str()) {
-            (_, "sluice") => None,
-            (Some(r), _) => Some(same(r, &windows)),
-            (None, _) => None,
-        };
         let result = PeerResult {
             system: name.to_string(),
             records_per_sec: args.records as f64 / wall.as_secs_f64(),
             wall_seconds: wall.as_secs_f64(),
             peak_rss_mib: rss,
             windows: windows.len(),
-            matches_sluice,
+            // Set below, once sluice has run, whichever order the systems ran in.
+            matches_sluice: None,
         };
         writeln!(out, "{}: {:.0} records/s, {:.2} s, peak RSS {:.0} MiB, {} closed windows", result.system, result.records_per_sec, result.wall_seconds, result.peak_rss_mib, result.windows)?;
         if system == "sluice" {
             anyhow::ensure!(!windows.is_empty(), "sluice closed no window: produce more events (--records)");
-            reference = Some(windows);
         }
         results.push(result);
+        outputs.push(windows);
+    }
+    let reference = results.iter().position(|r| r.system.starts_with("sluice")).map(|i| outputs[i].clone()).expect("sluice is among the systems");
+    for (r, windows) in results.iter_mut().zip(&outputs) {
+        if !r.system.starts_with("sluice") {
+            r.matches_sluice = Some(same(&reference, windows));
+        }
     }
     writeln!(out, "\n| system | records/s | wall time (s) | peak RSS (MiB) | closed windows | output = sluice's |")?;
     writeln!(out, "|---|---:|---:|---:|---:|---|")?;
