@@ -113,11 +113,23 @@ pub struct BatchProgress {
     pub failures: Vec<String>,
 }
 
+/// Milliseconds, to the microsecond.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 impl BatchProgress {
+    /// Where the batch's time went, in milliseconds: the record's `duration_ms`.
+    pub fn durations_json(&self) -> serde_json::Value {
+        let d = &self.durations;
+        serde_json::json!({
+            "total": ms(self.duration), "plan": ms(d.plan), "fetch": ms(d.fetch), "plugins": ms(d.plugins),
+            "sink": ms(d.sink), "checkpoint": ms(d.checkpoint), "commit": ms(d.commit), "swap": ms(self.swap_time),
+        })
+    }
+
     /// The record as JSON, the form logged and served (times in milliseconds).
     pub fn to_json(&self) -> serde_json::Value {
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        let d = &self.durations;
         serde_json::json!({
             "batch_id": self.batch_id,
             "timestamp_ms": self.timestamp_ms,
@@ -125,10 +137,7 @@ impl BatchProgress {
             "input_rows_per_sec": self.input_per_sec.round(),
             "processed_rows_per_sec": self.processed_per_sec.round(),
             "output_rows": self.output_rows,
-            "duration_ms": {
-                "total": ms(self.duration), "plan": ms(d.plan), "fetch": ms(d.fetch), "plugins": ms(d.plugins),
-                "sink": ms(d.sink), "checkpoint": ms(d.checkpoint), "commit": ms(d.commit), "swap": ms(self.swap_time),
-            },
+            "duration_ms": self.durations_json(),
             "interval_ms": ms(self.interval),
             "plugins": self.step_times.iter().map(|(step, t)| serde_json::json!({
                 "plugin": step,

@@ -274,7 +274,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
     let limit = args.before + args.burst + args.after;
     let result = run_chain(&pipeline, &mut chain, Until::Stopped, &stop, &mut Discard, &mut |p| {
         let at = started.elapsed().as_secs_f64();
-        let phases = p.to_json()["duration_ms"].take();
+        let phases = p.durations_json();
         batches.push(BurstBatch { at, records: p.records, load: p.duration.as_secs_f64() / interval, lag: p.lag, rss_mib: rss_mib(), phases });
         // Done when the burst is over, its backlog drained and batches fit the interval
         // again, or at the time limit.
