@@ -98,21 +98,13 @@ impl<'a> Members<'a> {
             i += 1;
         } else {
             loop {
-                if *b.get(i)? != b'"' {
-                    return None;
-                }
-                let (end, escaped) = string_end(b, i + 1)?;
+                let (end, escaped, start) = member_name(b, i)?;
                 let key = if escaped {
                     // Escapes in names are decoded (and checked) exactly as serde_json does.
                     Cow::Owned(serde_json::from_str::<String>(&text[i..=end]).ok()?)
                 } else {
                     Cow::Borrowed(&text[i + 1..end])
                 };
-                i = skip_ws(b, end + 1);
-                if *b.get(i)? != b':' {
-                    return None;
-                }
-                let start = skip_ws(b, i + 1);
                 i = self.value_end(b, start)?;
                 self.items.push((key, &text[start..i]));
                 i = skip_ws(b, i);
@@ -262,18 +254,18 @@ fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
     Some(i)
 }
 
-/// After an opening quote of a member name at `i` inside a nested object: the start of
-/// the member's value.
-fn name_end(b: &[u8], i: usize) -> Option<usize> {
+/// A member name whose opening quote is at `i`, and the colon after it: the index of the
+/// name's closing quote, whether the name has escapes, and where the member's value starts.
+fn member_name(b: &[u8], i: usize) -> Option<(usize, bool, usize)> {
     if *b.get(i)? != b'"' {
         return None;
     }
-    let (end, _) = string_end(b, i + 1)?;
-    let i = skip_ws(b, end + 1);
-    if *b.get(i)? != b':' {
+    let (end, escaped) = string_end(b, i + 1)?;
+    let colon = skip_ws(b, end + 1);
+    if *b.get(colon)? != b':' {
         return None;
     }
-    Some(skip_ws(b, i + 1))
+    Some((end, escaped, skip_ws(b, colon + 1)))
 }
 
 /// The end of the array or object that starts at `i`. Nesting is not limited, as
@@ -292,7 +284,7 @@ fn container_end(stack: &mut Vec<u8>, b: &[u8], mut i: usize) -> Option<usize> {
                     i += 1;
                 } else {
                     if open == b'{' {
-                        i = name_end(b, i)?;
+                        i = member_name(b, i)?.2;
                     }
                     continue;
                 }
@@ -307,7 +299,7 @@ fn container_end(stack: &mut Vec<u8>, b: &[u8], mut i: usize) -> Option<usize> {
                 b',' => {
                     i = skip_ws(b, i + 1);
                     if open == b'{' {
-                        i = name_end(b, i)?;
+                        i = member_name(b, i)?.2;
                     }
                     break;
                 }
