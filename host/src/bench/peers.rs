@@ -333,10 +333,10 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
         results.push(result);
         outputs.push(windows);
     }
-    let reference = results.iter().position(|r| r.system.starts_with("sluice")).map(|i| outputs[i].clone()).expect("sluice is among the systems");
+    let reference = &outputs[results.iter().position(|r| r.system.starts_with("sluice")).expect("sluice is among the systems")];
     for (r, windows) in results.iter_mut().zip(&outputs) {
         if !r.system.starts_with("sluice") {
-            r.matches_sluice = Some(same(&reference, windows));
+            r.matches_sluice = Some(same(reference, windows));
         }
     }
     writeln!(out, "\n| system | records/s | wall time (s) | peak RSS (MiB) | closed windows | output = sluice's |")?;
