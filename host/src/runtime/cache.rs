@@ -36,12 +36,17 @@ pub const MAX_MB_ENV: &str = "SLUICE_CACHE_MAX_MB";
 /// A temporary file older than this was left by a process that stopped while writing.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
-/// The bound on the cache directory from `$SLUICE_CACHE_MAX_MB`, or the default; an
-/// unreadable value is reported and the default used.
+/// The bound on the cache directory from `$SLUICE_CACHE_MAX_MB`, or the default.
 fn max_bytes_from_env() -> u64 {
-    match std::env::var(MAX_MB_ENV) {
-        Err(_) => DEFAULT_MAX_BYTES,
-        Ok(v) => match v.trim().parse::<u64>() {
+    max_bytes(std::env::var(MAX_MB_ENV).ok().as_deref())
+}
+
+/// The bound for a value of `$SLUICE_CACHE_MAX_MB` (MiB); an unreadable value is reported
+/// and the default used.
+fn max_bytes(value: Option<&str>) -> u64 {
+    match value {
+        None => DEFAULT_MAX_BYTES,
+        Some(v) => match v.trim().parse::<u64>() {
             Ok(mb) => mb.saturating_mul(1 << 20),
             Err(_) => {
                 tracing::warn!(value = %v, "{MAX_MB_ENV} is not a whole number of MiB; using the default of {} MiB", DEFAULT_MAX_BYTES >> 20);
@@ -197,6 +202,15 @@ mod tests {
         let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn the_bound_is_read_in_mib_and_an_unreadable_value_leaves_the_default() {
+        assert_eq!(max_bytes(None), DEFAULT_MAX_BYTES);
+        assert_eq!(max_bytes(Some(" 10 ")), 10 << 20);
+        assert_eq!(max_bytes(Some("0")), 0, "0 keeps only the artifact just written");
+        assert_eq!(max_bytes(Some("ten")), DEFAULT_MAX_BYTES);
+        assert_eq!(max_bytes(Some("-5")), DEFAULT_MAX_BYTES);
     }
 
     #[test]
