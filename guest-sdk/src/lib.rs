@@ -81,6 +81,8 @@ pub mod collections;
 mod driver;
 pub mod json;
 pub mod log;
+#[cfg(any(target_arch = "wasm32", test))]
+mod mem;
 mod output;
 mod plugin;
 mod schema;
