@@ -286,6 +286,34 @@ mod tests {
     }
 
     #[test]
+    fn events_reach_every_window_whichever_exist_already() {
+        // Windows of 30 sliding by 10: each event belongs to three. Later events find
+        // their windows all there, some missing at the front, at the back or in between.
+        let spec = WindowSpec::sliding(30, 10).unwrap();
+        let mut w: Windowed<&str, Vec<i64>> = Windowed::new(spec, 1_000, OutputMode::Append).unwrap();
+        let mut calls = Vec::new();
+        for ts in [0, 50, 25, 35, 15, 5, 45, 10] {
+            w.add_to_windows(ts, &"k", |window, events| {
+                calls.push((ts, window.start));
+                events.push(ts);
+            });
+        }
+        // Each event's windows are updated once each, oldest first.
+        for ts in [0, 50, 25, 35, 15, 5, 45, 10] {
+            let updated: Vec<i64> = calls.iter().filter(|c| c.0 == ts).map(|c| c.1).collect();
+            assert_eq!(updated, starts(spec, ts), "event at {ts}");
+        }
+        let mut got = Vec::new();
+        w.finish_batch(Some(i64::MAX), |window, _, events| got.push((window.start, events.clone())));
+        let mut expected = Vec::new();
+        for start in (-20..=50).step_by(10) {
+            let events: Vec<i64> = [0, 50, 25, 35, 15, 5, 45, 10].into_iter().filter(|&t| t >= start && t < start + 30).collect();
+            expected.push((start, events));
+        }
+        assert_eq!(got, expected);
+    }
+
+    #[test]
     fn append_mode_emits_once_when_the_watermark_passes_and_drops_late_events() {
         let mut w: Windowed<&str, u64> = Windowed::new(WindowSpec::tumbling(10).unwrap(), 5, OutputMode::Append).unwrap();
         let mut emitted = Vec::new();
