@@ -291,15 +291,16 @@ mod tests {
         // their windows all there, some missing at the front, at the back or in between.
         let spec = WindowSpec::sliding(30, 10).unwrap();
         let mut w: Windowed<&str, Vec<i64>> = Windowed::new(spec, 1_000, OutputMode::Append).unwrap();
+        let events = [0, 50, 25, 35, 15, 5, 45, 10];
         let mut calls = Vec::new();
-        for ts in [0, 50, 25, 35, 15, 5, 45, 10] {
+        for ts in events {
             w.add_to_windows(ts, &"k", |window, events| {
                 calls.push((ts, window.start));
                 events.push(ts);
             });
         }
         // Each event's windows are updated once each, oldest first.
-        for ts in [0, 50, 25, 35, 15, 5, 45, 10] {
+        for ts in events {
             let updated: Vec<i64> = calls.iter().filter(|c| c.0 == ts).map(|c| c.1).collect();
             assert_eq!(updated, starts(spec, ts), "event at {ts}");
         }
@@ -307,8 +308,7 @@ mod tests {
         w.finish_batch(Some(i64::MAX), |window, _, events| got.push((window.start, events.clone())));
         let mut expected = Vec::new();
         for start in (-20..=50).step_by(10) {
-            let events: Vec<i64> = [0, 50, 25, 35, 15, 5, 45, 10].into_iter().filter(|&t| t >= start && t < start + 30).collect();
-            expected.push((start, events));
+            expected.push((start, events.into_iter().filter(|&t| t >= start && t < start + 30).collect::<Vec<i64>>()));
         }
         assert_eq!(got, expected);
     }
