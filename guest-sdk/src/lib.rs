@@ -83,6 +83,8 @@ pub mod json;
 pub mod log;
 #[cfg(any(target_arch = "wasm32", test))]
 mod mem;
+#[cfg(test)]
+mod test_rng;
 mod output;
 mod plugin;
 mod schema;

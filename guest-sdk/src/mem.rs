@@ -117,7 +117,7 @@ mod tests {
         // difference both ways and across the signed/unsigned boundary.
         for n in 0..=40usize {
             let a: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
-            assert_eq!(sign(&a, &a.clone()), Ordering::Equal, "n={n}");
+            assert_eq!(sign(&a, &a), Ordering::Equal, "n={n}");
             for at in 0..n {
                 for (x, y) in [(0x00u8, 0x01u8), (0x7f, 0x80), (0xff, 0x00), (b'a', b'b')] {
                     let (mut l, mut r) = (a.clone(), a.clone());
@@ -132,17 +132,11 @@ mod tests {
 
     #[test]
     fn first_difference_decides_when_several_bytes_differ() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::test_rng::TestRng::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
-            let n = (next() % 48) as usize;
-            let a: Vec<u8> = (0..n).map(|_| (next() % 4) as u8).collect();
-            let b: Vec<u8> = (0..n).map(|_| (next() % 4) as u8).collect();
+            let n = rng.below(48);
+            let a: Vec<u8> = (0..n).map(|_| rng.below(4) as u8).collect();
+            let b: Vec<u8> = (0..n).map(|_| rng.below(4) as u8).collect();
             assert_eq!(sign(&a, &b), a.cmp(&b), "{a:?} {b:?}");
         }
     }

@@ -412,13 +412,8 @@ mod tests {
             "{", "}", "[", "]", ":", ",", " ", "\"a\"", "\"b\"", "\"k\\n\"", "\"\\u00e9\"", "\"\\x\"", "\"", "\\", "1", "-", "0", ".5",
             "e3", "E-1", "12345678901234567890", "true", "false", "null", "nul", "\u{e9}", "\t", "\"0123456789abcdef\"",
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::test_rng::TestRng::new(0x2545_f491_4f6c_dd1d);
+        let mut next = |n: usize| rng.below(n);
         let (mut valid, mut invalid) = (0, 0);
         for _ in 0..20_000 {
             let mut doc = String::from(if next(8) == 0 { "" } else { "{" });
