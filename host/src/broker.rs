@@ -1,6 +1,7 @@
 //! Kafka brokers started by sluice itself, for the demo, the end-to-end tests and the
-//! benchmarks: librdkafka's in-process mock cluster, and a real broker process (`tansu`)
-//! on a free loopback port, stopped by its PID when the handle is dropped.
+//! benchmarks: librdkafka's in-process mock cluster, Apache Kafka (a single KRaft node,
+//! a JVM process) and tansu, each real broker a child process on free loopback ports,
+//! stopped by its PID when the handle is dropped.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -178,6 +179,195 @@ impl Broker for Tansu {
     }
 }
 
+/// The Apache Kafka version `.ci/setup` installs (`tests/kafka/pom.xml`).
+pub const KAFKA_VERSION: &str = "4.4.0";
+
+/// Where `.ci/setup` puts Apache Kafka's jars (`target/tools/kafka/libs` of this
+/// workspace), unless `SLUICE_KAFKA_LIBS` names another folder of jars.
+pub fn kafka_libs() -> PathBuf {
+    if let Some(path) = std::env::var_os("SLUICE_KAFKA_LIBS") {
+        return PathBuf::from(path);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/kafka/libs")
+}
+
+/// One Apache Kafka node in KRaft mode (broker and controller in one JVM) on two free
+/// loopback ports, with its log directory in a temporary folder removed on drop. Unlike
+/// tansu it keeps its data on disk: [`ApacheKafka::kill`] and [`ApacheKafka::restart`]
+/// stop it with SIGKILL and bring it back on the same log directory.
+pub struct ApacheKafka {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    address: SocketAddr,
+}
+
+impl ApacheKafka {
+    /// Format a log directory, start the node and wait until it serves metadata.
+    pub fn start() -> anyhow::Result<Self> {
+        let libs = kafka_libs();
+        if !libs.join(format!("kafka_2.13-{KAFKA_VERSION}.jar")).is_file() {
+            bail!(
+                "Apache Kafka {KAFKA_VERSION} is not installed in {}: run `bash .ci/setup` (it fetches it from Maven Central with tests/kafka/pom.xml), or set SLUICE_KAFKA_LIBS to a folder of Kafka's jars",
+                libs.display()
+            );
+        }
+        let port = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).context("no free loopback port");
+        let (broker_port, controller_port) = (port()?, port()?);
+        let dir = tempfile::Builder::new().prefix("sluice-kafka-").tempdir().context("cannot create a folder for Kafka's log directory")?;
+        let data = dir.path().join("data");
+        let properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller_port}\n\
+             listeners=PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{broker_port}\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             log.dirs={}\n\
+             num.partitions=1\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=4\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=4\n\
+             group.initial.rebalance.delay.ms=0\n\
+             auto.create.topics.enable=false\n",
+            data.display()
+        );
+        std::fs::write(dir.path().join("server.properties"), properties).context("cannot write Kafka's server.properties")?;
+        let cluster_id = {
+            use sha2::Digest;
+            let seed = format!("{}-{broker_port}-{:?}", std::process::id(), Instant::now());
+            let digest = sha2::Sha256::digest(seed.as_bytes());
+            // A Kafka cluster id: 16 bytes, URL-safe base64 without padding.
+            base64_url(&digest[..16])
+        };
+        let format = Command::new("java")
+            .args(["-Xmx256m", "-cp"])
+            .arg(format!("{}/*", libs.display()))
+            .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
+            .arg(dir.path().join("server.properties"))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run java (Apache Kafka needs Java 17 or later on PATH)")?;
+        if !format.status.success() {
+            bail!("formatting Kafka's log directory failed: {}{}", String::from_utf8_lossy(&format.stdout), String::from_utf8_lossy(&format.stderr));
+        }
+        let mut broker = Self { child: None, dir, address: SocketAddr::from((Ipv4Addr::LOCALHOST, broker_port)) };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("kafka.log")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).context("cannot open Kafka's log file")?;
+        let child = Command::new("java")
+            .args(["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", "-cp"])
+            .arg(format!("{}/*", kafka_libs().display()))
+            .arg("kafka.Kafka")
+            .arg(self.dir.path().join("server.properties"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot run java (Apache Kafka needs Java 17 or later on PATH)")?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Wait until the node answers a metadata request with itself as a broker.
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let client: rdkafka::consumer::BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).set("log_level", "0").create()?;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("spawned").try_wait()? {
+                bail!("Apache Kafka exited with {status} before it served; its log:\n{}", self.log_text());
+            }
+            use rdkafka::consumer::Consumer as _;
+            if TcpStream::connect_timeout(&self.address, Duration::from_millis(200)).is_ok()
+                && client.fetch_metadata(None, Duration::from_secs(1)).is_ok_and(|m| !m.brokers().is_empty())
+            {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(90) {
+                bail!("Apache Kafka did not serve on {} within 90 s; its log:\n{}", self.address, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What the node has logged so far (errors only, log4j2's default).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// The node's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stop the node with SIGKILL (by its PID); its log directory stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the node again on the same log directory and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+/// URL-safe base64 without padding.
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+impl Broker for ApacheKafka {
+    fn bootstrap(&self) -> String {
+        self.address.to_string()
+    }
+
+    fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        create_topic(&self.bootstrap(), name, partitions).with_context(|| format!("Apache Kafka's log:\n{}", self.log_text()))
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// The JVM is stopped (SIGSTOP) or continued (SIGCONT) by its PID.
+    fn set_available(&self, available: bool) -> anyhow::Result<()> {
+        let pid = self.pid().context("Apache Kafka is not running")?;
+        let signal = if available { "-CONT" } else { "-STOP" };
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status().context("cannot run kill")?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+}
+
+impl Drop for ApacheKafka {
+    fn drop(&mut self) {
+        // Stopped by its PID (the child handle), never by name; the folder goes with `dir`.
+        self.kill();
+    }
+}
+
 /// A broker someone else runs, at `host:port`.
 pub struct External(pub String);
 
@@ -217,5 +407,15 @@ impl Drop for Tansu {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cluster_ids_are_url_safe_base64_without_padding() {
+        // Python's base64.urlsafe_b64encode, padding removed.
+        assert_eq!(super::base64_url(&(0..16).collect::<Vec<u8>>()), "AAECAwQFBgcICQoLDA0ODw");
+        assert_eq!(super::base64_url(&[255, 254, 253, 252, 251]), "__79_Ps");
     }
 }

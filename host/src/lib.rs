@@ -6,8 +6,12 @@
 //!
 //! Modules, in the order a batch meets them:
 //! * [`config`] — the pipeline file, checked.
-//! * [`pipeline`] — the micro-batch loop: plan → fetch → plugins → sink → commit.
-//! * [`kafka`] — the Kafka source: offset ranges, exact fetch, group commits (owns librdkafka).
+//! * [`pipeline`] — the micro-batch loop: plan → fetch → plugins → sink → commit; it wires
+//!   the modules below and owns none of their details.
+//! * [`recovery`] — where a run continues: checkpoint chosen, state restored, batches to replay.
+//! * [`plan`] — pure planning: positions, watermarks, budgets and caps → offset ranges.
+//! * [`source`] — the `Source` trait the loop reads through, and an in-memory source.
+//! * [`kafka`] — the Kafka source: exact fetch, group commits (owns librdkafka).
 //! * [`chain`] — one batch through the plugin chain.
 //! * [`runtime`] — loads, checks and runs plugins (owns wasmtime).
 //! * [`swap`] — watches the plugin directory and prepares new plugin versions for a live swap.
@@ -30,8 +34,11 @@ pub mod kafka;
 pub mod metrics;
 pub mod offline;
 pub mod pipeline;
+pub mod plan;
 pub mod rate;
+pub mod recovery;
 pub mod runtime;
 pub mod sink;
+pub mod source;
 pub mod store;
 pub mod swap;

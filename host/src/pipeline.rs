@@ -11,11 +11,14 @@ use arrow_array::RecordBatch;
 use sluice_sdk::{record_schema, Context, OffsetRange};
 
 use crate::chain::{Chain, Rejected};
-use crate::checkpoint::{self, Checkpoint, CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, Position, Recovered, SavedRange, TaskPlan, TaskState};
+use crate::checkpoint::{Checkpoint, CheckpointStore, CheckpointWriter, PlannedBatch, Position, SavedRange, TaskPlan, TaskState, WriteMode};
 use crate::config::{Pipeline, PluginSource};
 use crate::examples;
+use crate::kafka::{KafkaSource, PREFETCH_ROWS};
 use crate::metrics::Metrics;
-use crate::kafka::{KafkaSource, PartitionLag, SourceError, PREFETCH_ROWS};
+use crate::plan;
+use crate::recovery::{self, TASK};
+use crate::source::{PartitionLag, Source, SourceError};
 use crate::rate::{RateController, RateState};
 use crate::runtime::Runtime;
 use crate::swap::{self, Found, WatchedStep, Watcher};
@@ -255,6 +258,9 @@ pub struct RunOptions {
     pub history: Option<Arc<ProgressHistory>>,
     /// Metrics to keep up to date after each batch (served on `/metrics`).
     pub metrics: Option<Arc<Metrics>>,
+    /// How long a batch may wait for offsets the brokers report as written before it fails
+    /// (default [`crate::source::STALL_LIMIT`]).
+    pub stall_limit: Option<Duration>,
 }
 
 impl From<Until> for RunOptions {
@@ -295,9 +301,38 @@ fn is_waiting_error(e: &SourceError) -> bool {
 /// The least read-ahead, records, however small rate control makes the batches.
 const MIN_READ_AHEAD: usize = 10_000;
 
-/// The one task over all partitions (see DESIGN.md: state is kept per task so that one
-/// task per partition can be added later).
-const TASK: u32 = 0;
+/// Connects the source at the positions recovery chose (`None`: a new run).
+pub type Connect<'a> = Box<dyn FnOnce(Option<&BTreeMap<(String, i32), i64>>) -> Result<Box<dyn Source>, SourceError> + 'a>;
+
+/// What a run reads from and writes to. [`run`] and [`run_chain`] build it from the
+/// pipeline file (Kafka, the configured checkpoint location and dead-letter sink); tests
+/// and the crash simulation build their own.
+pub struct Io<'a> {
+    /// The source, connected once recovery knows where to start.
+    pub connect: Connect<'a>,
+    /// Where checkpoints go, if checkpointing is on.
+    pub checkpoints: Option<Arc<CheckpointStore>>,
+    /// How checkpoints are written.
+    pub checkpoint_writes: WriteMode,
+    /// Where the output goes.
+    pub sink: &'a mut dyn Sink,
+    /// Where rejected records go, if anywhere.
+    pub dead_letters: Option<Box<dyn Sink>>,
+}
+
+impl<'a> Io<'a> {
+    /// Kafka, the checkpoint location and the dead-letter sink of `pipeline`, and `sink`.
+    pub fn of_pipeline(pipeline: &'a Pipeline, sink: &'a mut dyn Sink) -> anyhow::Result<Self> {
+        let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?.map(Arc::new);
+        let dead_letters = match &pipeline.dead_letter {
+            Some(config) => Some(crate::sink::open(config, &pipeline.kafka).map_err(|e| anyhow::anyhow!("deadLetter: {e}"))?),
+            None => None,
+        };
+        let connect: Connect<'a> =
+            Box::new(move |resume| KafkaSource::connect(&pipeline.source, &pipeline.kafka, resume).map(|s| Box::new(s) as Box<dyn Source>));
+        Ok(Self { connect, checkpoints, checkpoint_writes: WriteMode::Background, sink, dead_letters })
+    }
+}
 
 /// [`run`] with a chain built by the caller (the pipeline's `steps` are not used).
 ///
@@ -325,78 +360,40 @@ fn run_watched(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> anyhow::Result<RunSummary> {
-    let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?.map(Arc::new);
-    let recovered = match &checkpoints {
-        Some(c) => c.recover()?,
-        None => Recovered::default(),
-    };
-    for w in &recovered.warnings {
-        tracing::warn!("{w}");
-    }
-    if let Some(c) = &checkpoints {
-        match (&recovered.checkpoint, recovered.replay.len()) {
-            (Some(ck), n) => tracing::info!("checkpoint {}: resuming after batch {}, {n} planned batches to replay", c.shown(), ck.batch_id),
-            (None, 0) => tracing::debug!("checkpoint {}: no checkpoint yet, starting at the consumer group's committed offsets, else at source.startingOffsets", c.shown()),
-            (None, n) => tracing::info!("checkpoint {}: no batch committed yet, {n} planned batches to replay", c.shown()),
-        }
-    }
-    if let Some(m) = &recovered.metadata {
-        if m.topics != pipeline.source.topics {
-            tracing::warn!("the checkpoint was written for topics {:?}; the pipeline now reads {:?}", m.topics, pipeline.source.topics);
-        }
-    }
-    let task = recovered.checkpoint.as_ref().and_then(|c| c.tasks.iter().find(|t| t.task == TASK));
-    if let Some(task) = task {
-        if options.ignore_state {
-            tracing::warn!("--ignore-state: the plugins start with fresh state at the checkpoint's offsets");
-        } else {
-            chain.restore(&task.plugins)?;
-        }
-    }
-    // Where each partition continues: after the checkpoint, or where the first replayed
-    // batch starts when no checkpoint was committed yet.
-    let resume: Option<BTreeMap<(String, i32), i64>> = match (task, recovered.replay.first()) {
-        (Some(task), _) => Some(checkpoint::positions(task)),
-        (None, Some(plan)) => Some(plan.tasks.iter().flat_map(|t| &t.ranges).map(|r| ((r.topic.clone(), r.partition), r.from)).collect()),
-        (None, None) => None,
-    };
-    let source = KafkaSource::connect(&pipeline.source, &pipeline.kafka, resume.as_ref())?;
-    let next_batch_id = match recovered.next_batch_id() {
-        Some(id) => id,
-        None => sink.last_batch_id()?.map_or(0, |last| last + 1),
-    };
-    if let Some(c) = &checkpoints {
-        if recovered.metadata.is_none() {
-            c.create(&Metadata {
-                format_version: checkpoint::FORMAT_VERSION,
-                pipeline: pipeline.name.clone(),
-                topics: pipeline.source.topics.clone(),
-                first_batch_id: next_batch_id,
-            })?;
-        }
-        if let Some(last) = sink.last_batch_id()?.filter(|&last| last >= next_batch_id) {
-            anyhow::bail!(
-                "the sink already holds committed output of batch {last}, but checkpoint {} continues at batch {next_batch_id}: they were not used together. Point checkpoint.location at the checkpoint this output was written with, or write to a new sink location",
-                c.shown()
-            );
-        }
-    }
+    let io = Io::of_pipeline(pipeline, sink)?;
+    run_io(pipeline, chain, watcher, io, options, stop, progress)
+}
+
+/// [`run_chain`] on the source and stores in `io` (the pipeline's `source`, `sink`,
+/// `deadLetter` and `checkpoint` tables are not used, its rate and trigger settings are).
+pub fn run_with(pipeline: &Pipeline, chain: &mut Chain, io: Io<'_>, options: impl Into<RunOptions>, stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<RunSummary> {
+    run_io(pipeline, chain, None, io, options.into(), stop, progress)
+}
+
+fn run_io(
+    pipeline: &Pipeline,
+    chain: &mut Chain,
+    watcher: Option<Watcher>,
+    io: Io<'_>,
+    options: RunOptions,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&BatchProgress),
+) -> anyhow::Result<RunSummary> {
+    let Io { connect, checkpoints, checkpoint_writes, sink, dead_letters } = io;
+    let resume = recovery::recover(pipeline, checkpoints.as_deref(), chain, &*sink, options.ignore_state)?;
+    let source = connect(resume.positions.as_ref())?;
     let mut rate = RateController::new(
         pipeline.backpressure.map(|b| (b.pid, b.initial_rate)),
         pipeline.source.partition_rates,
         pipeline.trigger_interval,
         pipeline.adaptive_interval,
     );
-    if let Some(saved) = recovered.checkpoint.as_ref().and_then(|c| c.rate_controller.clone()) {
+    if let Some(saved) = resume.rate_controller.clone() {
         match serde_json::from_value::<RateState>(saved) {
             Ok(state) => rate.restore(state),
             Err(e) => tracing::warn!("the checkpoint's rate-controller state cannot be read ({e}); the rate starts over"),
         }
     }
-    let dead_letters = match &pipeline.dead_letter {
-        Some(config) => Some(crate::sink::open(config, &pipeline.kafka).map_err(|e| anyhow::anyhow!("deadLetter: {e}"))?),
-        None => None,
-    };
     let mut runner = Runner {
         history: options.history.clone(),
         metrics: options.metrics.clone(),
@@ -410,13 +407,14 @@ fn run_watched(
         chain,
         sink,
         source,
-        writer: checkpoints.clone().map(CheckpointWriter::start),
+        writer: checkpoints.clone().map(|c| CheckpointWriter::new(c, checkpoint_writes)),
         checkpoints,
-        watermark: task.and_then(|t| t.watermark_ms),
+        watermark: resume.watermark_ms,
         summary: RunSummary::default(),
-        fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)),
+        fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)).min(options.stall_limit.unwrap_or(crate::source::STALL_LIMIT)),
+        stall_limit: options.stall_limit.unwrap_or(crate::source::STALL_LIMIT),
     };
-    for plan in &recovered.replay {
+    for plan in &resume.replay {
         if stop.load(Ordering::SeqCst) {
             return runner.finish();
         }
@@ -424,7 +422,7 @@ fn run_watched(
         let lag = runner.source.lag()?;
         runner.batch(plan, None, Duration::ZERO, &lag, stop, progress)?;
     }
-    runner.run(options.until, next_batch_id, stop, progress)
+    runner.run(options.until, resume.next_batch_id, stop, progress)
 }
 
 /// The loop's state.
@@ -444,13 +442,14 @@ struct Runner<'a> {
     rate: RateController,
     chain: &'a mut Chain,
     sink: &'a mut dyn Sink,
-    source: KafkaSource,
+    source: Box<dyn Source>,
     checkpoints: Option<Arc<CheckpointStore>>,
     /// Commits the checkpoints while the next batch runs.
     writer: Option<CheckpointWriter>,
     watermark: Option<i64>,
     summary: RunSummary,
     fetch_timeout: Duration,
+    stall_limit: Duration,
 }
 
 impl Runner<'_> {
@@ -490,7 +489,7 @@ impl Runner<'_> {
             self.swap_plugins();
             let tick = Instant::now();
             let scheduling_delay = tick.saturating_duration_since(due);
-            let mut lag = match self.source.lag() {
+            let lag = match self.source.lag() {
                 Ok(lag) => lag,
                 Err(e) if !stop.load(Ordering::SeqCst) => {
                     // The brokers are away: plan again once they answer.
@@ -500,25 +499,14 @@ impl Runner<'_> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if let Some(targets) = &targets {
-                for (p, t) in lag.iter_mut().zip(targets) {
-                    p.high = p.high.min(t.high);
-                }
-            }
             // Rate control caps each partition; records over the budget wait in Kafka.
-            let mut capped = lag.clone();
-            let lags: Vec<u64> = lag.iter().map(|p| (p.high - p.next).max(0) as u64).collect();
-            let budgets = self.rate.budgets(&lags);
-            if let Some(budgets) = &budgets {
-                for (p, budget) in capped.iter_mut().zip(budgets) {
-                    p.high = p.high.min(p.next + *budget as i64);
-                }
-            }
+            let budgets = self.rate.budgets(&plan::lags(&lag, targets.as_deref()));
+            let max_records = self.running.source.max_offsets_per_trigger;
             // When batches are capped, read ahead about one more batch, not the backlog.
-            let batch_cap = [budgets.map(|b| b.iter().sum::<u64>()), self.running.source.max_offsets_per_trigger].into_iter().flatten().min();
+            let batch_cap = [budgets.as_ref().map(|b| b.iter().sum::<u64>()), max_records].into_iter().flatten().min();
             self.source.set_read_ahead(batch_cap.map_or(PREFETCH_ROWS, |cap| (2 * cap as usize).max(MIN_READ_AHEAD)));
-            let ranges: Vec<OffsetRange> = self.source.plan(&capped);
-            let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
+            let ranges = plan::ranges(&lag, plan::Limits { targets: targets.as_deref(), budgets: budgets.as_deref(), max_records });
+            let records = plan::offsets_in(&ranges);
             let caught_up = targets.is_some() && records == 0;
             // Without a checkpoint, the last batch of an available-now run flushes open
             // windows; with one, they stay in the checkpoint for the next run.
@@ -595,7 +583,6 @@ impl Runner<'_> {
         let mut changed = self.rate.retune(new.backpressure.map(|b| (b.pid, b.initial_rate)), new.source.partition_rates, new.trigger_interval, new.adaptive_interval);
         if new.source.max_offsets_per_trigger != self.running.source.max_offsets_per_trigger {
             changed.push(format!("maxOffsetsPerTrigger {:?} -> {:?}", self.running.source.max_offsets_per_trigger, new.source.max_offsets_per_trigger));
-            self.source.set_max_offsets_per_trigger(new.source.max_offsets_per_trigger);
         }
         // Everything else needs a restart: compare with the tunable parts made equal.
         let mut rest = new.clone();
@@ -622,7 +609,10 @@ impl Runner<'_> {
     }
 
     /// Fetch a batch's ranges, waiting as long as the brokers are away (a warning at every
-    /// fetch timeout), until stopped.
+    /// fetch timeout), until stopped. When the brokers answer and report records beyond a
+    /// range, but none arrive for the stall limit ([`RunOptions::stall_limit`]), the offsets the batch needs
+    /// are not there to be read: the batch fails with what is missing and what to do,
+    /// instead of waiting forever.
     fn fetch(&mut self, batch_id: u64, ranges: &[OffsetRange], stop: &AtomicBool) -> anyhow::Result<RecordBatch> {
         let started = Instant::now();
         loop {
@@ -631,12 +621,30 @@ impl Runner<'_> {
                     if stop.load(Ordering::SeqCst) {
                         anyhow::bail!("stopped while batch {batch_id} waited for its records ({e}); it is not committed and runs again on restart");
                     }
-                    tracing::warn!("batch {batch_id}: waiting for its records for {} s ({e})", started.elapsed().as_secs());
+                    let waited = started.elapsed();
+                    if waited >= self.stall_limit {
+                        if let Some(missing) = self.missing(ranges, &e, waited) {
+                            return Err(anyhow::anyhow!("batch {batch_id} cannot be read: {missing}"));
+                        }
+                    }
+                    tracing::warn!("batch {batch_id}: waiting for its records for {} s ({e})", waited.as_secs());
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 other => return Ok(other?),
             }
         }
+    }
+
+    /// When the brokers answer and report a pending range's end as written, what is
+    /// missing (the first such partition).
+    fn missing(&mut self, ranges: &[OffsetRange], timeout: &SourceError, waited: Duration) -> Option<SourceError> {
+        let SourceError::FetchTimeout { reached, .. } = timeout else { return None };
+        let lag = self.source.lag().ok()?;
+        reached.iter().find_map(|((topic, partition), reached)| {
+            let r = ranges.iter().find(|r| &r.topic == topic && r.partition == *partition)?;
+            let high = lag.iter().find(|p| &p.topic == topic && p.partition == *partition)?.high;
+            (high >= r.until).then(|| crate::source::missing_offsets(topic, *partition, *reached, r.until, high, waited))
+        })
     }
 
     /// Run one planned batch: offset log, fetch, plugins, sink, rate update, checkpoint and
@@ -657,11 +665,13 @@ impl Runner<'_> {
         let since_last = self.last_start.replace(tick).map(|t| tick.duration_since(t));
         let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| anyhow::anyhow!("batch {} has no plan for task {TASK}", plan.batch_id))?;
         let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
-        let records: i64 = ranges.iter().map(|r| r.until - r.from).sum();
+        let offsets = plan::offsets_in(&ranges);
         if let (Some(c), Some(_)) = (&self.checkpoints, scheduling_delay) {
             c.plan(plan)?;
         }
-        let batch = if records > 0 { self.fetch(plan.batch_id, &ranges, stop)? } else { RecordBatch::new_empty(record_schema()) };
+        let batch = if offsets > 0 { self.fetch(plan.batch_id, &ranges, stop)? } else { RecordBatch::new_empty(record_schema()) };
+        // Records read, not offsets planned: a range may hold fewer records than offsets.
+        let records = batch.num_rows();
         let fetched = tick.elapsed();
         let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task.watermark_ms };
         let out = self.chain.process(batch, &ctx)?;
@@ -694,12 +704,7 @@ impl Runner<'_> {
             self.rate.after_batch(now_ms(), records as u64, tick.elapsed(), delay);
         }
         if let Some(writer) = &mut self.writer {
-            let positions = self
-                .source
-                .positions_after(&ranges)
-                .into_iter()
-                .map(|((topic, partition), next)| Position { topic, partition, next })
-                .collect();
+            let positions = plan::positions_after(lag, &ranges).into_iter().map(|((topic, partition), next)| Position { topic, partition, next }).collect();
             let plugins = self.chain.snapshot()?;
             writer.commit(Checkpoint {
                 batch_id: plan.batch_id,
@@ -724,11 +729,14 @@ impl Runner<'_> {
         // The whole batch, planning included (as Spark's trigger execution time): asking
         // a slow broker for its offsets makes a batch late as much as a slow fetch does.
         let duration = planning + processing;
-        let partitions: Vec<PartitionProgress> = self
-            .source
-            .positions_and_highs(lag, &ranges)
-            .into_iter()
-            .map(|(p, until, high)| PartitionProgress { topic: p.topic.clone(), partition: p.partition, from: p.next.min(until), until, high })
+        let after = plan::positions_after(lag, &ranges);
+        let partitions: Vec<PartitionProgress> = lag
+            .iter()
+            .map(|p| {
+                let until = after[&(p.topic.clone(), p.partition)];
+                let high = self.source.known_high(&p.topic, p.partition).unwrap_or(p.high).max(p.high);
+                PartitionProgress { topic: p.topic.clone(), partition: p.partition, from: p.next.min(until), until, high }
+            })
             .collect();
         let left = partitions.iter().map(|p| (p.high - p.until).max(0) as u64).sum();
         self.summary.batches += 1;

@@ -233,8 +233,12 @@ impl FileSink {
     /// configured by `options`), finish an interrupted commit and drop leftovers of
     /// batches that never committed.
     pub fn open(location: &str, format: FileFormat, options: &BTreeMap<String, String>) -> Result<Self, SinkError> {
+        Self::at(Location::open(location, options).map_err(SinkError::opening)?, format)
+    }
+
+    /// [`FileSink::open`] on a location the caller opened.
+    pub fn at(location: Location, format: FileFormat) -> Result<Self, SinkError> {
         let open_error = SinkError::opening;
-        let location = Location::open(location, options).map_err(open_error)?;
         let mut sink = Self { location, format, committed: BTreeSet::new(), staged: None };
         for (name, _) in sink.location.list(MANIFEST_DIR).map_err(open_error)? {
             if let Some(id) = name.strip_prefix("batch-").and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {

@@ -38,12 +38,18 @@ pub struct StoreError {
     pub reason: String,
 }
 
+/// Called before and after every operation of a location with what it is about to do or
+/// has done (`"before put offsets/…"`, `"after put offsets/…"`, `"before get …"`); an
+/// error fails the operation with it. The crash simulation stops its process model here.
+pub type Hook = std::sync::Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// A directory-like location: objects are named relative to it with `/`-separated names.
 pub struct Location {
-    store: Box<dyn ObjectStore>,
+    store: std::sync::Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     shown: String,
     io: tokio::runtime::Runtime,
+    hook: Option<Hook>,
 }
 
 impl std::fmt::Debug for Location {
@@ -82,8 +88,29 @@ impl Location {
             (None, Some(url)) => open_cloud(&url, options).map_err(|reason| fail("cannot open", reason))?,
             (None, None) => unreachable!("a location is a local directory or a URL"),
         };
-        let io = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail("cannot start I/O", e.to_string()))?;
-        Ok(Self { store, prefix, shown: location.to_string(), io })
+        Self::on(store.into(), prefix, location, None)
+    }
+
+    /// A location on a store the caller keeps (an `InMemory` store that outlives one run,
+    /// in tests and the crash simulation), with `hook` called around every operation.
+    pub fn shared(store: std::sync::Arc<dyn ObjectStore>, shown: &str, hook: Option<Hook>) -> Result<Self, StoreError> {
+        Self::on(store, ObjectPath::default(), shown, hook)
+    }
+
+    fn on(store: std::sync::Arc<dyn ObjectStore>, prefix: ObjectPath, shown: &str, hook: Option<Hook>) -> Result<Self, StoreError> {
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError { location: shown.to_string(), what: "cannot start I/O".into(), reason: e.to_string() })?;
+        Ok(Self { store, prefix, shown: shown.to_string(), io, hook })
+    }
+
+    /// Call the hook, if any, with `what`.
+    fn hook(&self, what: std::fmt::Arguments<'_>, failing: &str) -> Result<(), StoreError> {
+        match &self.hook {
+            Some(hook) => hook(&what.to_string()).map_err(|reason| self.fail(failing.to_string(), reason)),
+            None => Ok(()),
+        }
     }
 
     /// The location as configured.
@@ -101,11 +128,15 @@ impl Location {
 
     /// Write `bytes` as `name`, replacing what was there, atomically.
     pub fn put(&self, name: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
-        self.io.block_on(self.store.put(&self.path(name), PutPayload::from(bytes))).map(drop).map_err(|e| self.fail(format!("cannot write {name}"), e))
+        let failing = format!("cannot write {name}");
+        self.hook(format_args!("before put {name}"), &failing)?;
+        self.io.block_on(self.store.put(&self.path(name), PutPayload::from(bytes))).map(drop).map_err(|e| self.fail(failing.clone(), e))?;
+        self.hook(format_args!("after put {name}"), &failing)
     }
 
     /// Read `name`; `None` when it does not exist.
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.hook(format_args!("before get {name}"), &format!("cannot read {name}"))?;
         let path = self.path(name);
         let result = self.io.block_on(async {
             match self.store.get(&path).await {
@@ -120,6 +151,7 @@ impl Location {
     /// Names (without the directory) and sizes of the objects directly in `dir` (`""` for
     /// the top), sorted by name; empty when the directory does not exist.
     pub fn list(&self, dir: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.hook(format_args!("before list {dir}"), &format!("cannot list {dir}"))?;
         let prefix = if dir.is_empty() { self.prefix.clone() } else { self.path(dir) };
         let listing = self
             .io
@@ -133,15 +165,21 @@ impl Location {
 
     /// Delete `name`; deleting what does not exist is not an error.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let failing = format!("cannot delete {name}");
+        self.hook(format_args!("before delete {name}"), &failing)?;
         match self.io.block_on(self.store.delete(&self.path(name))) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.fail(format!("cannot delete {name}"), e)),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.fail(failing, e)),
         }
+        self.hook(format_args!("after delete {name}"), &failing)
     }
 
     /// Move `from` to `to`, replacing `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
-        self.io.block_on(self.store.rename(&self.path(from), &self.path(to))).map_err(|e| self.fail(format!("cannot move {from} to {to}"), e))
+        let failing = format!("cannot move {from} to {to}");
+        self.hook(format_args!("before rename {from} {to}"), &failing)?;
+        self.io.block_on(self.store.rename(&self.path(from), &self.path(to))).map_err(|e| self.fail(failing.clone(), e))?;
+        self.hook(format_args!("after rename {from} {to}"), &failing)
     }
 }
 

@@ -3,6 +3,7 @@
 //! reference computations to compare plugin output with.
 
 pub mod reference;
+pub mod rng;
 
 /// A transform that loops, exhausts memory or stack, or panics, per its `mode` config.
 pub const HOSTILE_WASM: &str = env!("SLUICE_TEST_PLUGIN_HOSTILE");

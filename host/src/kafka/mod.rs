@@ -23,7 +23,9 @@ use sluice_sdk::{record_schema, OffsetRange};
 use self::prefetch::{Prefetcher, TakeError};
 pub use self::prefetch::{is_transient, PREFETCH_ROWS};
 
-use crate::config::{Source, StartingOffsets};
+use crate::config::{Source as SourceConfig, StartingOffsets};
+pub use crate::source::{PartitionLag, SourceError};
+use crate::source::{check_fetched, Source};
 
 /// Consumer settings that made a 7× throughput difference on a real broker, and a 2 MiB
 /// bound on librdkafka's read-ahead queue (its default is 64 MiB). With 1 M events on
@@ -46,63 +48,34 @@ const LIST_EVERY: Duration = Duration::from_secs(1);
 /// high watermark.
 const WATERMARK_WAIT: Duration = Duration::from_secs(2);
 
+/// How long connecting waits for the consumer group's coordinator to be ready.
+const COORDINATOR_WAIT: Duration = Duration::from_secs(60);
+
+/// Run `request` until it succeeds, fails for good, or `limit` has passed while it failed
+/// with errors that go away by themselves ([`is_transient`]).
+fn while_transient<T>(limit: Duration, mut request: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaError> {
+    let started = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        match request() {
+            Err(e) if is_transient(&e) && started.elapsed() < limit => {
+                if !warned {
+                    tracing::warn!("the brokers are not ready ({e}); asking again for up to {} s", limit.as_secs());
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How often a batch whose records do not fit the plan is read before it fails.
 pub const FETCH_ATTEMPTS: u32 = 3;
-
-/// A Kafka failure, with what the source was doing.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// librdkafka refused the configuration.
-    #[error("invalid Kafka configuration: {0}")]
-    Config(KafkaError),
-    /// A request to the brokers failed.
-    #[error("{what}: {error} (check that the brokers in kafka.\"bootstrap.servers\" are reachable)")]
-    Kafka {
-        /// What was being done.
-        what: String,
-        /// librdkafka's error.
-        error: KafkaError,
-    },
-    /// A source topic does not exist.
-    #[error("topic `{0}` does not exist on the brokers; create it or fix source.topics")]
-    NoTopic(String),
-    /// Produced records were not acknowledged.
-    #[error("{failed} produced records were not acknowledged by the brokers; the first error: {first}")]
-    Delivery {
-        /// How many.
-        failed: u64,
-        /// The first delivery error.
-        first: String,
-    },
-    /// The brokers returned records that do not fit the plan.
-    #[error("fetched records do not match the planned offset ranges: {0}")]
-    Inconsistent(String),
-    /// A fetch did not complete in time.
-    #[error("fetching batch ranges timed out after {secs} s; still waiting for {pending}")]
-    FetchTimeout {
-        /// Seconds waited.
-        secs: u64,
-        /// Partitions and offsets not yet reached.
-        pending: String,
-    },
-}
 
 fn failed(what: impl Into<String>) -> impl FnOnce(KafkaError) -> SourceError {
     let what = what.into();
     move |error| SourceError::Kafka { what, error }
-}
-
-/// Where each partition is and how far the brokers have data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionLag {
-    /// Topic.
-    pub topic: String,
-    /// Partition.
-    pub partition: i32,
-    /// Next offset to read.
-    pub next: i64,
-    /// The broker's high watermark (one past the last record).
-    pub high: i64,
 }
 
 /// Reads exact offset ranges from Kafka.
@@ -111,7 +84,6 @@ pub struct KafkaSource {
     prefetcher: Option<Prefetcher>,
     /// Next offset to plan, per (topic, partition), in a stable order.
     next: BTreeMap<(String, i32), i64>,
-    max_offsets_per_trigger: Option<u64>,
     /// Read-ahead limit, records.
     read_ahead: usize,
     /// The high watermarks the brokers listed last (ListOffsets), per partition, and when.
@@ -125,7 +97,7 @@ impl KafkaSource {
     /// does not know, added since, starts at its earliest offset); without a checkpoint,
     /// the group's committed offset if it has one, else `startingOffsets`.
     pub fn connect(
-        source: &Source,
+        source: &SourceConfig,
         properties: &BTreeMap<String, String>,
         resume: Option<&BTreeMap<(String, i32), i64>>,
     ) -> Result<Self, SourceError> {
@@ -159,8 +131,9 @@ impl KafkaSource {
                 partitions.add_partition(topic, p.id());
             }
         }
-        let committed = consumer
-            .committed_offsets(partitions.clone(), REQUEST_TIMEOUT)
+        // A broker that has just started (or moved the group's coordinator) answers
+        // "not coordinator" or "loading" for a while: ask again until it knows.
+        let committed = while_transient(COORDINATOR_WAIT, || consumer.committed_offsets(partitions.clone(), REQUEST_TIMEOUT))
             .map_err(failed(format!("reading committed offsets of group `{}`", source.group_id)))?;
         let mut next = BTreeMap::new();
         for e in committed.elements() {
@@ -190,7 +163,7 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let positions: Vec<_> = next.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let prefetcher = Prefetcher::start(consumer.clone(), &positions).map_err(failed("assigning the source's partitions"))?;
-        let source = Self { consumer, prefetcher: Some(prefetcher), next, max_offsets_per_trigger: source.max_offsets_per_trigger, read_ahead: PREFETCH_ROWS, listed: BTreeMap::new(), listed_at: None };
+        let source = Self { consumer, prefetcher: Some(prefetcher), next, read_ahead: PREFETCH_ROWS, listed: BTreeMap::new(), listed_at: None };
         source.await_fetched_watermarks(WATERMARK_WAIT);
         Ok(source)
     }
@@ -204,6 +177,38 @@ impl KafkaSource {
         }
     }
 
+    fn fetch_once(&mut self, wanted: &[&OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
+        if !self.prefetcher.as_ref().is_some_and(|p| p.continues(wanted)) {
+            // First batch, or one that does not continue where the last ended: read from
+            // the ranges' starts (other partitions from where they are).
+            let mut positions: BTreeMap<(String, i32), i64> = match self.prefetcher.take() {
+                Some(p) => p.positions().into_iter().collect(),
+                None => self.next.clone(),
+            };
+            for r in wanted {
+                positions.insert((r.topic.clone(), r.partition), r.from);
+            }
+            let positions: Vec<_> = positions.into_iter().collect();
+            let prefetcher = Prefetcher::start(self.consumer.clone(), &positions).map_err(failed("assigning the batch's partitions"))?;
+            prefetcher.set_limit(self.read_ahead);
+            self.prefetcher = Some(prefetcher);
+        }
+        let prefetcher = self.prefetcher.as_ref().expect("started above");
+        let chunks = prefetcher.take(wanted, timeout).map_err(|e| match e {
+            TakeError::Kafka(error) => SourceError::Kafka { what: "fetching records".into(), error },
+            TakeError::Timeout(missing) => SourceError::FetchTimeout {
+                secs: timeout.as_secs(),
+                pending: missing.iter().map(|((t, p), covered, until)| format!("{t}/{p} (read up to offset {covered} of {until})")).collect::<Vec<_>>().join(", "),
+                reached: missing.into_iter().map(|(key, covered, _)| (key, covered)).collect(),
+            },
+        })?;
+        let batch = arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema");
+        check_fetched(wanted, &batch)?;
+        Ok(batch)
+    }
+}
+
+impl Source for KafkaSource {
     /// Current position and high watermark of every partition: the larger of what the
     /// brokers answer to a ListOffsets request and what their last fetch response said
     /// (some brokers, e.g. tansu 0.6, under-report the former). The brokers are asked at
@@ -213,7 +218,7 @@ impl KafkaSource {
     /// (a slow or restarting broker) but a fetch response has reported a watermark, that
     /// one is used and a warning logged: records below it exist, so the plan stays exact
     /// and only less is planned. Without either, the error is returned.
-    pub fn lag(&mut self) -> Result<Vec<PartitionLag>, SourceError> {
+    fn lag(&mut self) -> Result<Vec<PartitionLag>, SourceError> {
         let fetched: Vec<Option<i64>> = self.next.keys().map(|(t, p)| fetched_high_watermark(&self.consumer, t, *p)).collect();
         let fresh = self.listed_at.is_some_and(|at| at.elapsed() < LIST_EVERY) && fetched.iter().all(Option::is_some);
         let mut lag = Vec::with_capacity(self.next.len());
@@ -243,52 +248,12 @@ impl KafkaSource {
         Ok(lag)
     }
 
-    /// Records left on the brokers once `ranges` are done: from each partition's planned
-    /// position (`lag`, as planned) to the newest high watermark a fetch response reported
-    /// (no request is made; the plan's watermark where none came).
-    pub fn remaining_after(&self, lag: &[PartitionLag], ranges: &[OffsetRange]) -> u64 {
-        self.positions_and_highs(lag, ranges).into_iter().map(|(_, next, high)| (high - next).max(0) as u64).sum()
-    }
-
-    /// Per partition of `lag`: its position once `ranges` are done and the newest high
-    /// watermark known (as [`Self::remaining_after`]).
-    pub fn positions_and_highs<'l>(&self, lag: &'l [PartitionLag], ranges: &[OffsetRange]) -> Vec<(&'l PartitionLag, i64, i64)> {
-        lag.iter()
-            .map(|p| {
-                let until = ranges.iter().find(|r| r.topic == p.topic && r.partition == p.partition).map_or(p.next, |r| r.until);
-                let high = fetched_high_watermark(&self.consumer, &p.topic, p.partition).unwrap_or(p.high).max(p.high);
-                (p, until, high)
-            })
-            .collect()
-    }
-
-    /// Read ahead at most `rows` records beyond the batch in flight (capped at
-    /// [`PREFETCH_ROWS`]): when rate control plans small batches, records it holds back
-    /// stay in Kafka instead of in memory.
-    pub fn set_read_ahead(&mut self, rows: usize) {
-        self.read_ahead = rows;
-        if let Some(p) = &self.prefetcher {
-            p.set_limit(rows);
-        }
-    }
-
-    /// Change `maxOffsetsPerTrigger` (live tuning).
-    pub fn set_max_offsets_per_trigger(&mut self, max: Option<u64>) {
-        self.max_offsets_per_trigger = max;
-    }
-
-    /// Plan the next batch from `lag`: every partition from its position to its high
-    /// watermark, scaled down by share of lag when `maxOffsetsPerTrigger` caps the batch.
-    pub fn plan(&self, lag: &[PartitionLag]) -> Vec<OffsetRange> {
-        plan_ranges(lag, self.max_offsets_per_trigger)
-    }
-
     /// Fetch exactly `ranges` and return them as one batch, partitions in plan order and
     /// records in offset order within each.
     /// Records that do not fit the plan (out of order, twice, beyond the range) are a
     /// broker or client fault: the ranges are read again from their starts, up to
     /// [`FETCH_ATTEMPTS`] times in all, before the batch fails with the reason.
-    pub fn fetch(&mut self, ranges: &[OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
+    fn fetch(&mut self, ranges: &[OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
         let wanted: Vec<&OffsetRange> = ranges.iter().filter(|r| r.until > r.from).collect();
         if wanted.is_empty() {
             return Ok(RecordBatch::new_empty(record_schema()));
@@ -307,46 +272,9 @@ impl KafkaSource {
         }
     }
 
-    fn fetch_once(&mut self, wanted: &[&OffsetRange], timeout: Duration) -> Result<RecordBatch, SourceError> {
-        if !self.prefetcher.as_ref().is_some_and(|p| p.continues(wanted)) {
-            // First batch, or one that does not continue where the last ended: read from
-            // the ranges' starts (other partitions from where they are).
-            let mut positions: BTreeMap<(String, i32), i64> = match self.prefetcher.take() {
-                Some(p) => p.positions().into_iter().collect(),
-                None => self.next.clone(),
-            };
-            for r in wanted {
-                positions.insert((r.topic.clone(), r.partition), r.from);
-            }
-            let positions: Vec<_> = positions.into_iter().collect();
-            let prefetcher = Prefetcher::start(self.consumer.clone(), &positions).map_err(failed("assigning the batch's partitions"))?;
-            prefetcher.set_limit(self.read_ahead);
-            self.prefetcher = Some(prefetcher);
-        }
-        let prefetcher = self.prefetcher.as_ref().expect("started above");
-        let chunks = prefetcher.take(wanted, timeout).map_err(|e| match e {
-            TakeError::Kafka(error) => SourceError::Kafka { what: "fetching records".into(), error },
-            TakeError::Timeout(pending) => SourceError::FetchTimeout { secs: timeout.as_secs(), pending },
-        })?;
-        let batch = arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema");
-        check_fetched(wanted, &batch)?;
-        Ok(batch)
-    }
-
-    /// Where each partition continues once `ranges` are done.
-    pub fn positions_after(&self, ranges: &[OffsetRange]) -> Vec<((String, i32), i64)> {
-        let mut next = self.next.clone();
-        for r in ranges {
-            if let Some(n) = next.get_mut(&(r.topic.clone(), r.partition)) {
-                *n = (*n).max(r.until);
-            }
-        }
-        next.into_iter().collect()
-    }
-
     /// Mark `ranges` as done: the next plan starts after them, and the consumer group's
     /// offsets (for lag tools) move to their ends.
-    pub fn commit(&mut self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
+    fn commit(&mut self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
         let mut tpl = TopicPartitionList::new();
         for r in ranges.iter().filter(|r| r.until > r.from) {
             tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until))
@@ -362,6 +290,21 @@ impl KafkaSource {
         }
         Ok(())
     }
+
+    /// The newest high watermark a fetch response reported (no request is made).
+    fn known_high(&self, topic: &str, partition: i32) -> Option<i64> {
+        fetched_high_watermark(&self.consumer, topic, partition)
+    }
+
+    /// Read ahead at most `rows` records beyond the batch in flight (capped at
+    /// [`PREFETCH_ROWS`]): when rate control plans small batches, records it holds back
+    /// stay in Kafka instead of in memory.
+    fn set_read_ahead(&mut self, rows: usize) {
+        self.read_ahead = rows;
+        if let Some(p) = &self.prefetcher {
+            p.set_limit(rows);
+        }
+    }
 }
 
 /// The high watermark of a partition as the last fetch response reported it, if one came.
@@ -374,122 +317,6 @@ fn fetched_high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) 
     // librdkafka's cached partition state.
     let error = unsafe { rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high) };
     (error == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
-}
-
-/// Check that a fetched batch holds, for each range in order, records of that partition
-/// with strictly increasing offsets inside the range: a cheap guard against a broker or
-/// client handing back records twice or out of place.
-fn check_fetched(ranges: &[&OffsetRange], batch: &RecordBatch) -> Result<(), SourceError> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Int32Type, Int64Type};
-    let partitions = batch.column(1).as_primitive::<Int32Type>().values();
-    let offsets = batch.column(2).as_primitive::<Int64Type>().values();
-    let mut row = 0;
-    for r in ranges {
-        let mut previous = r.from - 1;
-        while row < batch.num_rows() && partitions[row] == r.partition && offsets[row] > previous && offsets[row] < r.until {
-            previous = offsets[row];
-            row += 1;
-        }
-    }
-    if row < batch.num_rows() {
-        return Err(SourceError::Inconsistent(format!(
-            "record at row {row} (partition {}, offset {}) is out of order or outside the planned ranges",
-            partitions[row], offsets[row]
-        )));
-    }
-    Ok(())
-}
-
-/// Split a budget over partitions in proportion to their lag (Spark's
-/// `maxOffsetsPerTrigger`); without a budget every partition is read to its high watermark.
-pub fn plan_ranges(lag: &[PartitionLag], max_records: Option<u64>) -> Vec<OffsetRange> {
-    let lags: Vec<u64> = lag.iter().map(|p| (p.high - p.next).max(0) as u64).collect();
-    let total: u64 = lags.iter().sum();
-    let shares: Vec<u64> = match max_records {
-        Some(max) if total > max => {
-            let mut shares: Vec<u64> = lags.iter().map(|&l| (l as u128 * max as u128 / total as u128) as u64).collect();
-            // Hand the rounding remainder to the partitions with the most lag left.
-            let mut left = max - shares.iter().sum::<u64>();
-            let mut order: Vec<usize> = (0..lags.len()).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(lags[i] - shares[i]));
-            for i in order {
-                if left == 0 {
-                    break;
-                }
-                if shares[i] < lags[i] {
-                    shares[i] += 1;
-                    left -= 1;
-                }
-            }
-            shares
-        }
-        _ => lags,
-    };
-    lag.iter()
-        .zip(shares)
-        .map(|(p, n)| OffsetRange { topic: p.topic.clone(), partition: p.partition, from: p.next, until: p.next + n as i64 })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lag(parts: &[(i64, i64)]) -> Vec<PartitionLag> {
-        parts
-            .iter()
-            .enumerate()
-            .map(|(i, &(next, high))| PartitionLag { topic: "t".into(), partition: i as i32, next, high })
-            .collect()
-    }
-
-    fn sizes(ranges: &[OffsetRange]) -> Vec<i64> {
-        ranges.iter().map(|r| r.until - r.from).collect()
-    }
-
-    fn fetched(rows: &[(i32, i64)]) -> RecordBatch {
-        let mut b = sluice_sdk::RecordsBuilder::default();
-        for &(partition, offset) in rows {
-            b.append(sluice_sdk::RecordParts { topic: "t", partition, offset, timestamp: None, key: None, value: Some(b"{}") }, []);
-        }
-        b.finish()
-    }
-
-    #[test]
-    fn a_fetched_batch_must_follow_its_plan() {
-        let plan = [OffsetRange { topic: "t".into(), partition: 0, from: 10, until: 13 }, OffsetRange { topic: "t".into(), partition: 1, from: 5, until: 8 }];
-        let plan: Vec<&OffsetRange> = plan.iter().collect();
-        assert!(check_fetched(&plan, &fetched(&[(0, 10), (0, 11), (0, 12), (1, 5), (1, 6), (1, 7)])).is_ok());
-        assert!(check_fetched(&plan, &fetched(&[(0, 10), (0, 12), (1, 7)])).is_ok(), "gaps (compaction, transaction markers) are allowed");
-        for (bad, why) in [
-            (vec![(0, 10), (0, 10), (1, 5)], "a record twice"),
-            (vec![(0, 11), (0, 10), (1, 5)], "out of order"),
-            (vec![(0, 10), (0, 13), (1, 5)], "beyond the range"),
-            (vec![(0, 9), (1, 5)], "before the range"),
-            (vec![(1, 5), (0, 10)], "partitions out of plan order"),
-        ] {
-            let error = check_fetched(&plan, &fetched(&bad)).expect_err(why);
-            assert!(matches!(error, SourceError::Inconsistent(_)), "{why}: {error}");
-        }
-    }
-
-    #[test]
-    fn without_a_cap_every_partition_is_read_to_its_high_watermark() {
-        let ranges = plan_ranges(&lag(&[(0, 10), (5, 5), (7, 100)]), None);
-        assert_eq!(sizes(&ranges), vec![10, 0, 93]);
-        assert_eq!((ranges[2].from, ranges[2].until), (7, 100));
-    }
-
-    #[test]
-    fn a_cap_is_shared_by_lag_and_used_completely() {
-        let ranges = plan_ranges(&lag(&[(0, 100), (0, 300), (0, 0)]), Some(100));
-        assert_eq!(sizes(&ranges), vec![25, 75, 0]);
-        let ranges = plan_ranges(&lag(&[(0, 1), (0, 1), (0, 1)]), Some(2));
-        assert_eq!(sizes(&ranges).iter().sum::<i64>(), 2);
-        let ranges = plan_ranges(&lag(&[(0, 3), (0, 3), (0, 3)]), Some(10));
-        assert_eq!(sizes(&ranges), vec![3, 3, 3], "a cap above the lag reads everything");
-    }
 }
 
 /// One record to produce.

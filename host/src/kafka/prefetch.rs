@@ -24,6 +24,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{OffsetRange, RecordParts, RecordsBuilder};
 
+use crate::source::Arrivals;
+
 /// Records read ahead, over all partitions, before the consumer thread waits (the largest
 /// read-ahead limit).
 pub const PREFETCH_ROWS: usize = 500_000;
@@ -108,8 +110,8 @@ impl Shared {
 pub enum TakeError {
     /// The consumer reported an error.
     Kafka(KafkaError),
-    /// The ranges were not all read within the timeout; what is missing.
-    Timeout(String),
+    /// The ranges were not all read within the timeout; how far each missing one was read.
+    Timeout(Vec<((String, i32), i64, i64)>),
 }
 
 /// Reads ahead on its own thread; see the module docs.
@@ -132,7 +134,10 @@ impl Prefetcher {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("sluice-consumer".into())
-                .spawn(move || read_ahead(&consumer, &shared))
+                .spawn({
+                    let starts: Vec<(Key, i64)> = positions.to_vec();
+                    move || read_ahead(&consumer, &shared, &starts)
+                })
                 .expect("spawn the consumer thread")
         };
         Ok(Self { shared, thread: Some(thread) })
@@ -168,11 +173,11 @@ impl Prefetcher {
             if let Some(error) = state.error.take() {
                 return Err(TakeError::Kafka(error));
             }
-            let missing: Vec<String> = ranges
+            let missing: Vec<((String, i32), i64, i64)> = ranges
                 .iter()
                 .filter_map(|r| {
                     let b = state.parts.get(&(r.topic.clone(), r.partition))?;
-                    (b.covered < r.until).then(|| format!("{}/{} (read up to offset {} of {})", r.topic, r.partition, b.covered, r.until))
+                    (b.covered < r.until).then(|| ((r.topic.clone(), r.partition), b.covered, r.until))
                 })
                 .collect();
             if missing.is_empty() {
@@ -180,7 +185,7 @@ impl Prefetcher {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(TakeError::Timeout(missing.join(", ")));
+                return Err(TakeError::Timeout(missing));
             }
             state = self.shared.ready.wait_timeout(state, (deadline - now).min(Duration::from_millis(100))).map(|(s, _)| s).unwrap_or_else(|p| p.into_inner().0);
         }
@@ -204,11 +209,14 @@ impl Drop for Prefetcher {
 }
 
 /// The consumer thread: poll, append to per-partition builders, hand over, and wait while
-/// enough is buffered.
-fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
-    // Per partition: its builder and the last offset appended. Few partitions: a list,
-    // searched without allocating a key per record.
-    let mut local: Vec<(Key, RecordsBuilder, i64)> = Vec::new();
+/// enough is buffered. Each partition takes only records after what it took before and
+/// not before its assigned start ([`Arrivals`]): a client may deliver records again after
+/// an assignment.
+fn read_ahead(consumer: &BaseConsumer, shared: &Shared, starts: &[(Key, i64)]) {
+    // Per partition: its builder and what it admitted. Few partitions: a list, searched
+    // without allocating a key per record.
+    let mut local: Vec<(Key, RecordsBuilder, Arrivals)> =
+        starts.iter().map(|(k, start)| (k.clone(), RecordsBuilder::default(), Arrivals::starting_at(*start))).collect();
     let mut unhanded = 0;
     let mut last_handover = Instant::now();
     let mut throttled = false;
@@ -239,14 +247,22 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
                 true
             }
             Some(Ok(m)) => {
-                let i = match local.iter().position(|((t, p), ..)| *p == m.partition() && t == m.topic()) {
-                    Some(i) => i,
-                    None => {
-                        local.push(((m.topic().to_string(), m.partition()), RecordsBuilder::default(), -1));
-                        local.len() - 1
-                    }
+                let Some(i) = local.iter().position(|((t, p), ..)| *p == m.partition() && t == m.topic()) else {
+                    continue; // not assigned here (a message of an earlier assignment)
                 };
-                let (_, builder, last) = &mut local[i];
+                let (_, builder, arrivals) = &mut local[i];
+                if let Some((from, first)) = arrivals.skipped_at_start(m.offset()) {
+                    tracing::warn!(
+                        "{}/{}: read from offset {from}, the first record the broker returned is at {first}; offsets {from}..{first} hold no records \
+                         (compaction or transaction markers — or a broker that returns the next record batch when asked for an offset inside one, \
+                         as tansu 0.6 does, which loses those records)",
+                        m.topic(),
+                        m.partition()
+                    );
+                }
+                if !arrivals.admit(m.offset()) {
+                    continue; // delivered again
+                }
                 let headers = m.headers();
                 let header_iter = (0..headers.map_or(0, |h| h.count())).filter_map(|i| headers.and_then(|h| h.try_get(i)).map(|h| (h.key, h.value)));
                 builder.append(
@@ -260,7 +276,6 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
                     },
                     header_iter,
                 );
-                *last = m.offset();
                 unhanded += 1;
                 false
             }
@@ -274,6 +289,36 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared) {
             last_handover = Instant::now();
             throttled = shared.has_enough();
         }
+        if idle && unhanded == 0 {
+            cover_to_positions(consumer, shared);
+        }
+    }
+}
+
+/// While a batch waits for a partition, let the consumer's own position count: it moves
+/// past offsets that hold no record for the application (transaction markers, aborted
+/// records), so a range ending in such offsets completes without a record after it.
+/// Called with nothing polled and not handed over, so every record below the position is
+/// in the buffer already.
+fn cover_to_positions(consumer: &BaseConsumer, shared: &Shared) {
+    let waiting: Vec<Key> = shared.lock().parts.iter().filter(|(_, b)| b.covered < b.demand).map(|(k, _)| k.clone()).collect();
+    if waiting.is_empty() {
+        return;
+    }
+    let Ok(positions) = consumer.position() else { return };
+    let mut state = shared.lock();
+    let mut moved = false;
+    for key in waiting {
+        if let (Some(b), Some(Offset::Offset(position))) = (state.parts.get_mut(&key), positions.find_partition(&key.0, key.1).map(|e| e.offset())) {
+            if position > b.covered {
+                b.covered = position;
+                moved = true;
+            }
+        }
+    }
+    drop(state);
+    if moved {
+        shared.ready.notify_all();
     }
 }
 
@@ -305,16 +350,16 @@ pub fn is_transient(error: &KafkaError) -> bool {
     }
 }
 
-fn hand_over(local: &mut [(Key, RecordsBuilder, i64)], shared: &Shared) {
+fn hand_over(local: &mut [(Key, RecordsBuilder, Arrivals)], shared: &Shared) {
     let mut state = shared.lock();
-    for (key, builder, last) in local.iter_mut() {
+    for (key, builder, arrivals) in local.iter_mut() {
         if builder.is_empty() {
             continue;
         }
         let chunk = builder.finish();
         if let Some(b) = state.parts.get_mut(key) {
             b.rows += chunk.num_rows();
-            b.covered = b.covered.max(*last + 1);
+            b.covered = b.covered.max(arrivals.next());
             b.chunks.push_back(chunk);
         }
     }

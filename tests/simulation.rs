@@ -1,0 +1,536 @@
+//! The deterministic crash simulation: the real batch loop (`pipeline::run_with`) with the
+//! real plugins, sinks, checkpoint store and recovery, over an in-memory source and
+//! in-memory stores that can "crash". A seeded schedule stops the process model at a step
+//! boundary — before or after any write of the offset log, sink staging, manifest,
+//! checkpoint, commit log or retention, at a fetch, or at a plugin call — or stops it
+//! cleanly (as SIGTERM does), up to three times, then lets a last run finish. Everything the
+//! process held in memory is dropped at a stop; only the stores and the topics outlive it.
+//!
+//! After each schedule the sink must equal an independent reference computed from the
+//! input (not another run of sluice): the closed windows of the seed's query for
+//! ad-clicks, the exact record set for transforms, the exact rejected set for the
+//! dead-letter sink.
+//!
+//! `SLUICE_SIM_SCHEDULES` sets the schedules per scenario (default 1000), `SLUICE_SIM_SEED`
+//! the first seed (default 1; schedule i uses seed + i). A failing schedule prints its seed;
+//! `SLUICE_SIM_SCHEDULES=1 SLUICE_SIM_SEED=<seed>` runs it alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use object_store::memory::InMemory;
+use serde_json::{json, Value};
+use sluice::chain::{Chain, FailurePolicy, Stage};
+use sluice::checkpoint::{CheckpointStore, PluginIdentity, WriteMode};
+use sluice::config::{Pipeline, Sink as SinkConfig, Source as SourceConfig, StartingOffsets};
+use sluice::pipeline::{self, Io, Until};
+use sluice::runtime::{CallError, Limits, LoadedPlugin, Runtime};
+use sluice::sink::{FileFormat, FileSink};
+use sluice::source::memory::{MemoryGroup, MemoryLog, MemoryPartition, MemorySource};
+use sluice::source::Source;
+use sluice::store::{Hook, Location};
+use sluice_sdk::{Context, Finished, PluginKind};
+use sluice_tests::rng::Rng;
+use sluice_tests::reference::{self, AdClicksParams, WindowRow};
+
+/// What one scenario runs.
+#[derive(Clone, Copy)]
+struct Scenario {
+    /// Plugins: `(builtin name, config)`.
+    chain: &'static [(&'static str, &'static str)],
+    partitions: i32,
+    /// Records keyed by campaign (a partition per key hash), else round-robin.
+    keyed: bool,
+    events: usize,
+    /// Every `bad_every`-th value is not JSON (0: none): rejected, to the dead letters.
+    bad_every: usize,
+    /// Offsets without records (transaction markers) after every `gap_every`-th record.
+    gap_every: usize,
+    /// The in-memory client delivers records again after each seek.
+    redeliver: bool,
+    /// What the sink must hold.
+    expect: Expect,
+}
+
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Append-mode windows: exactly the closed ones, once each.
+    ClosedWindows(AdClicksParams),
+    /// Update-mode windows: the newest row of every window holds all of its events.
+    UpdatedWindows(AdClicksParams),
+    /// The records whose `event` is this (all with `None`), once each.
+    Records(Option<&'static str>),
+}
+
+/// Seed-style events (12 campaigns, 400 users, costs 0.1–8.0, 10 events per second of
+/// event time, up to 5 s out of order), each with its sequence number.
+fn events(seed: u64, n: usize) -> Vec<Value> {
+    let mut rng = Rng::new(seed ^ 0xe7e7);
+    let base = 1_700_000_000_000_i64;
+    (0..n)
+        .map(|i| {
+            json!({
+                "seq": i,
+                "event": if rng.below(3) == 0 { "view" } else { "click" },
+                "campaign_id": format!("c-{}", rng.below(12)),
+                "user_id": format!("u-{}", rng.below(400)),
+                "cost": (1 + rng.below(79)) as f64 / 10.0,
+                "timestamp": base + i as i64 * 100 - rng.below(5_000) as i64,
+            })
+        })
+        .collect()
+}
+
+/// The topic: values (a bad one every `bad_every`), partitioned by key or round-robin,
+/// with marker gaps. Returns the log and, per value, its (partition, offset).
+fn topic(s: &Scenario, events: &[Value]) -> (Arc<MemoryLog>, Vec<(i32, i64)>) {
+    let mut parts: Vec<MemoryPartition> = (0..s.partitions).map(|_| MemoryPartition::default()).collect();
+    let mut placed = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let campaign = e["campaign_id"].as_str().unwrap();
+        let p = if s.keyed { (campaign.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % s.partitions as u32) as usize } else { i % s.partitions as usize };
+        let value = if s.bad_every > 0 && i % s.bad_every == s.bad_every - 1 { format!("{{\"seq\": {i}, not json").into_bytes() } else { e.to_string().into_bytes() };
+        let offset = parts[p].push(e["timestamp"].as_i64(), Some(campaign.as_bytes().to_vec()), Some(value));
+        placed.push((p as i32, offset));
+        if s.gap_every > 0 && i % s.gap_every == 0 {
+            parts[p].skip(1);
+        }
+    }
+    (Arc::new(parts.into_iter().enumerate().map(|(i, p)| (("clicks".to_string(), i as i32), p)).collect()), placed)
+}
+
+/// How the process model stops: at step `at`, dead (every later step fails) or asked to
+/// stop (the batch in flight finishes).
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Crash(u64),
+    Clean(u64),
+    Never,
+}
+
+/// Counts the steps of one process's life and stops it where the schedule says.
+struct Steps {
+    count: AtomicU64,
+    stop: Stop,
+    dead: AtomicBool,
+    stopping: Arc<AtomicBool>,
+    /// The step where it died, for the failure message.
+    died_at: Mutex<Option<String>>,
+}
+
+impl Steps {
+    fn new(stop: Stop) -> Arc<Self> {
+        Arc::new(Self { count: AtomicU64::new(0), stop, dead: AtomicBool::new(false), stopping: Arc::new(AtomicBool::new(false)), died_at: Mutex::new(None) })
+    }
+
+    /// One step boundary (`what`): fails when the process is dead.
+    fn step(&self, what: &str) -> Result<(), String> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err("the process is dead (simulated crash)".into());
+        }
+        // Reads are not step boundaries: they change nothing a crash could cut.
+        if what.starts_with("before get") || what.starts_with("before list") {
+            return Ok(());
+        }
+        let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.stop {
+            Stop::Crash(at) if n == at => {
+                self.dead.store(true, Ordering::SeqCst);
+                *self.died_at.lock().unwrap() = Some(format!("step {n}: {what}"));
+                Err(format!("simulated crash at step {n} ({what})"))
+            }
+            Stop::Clean(at) if n == at => {
+                self.stopping.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn hook(self: &Arc<Self>) -> Hook {
+        let me = self.clone();
+        Arc::new(move |what: &str| me.step(what))
+    }
+}
+
+/// A plugin step that passes each call through a step boundary first (a crash mid-plugin).
+struct Stepped {
+    inner: Box<dyn Stage>,
+    steps: Arc<Steps>,
+}
+
+impl Stage for Stepped {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn version(&self) -> &str {
+        self.inner.version()
+    }
+    fn kind(&self) -> PluginKind {
+        self.inner.kind()
+    }
+    fn output_schema(&self) -> &SchemaRef {
+        self.inner.output_schema()
+    }
+    fn process(&mut self, batch: &RecordBatch, ctx: &Context) -> Result<Finished, CallError> {
+        self.steps.step(&format!("process {}", self.inner.name())).map_err(|message| CallError::Plugin {
+            plugin: self.inner.name().to_string(),
+            call: "process",
+            kind: sluice_sdk::ErrorKind::BatchFailed,
+            message,
+        })?;
+        self.inner.process(batch, ctx)
+    }
+    fn identity(&self) -> PluginIdentity {
+        self.inner.identity()
+    }
+    fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
+        self.inner.snapshot()
+    }
+    fn restore(&mut self, state: &[u8], state_version: u32) -> Result<(), CallError> {
+        self.inner.restore(state, state_version)
+    }
+    fn rebuild(&mut self) -> Result<(), CallError> {
+        self.inner.rebuild()
+    }
+}
+
+/// What outlives a process: the topic, the group's offsets and the stores.
+struct World {
+    log: Arc<MemoryLog>,
+    group: MemoryGroup,
+    sink: Arc<InMemory>,
+    dead_letters: Arc<InMemory>,
+    checkpoints: Arc<InMemory>,
+}
+
+impl World {
+    fn new(log: Arc<MemoryLog>) -> Self {
+        Self { log, group: MemoryGroup::default(), sink: Arc::new(InMemory::new()), dead_letters: Arc::new(InMemory::new()), checkpoints: Arc::new(InMemory::new()) }
+    }
+}
+
+struct Plugins {
+    loaded: Vec<(LoadedPlugin, String)>,
+}
+
+impl Plugins {
+    fn load(runtime: &Runtime, chain: &[(&str, &str)]) -> Self {
+        let loaded = chain
+            .iter()
+            .map(|(name, config)| (runtime.load(sluice::examples::named(name).unwrap(), &format!("builtin:{name}"), Limits::default()).unwrap(), config.to_string()))
+            .collect();
+        Self { loaded }
+    }
+
+    fn chain(&self, steps: &Arc<Steps>) -> Chain {
+        let stages: Vec<Box<dyn Stage>> = self
+            .loaded
+            .iter()
+            .map(|(plugin, config)| Box::new(Stepped { inner: Box::new(plugin.instantiate(config).unwrap()), steps: steps.clone() }) as Box<dyn Stage>)
+            .collect();
+        let mut chain = Chain::of_stages(stages).unwrap();
+        chain.set_policies(self.loaded.iter().map(|_| FailurePolicy::STOP_AT_ONCE));
+        chain
+    }
+}
+
+fn pipeline(max_records: u64) -> Pipeline {
+    Pipeline {
+        name: "simulation".into(),
+        source: SourceConfig {
+            topics: vec!["clicks".into()],
+            starting_offsets: StartingOffsets::Earliest,
+            max_offsets_per_trigger: Some(max_records),
+            partition_rates: Default::default(),
+            group_id: "sim".into(),
+        },
+        trigger_interval: Duration::from_millis(1),
+        adaptive_interval: None,
+        kafka: BTreeMap::new(),
+        steps: Vec::new(),
+        plugin_dir: None,
+        sink: SinkConfig::Jsonl { path: "-".into() },
+        dead_letter: None,
+        checkpoint: None,
+        backpressure: None,
+    }
+}
+
+/// One process's life: recover, run until available-now is done or the schedule stops it.
+/// `Ok(true)` when it finished, `Ok(false)` when it was stopped (crashed or cleanly), `Err`
+/// when it failed on its own.
+fn run_once(world: &World, plugins: &Plugins, s: &Scenario, max_records: u64, mode: WriteMode, retain: usize, stop: Stop) -> Result<(bool, Arc<Steps>), String> {
+    let steps = Steps::new(stop);
+    let hook = steps.hook();
+    let location = |store: &Arc<InMemory>, name: &str| Location::shared(store.clone(), name, Some(hook.clone())).unwrap();
+    let opened = (|| -> Result<_, String> {
+        let sink = FileSink::at(location(&world.sink, "memory://sink"), FileFormat::Jsonl).map_err(|e| e.to_string())?;
+        let dead = FileSink::at(location(&world.dead_letters, "memory://dead-letters"), FileFormat::Jsonl).map_err(|e| e.to_string())?;
+        Ok((sink, dead))
+    })();
+    let (mut sink, dead) = match opened {
+        Ok(o) => o,
+        Err(_) if steps.dead.load(Ordering::SeqCst) => return Ok((false, steps)),
+        Err(e) => return Err(format!("opening the sinks failed: {e}")),
+    };
+    let checkpoints = Arc::new(CheckpointStore::at(location(&world.checkpoints, "memory://checkpoints"), retain));
+    let (log, group, redeliver, source_steps) = (world.log.clone(), world.group.clone(), s.redeliver, steps.clone());
+    let io = Io {
+        connect: Box::new(move |resume| {
+            let mut source = MemorySource::connect(log, group, resume, StartingOffsets::Earliest).with_hook(Arc::new(move |what| source_steps.step(what)));
+            if redeliver {
+                source = source.redeliver_after_seek();
+            }
+            Ok(Box::new(source) as Box<dyn Source>)
+        }),
+        checkpoints: Some(checkpoints),
+        checkpoint_writes: mode,
+        sink: &mut sink,
+        dead_letters: Some(Box::new(dead)),
+    };
+    let mut chain = plugins.chain(&steps);
+    let result = pipeline::run_with(&pipeline(max_records), &mut chain, io, Until::AvailableNow, &steps.stopping, &mut |_| {});
+    let stopped = steps.dead.load(Ordering::SeqCst) || steps.stopping.load(Ordering::SeqCst);
+    match result {
+        Ok(_) => Ok((!stopped, steps)),
+        Err(_) if steps.dead.load(Ordering::SeqCst) => Ok((false, steps)),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// The committed output files of a file sink store, by batch id, as JSON values.
+fn committed_rows(store: &Arc<InMemory>) -> BTreeMap<u64, Vec<Value>> {
+    let location = Location::shared(store.clone(), "memory://read", None).unwrap();
+    let mut out = BTreeMap::new();
+    for (name, _) in location.list("").unwrap() {
+        let Some(id) = name.strip_prefix("batch-").and_then(|n| n.strip_suffix(".jsonl")).and_then(|n| n.parse().ok()) else { continue };
+        let text = String::from_utf8(location.get(&name).unwrap().unwrap()).unwrap();
+        out.insert(id, text.lines().map(|l| serde_json::from_str(l).unwrap()).collect());
+    }
+    out
+}
+
+/// What the sinks must hold, from the input alone.
+fn check(s: &Scenario, events: &[Value], placed: &[(i32, i64)], world: &World) -> Result<(), String> {
+    let good: Vec<&Value> = events.iter().enumerate().filter(|(i, _)| !(s.bad_every > 0 && i % s.bad_every == s.bad_every - 1)).map(|(_, e)| e).collect();
+    let output = committed_rows(&world.sink);
+    match s.expect {
+        Expect::ClosedWindows(params) => {
+            let clicks: Vec<Value> = good.iter().filter(|e| s.chain.len() == 1 || e["event"] == "click").map(|e| (*e).clone()).collect();
+            let expected = reference::windows_of_all(&clicks, params, true);
+            let actual: Vec<WindowRow> = output.values().flatten().map(WindowRow::from_json).collect();
+            let diff = reference::compare_windows(&expected, &actual);
+            if !diff.is_exact() || expected.is_empty() {
+                return Err(format!("{} expected windows: {diff:?}", expected.len()));
+            }
+        }
+        Expect::UpdatedWindows(params) => {
+            let expected = reference::windows_of_all(&good.iter().map(|e| (*e).clone()).collect::<Vec<_>>(), params, false);
+            let mut newest: BTreeMap<(i64, String), WindowRow> = BTreeMap::new();
+            for (batch, rows) in &output {
+                let mut in_batch = BTreeSet::new();
+                for row in rows.iter().map(WindowRow::from_json) {
+                    if !in_batch.insert((row.window_start, row.campaign_id.clone())) {
+                        return Err(format!("batch {batch} emitted window {} of {} twice", row.window_start, row.campaign_id));
+                    }
+                    newest.insert((row.window_start, row.campaign_id.clone()), row);
+                }
+            }
+            let actual: Vec<WindowRow> = newest.into_values().collect();
+            let diff = reference::compare_windows(&expected, &actual);
+            if !diff.is_exact() {
+                return Err(format!("{} windows, newest rows: {diff:?}", expected.len()));
+            }
+        }
+        Expect::Records(event) => {
+            let expected: Vec<u64> = good.iter().filter(|e| event.is_none_or(|ev| e["event"] == ev)).map(|e| e["seq"].as_u64().unwrap()).collect();
+            let mut actual: Vec<u64> = output.values().flatten().map(|v| v["seq"].as_u64().unwrap()).collect();
+            actual.sort_unstable();
+            if actual != expected {
+                let (want, got): (BTreeSet<u64>, BTreeSet<u64>) = (expected.iter().copied().collect(), actual.iter().copied().collect());
+                return Err(format!(
+                    "{} records expected, {} written: {} lost (first {:?}), {} written twice",
+                    expected.len(),
+                    actual.len(),
+                    want.difference(&got).count(),
+                    want.difference(&got).next(),
+                    actual.len() - got.len()
+                ));
+            }
+        }
+    }
+    if s.bad_every > 0 {
+        let expected: BTreeSet<(i64, i64)> = (0..events.len()).filter(|i| i % s.bad_every == s.bad_every - 1).map(|i| (placed[i].0 as i64, placed[i].1)).collect();
+        let letters: Vec<(i64, i64)> = committed_rows(&world.dead_letters).values().flatten().map(|v| (v["partition"].as_i64().unwrap(), v["offset"].as_i64().unwrap())).collect();
+        if letters.len() != expected.len() || letters.iter().copied().collect::<BTreeSet<_>>() != expected {
+            return Err(format!("dead letters: {} expected, {} written ({} distinct)", expected.len(), letters.len(), letters.iter().collect::<BTreeSet<_>>().len()));
+        }
+    }
+    Ok(())
+}
+
+/// Run `schedules` seeded schedules of scenario `s`; panics with the seed of the first
+/// that fails.
+fn simulate(name: &str, s: Scenario) {
+    let schedules: u64 = std::env::var("SLUICE_SIM_SCHEDULES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let first_seed: u64 = std::env::var("SLUICE_SIM_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let runtime = Runtime::new(None).unwrap();
+    let plugins = Plugins::load(&runtime, s.chain);
+    let events = events(first_seed, s.events);
+    let (log, placed) = topic(&s, &events);
+    let (mut crashes, mut clean_stops, mut runs) = (0, 0, 0);
+    let mut totals: BTreeMap<(u64, bool, usize), u64> = BTreeMap::new();
+    for seed in first_seed..first_seed + schedules {
+        let mut rng = Rng::new(seed);
+        let max_records = [97, 250, 600, 1500][rng.below(4) as usize];
+        let mode = if rng.below(2) == 0 { WriteMode::Inline } else { WriteMode::Deferred };
+        let retain = 1 + rng.below(3) as usize;
+        let world = World::new(log.clone());
+        // A run without stops tells how many steps a whole run has (once per setting).
+        let total = *totals.entry((max_records, mode == WriteMode::Inline, retain)).or_insert_with(|| {
+            let probe = World::new(log.clone());
+            let (finished, steps) = run_once(&probe, &plugins, &s, max_records, mode, retain, Stop::Never).unwrap_or_else(|e| panic!("{name}, seed {seed}: a run without stops failed: {e}"));
+            assert!(finished);
+            check(&s, &events, &placed, &probe).unwrap_or_else(|e| panic!("{name}, seed {seed}: a run without stops is wrong: {e}"));
+            steps.count.load(Ordering::SeqCst)
+        });
+        let stops = 1 + rng.below(3);
+        let mut history = Vec::new();
+        let mut finished = false;
+        for i in 0..=stops {
+            let stop = match (i < stops, rng.below(4)) {
+                (false, _) => Stop::Never,
+                (true, 0) => Stop::Clean(1 + rng.below(total)),
+                (true, _) => Stop::Crash(1 + rng.below(total)),
+            };
+            runs += 1;
+            let (done, steps) = run_once(&world, &plugins, &s, max_records, mode, retain, stop)
+                .unwrap_or_else(|e| panic!("{name}, seed {seed}: run {} after stops {history:?} failed: {e}", i + 1));
+            match stop {
+                Stop::Crash(_) if steps.dead.load(Ordering::SeqCst) => crashes += 1,
+                Stop::Clean(_) if steps.stopping.load(Ordering::SeqCst) => clean_stops += 1,
+                _ => {}
+            }
+            history.push(steps.died_at.lock().unwrap().clone().unwrap_or_else(|| format!("{stop:?}")));
+            if done {
+                finished = true;
+                break;
+            }
+        }
+        assert!(finished, "{name}, seed {seed}: the last run did not finish");
+        check(&s, &events, &placed, &world).unwrap_or_else(|e| {
+            panic!("{name}, seed {seed} (batch cap {max_records}, {mode:?}, retain {retain}, stops {history:?}): {e}; replay with SLUICE_SIM_SCHEDULES=1 SLUICE_SIM_SEED={seed}")
+        });
+    }
+    eprintln!("simulation {name}: {schedules} schedules from seed {first_seed}, {runs} runs, {crashes} crashes, {clean_stops} clean stops: every sink equal to the reference");
+    assert!(crashes > schedules / 2, "too few crashes landed ({crashes} in {schedules} schedules)");
+}
+
+const DEFAULTS: AdClicksParams = AdClicksParams { window_ms: 60_000, slide_ms: 10_000, delay_ms: 60_000 };
+
+#[test]
+fn ad_clicks_with_its_defaults_on_one_partition() {
+    simulate(
+        "ad-clicks defaults, 1 partition",
+        Scenario { chain: &[("ad-clicks", "{}")], partitions: 1, keyed: false, events: 1500, bad_every: 0, gap_every: 0, redeliver: false, expect: Expect::ClosedWindows(DEFAULTS) },
+    );
+}
+
+#[test]
+fn json_filter_then_ad_clicks_keyed_on_three_partitions_with_dead_letters() {
+    simulate(
+        "json-filter -> ad-clicks, keyed, 3 partitions, dead letters",
+        Scenario {
+            chain: &[("json-filter", r#"{"where": [{"field": "event", "op": "eq", "value": "click"}]}"#), ("ad-clicks", "{}")],
+            partitions: 3,
+            keyed: true,
+            events: 1500,
+            bad_every: 53,
+            gap_every: 0,
+            redeliver: false,
+            expect: Expect::ClosedWindows(DEFAULTS),
+        },
+    );
+}
+
+#[test]
+fn a_transform_chain_writes_every_record_once_despite_gaps_and_redelivery() {
+    simulate(
+        "json-filter only, 2 partitions, gaps, redelivery",
+        Scenario { chain: &[("json-filter", "{}")], partitions: 2, keyed: false, events: 1200, bad_every: 0, gap_every: 7, redeliver: true, expect: Expect::Records(None) },
+    );
+}
+
+#[test]
+fn update_mode_ends_with_every_window_complete() {
+    simulate(
+        "ad-clicks update mode, keyed, 2 partitions",
+        Scenario {
+            chain: &[("ad-clicks", r#"{"output_mode": "update"}"#)],
+            partitions: 2,
+            keyed: true,
+            events: 1000,
+            bad_every: 0,
+            gap_every: 0,
+            redeliver: false,
+            expect: Expect::UpdatedWindows(DEFAULTS),
+        },
+    );
+}
+
+/// A pipeline over `log` (json-filter forwarding everything) into a JSON-lines sink on
+/// `sink`, with checkpoints on `checkpoints`.
+fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory>, withhold: Option<i64>, stall: Duration) -> anyhow::Result<sluice::pipeline::RunSummary> {
+    let runtime = Runtime::new(None).unwrap();
+    let plugins = Plugins::load(&runtime, &[("json-filter", "{}")]);
+    let steps = Steps::new(Stop::Never);
+    let mut out = FileSink::at(Location::shared(sink.clone(), "memory://sink", None).unwrap(), FileFormat::Jsonl).unwrap();
+    let io = Io {
+        connect: Box::new(move |resume| {
+            let source = MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest);
+            Ok(Box::new(match withhold {
+                Some(offset) => source.withhold("clicks", 0, offset),
+                None => source,
+            }) as Box<dyn Source>)
+        }),
+        checkpoints: Some(Arc::new(CheckpointStore::at(Location::shared(checkpoints.clone(), "memory://checkpoints", None).unwrap(), 3))),
+        checkpoint_writes: WriteMode::Background,
+        sink: &mut out,
+        dead_letters: None,
+    };
+    let options = sluice::pipeline::RunOptions { until: Until::AvailableNow, stall_limit: Some(stall), ..Default::default() };
+    pipeline::run_with(&pipeline(30), &mut plugins.chain(&steps), io, options, &AtomicBool::new(false), &mut |_| {})
+}
+
+#[test]
+fn a_batch_whose_offsets_never_come_fails_saying_what_is_missing_and_a_restart_loses_nothing() {
+    let events = events(7, 100);
+    let s = Scenario { chain: &[], partitions: 1, keyed: false, events: 100, bad_every: 0, gap_every: 0, redeliver: false, expect: Expect::Records(None) };
+    let (log, _) = topic(&s, &events);
+    let (sink, checkpoints) = (Arc::new(InMemory::new()), Arc::new(InMemory::new()));
+    let started = std::time::Instant::now();
+    let error = forward(log.clone(), &sink, &checkpoints, Some(40), Duration::from_secs(1)).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(20), "it failed after the stall limit, not much later ({:?})", started.elapsed());
+    assert!(error.contains("batch 1 cannot be read") && error.contains("clicks/0") && error.contains("none after offset 40") && error.contains("retention"), "{error}");
+    let seqs = |sink: &Arc<InMemory>| committed_rows(sink).values().flatten().map(|v| v["seq"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(seqs(&sink), (0..30).collect::<Vec<_>>(), "the batch before it is committed, the failed one is not");
+    // Once the records can be read, a restart continues with the failed batch.
+    forward(log, &sink, &checkpoints, None, Duration::from_secs(1)).unwrap();
+    assert_eq!(seqs(&sink), (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn progress_counts_the_records_read_not_the_offsets_a_range_spans() {
+    let events = events(9, 100);
+    let s = Scenario { chain: &[], partitions: 1, keyed: false, events: 100, bad_every: 0, gap_every: 3, redeliver: false, expect: Expect::Records(None) };
+    let (log, _) = topic(&s, &events);
+    let high = log.values().map(|p| p.high).sum::<i64>();
+    assert!(high > 120, "the topic has marker offsets ({high} offsets for 100 records)");
+    let summary = forward(log, &Arc::new(InMemory::new()), &Arc::new(InMemory::new()), None, Duration::from_secs(1)).unwrap();
+    assert_eq!((summary.records, summary.output_rows), (100, 100));
+}
