@@ -340,3 +340,39 @@ fn batches_that_reread_what_the_consumer_read_ahead_hold_each_record_once() {
         assert_eq!(offsets(batch), (from..until).collect::<Vec<_>>(), "range [{from}, {until})");
     }
 }
+
+#[test]
+fn a_restart_into_offsets_the_broker_does_not_serve_stops_saying_what_is_missing() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    // tansu 0.6 answers a fetch from inside a record batch with the next batch, and from
+    // inside the last batch with nothing: a restart whose position is there cannot go on.
+    let broker = sluice::broker::Tansu::start().unwrap();
+    broker.create_topic("stuck", 1).unwrap();
+    let loader = Loader::connect(&broker.bootstrap(), &[("linger.ms", "200")]).unwrap();
+    for n in 0..100 {
+        let value = format!("{{\"n\": {n}}}");
+        loader.send("stuck", Outgoing { partition: Some(0), key: None, value: Some(value.as_bytes()), headers: &[] }).unwrap();
+    }
+    loader.flush(Duration::from_secs(30)).unwrap();
+    // The group's position in the middle of that batch, where a restart would continue.
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).set("group.id", "stuck").create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("stuck", 0, rdkafka::Offset::Offset(50)).unwrap();
+    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "name = \"stuck\"\n[source]\ntopics = [\"stuck\"]\ngroupId = \"stuck\"\n[kafka]\n\"bootstrap.servers\" = \"{}\"\n[[plugin]]\nbuiltin = \"json-filter\"\n[sink]\nformat = \"jsonl\"\npath = \"{}\"\n[checkpoint]\nenabled = false\n",
+        broker.bootstrap(),
+        dir.path().join("out").display()
+    );
+    let pipeline = sluice::config::Pipeline::parse(&text, &dir.path().join("stuck.toml")).unwrap();
+    let runtime = sluice::runtime::Runtime::new(None).unwrap();
+    let mut chain = sluice::pipeline::build_chain(&pipeline, &runtime).unwrap();
+    let mut sink = sluice::sink::FileSink::open(dir.path().join("out").to_str().unwrap(), sluice::sink::FileFormat::Jsonl, &Default::default()).unwrap();
+    let options = sluice::pipeline::RunOptions { until: sluice::pipeline::Until::AvailableNow, stall_limit: Some(Duration::from_secs(3)), ..Default::default() };
+    let started = Instant::now();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let error = sluice::pipeline::run_chain(&pipeline, &mut chain, options, &stop, &mut sink, &mut |_| {}).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(60), "it stopped soon after the stall limit ({:?})", started.elapsed());
+    assert!(error.contains("stuck/0") && error.contains("none after offset 50") && error.contains("up to offset 100") && error.contains("tansu 0.6"), "{error}");
+}
