@@ -1,5 +1,5 @@
 //! The micro-batch pipeline end to end, each test twice: against librdkafka's in-process
-//! mock cluster and against a real broker process (tansu, installed by `.ci/setup`,
+//! mock cluster and against a real broker process (tansu, installed by `.ci/setup-tests`,
 //! started on a free loopback port and stopped by its PID). Known data in, sink contents
 //! compared with an independent computation, starting offsets, several topics and
 //! partitions, the Parquet and Kafka sinks, and a sink failure that must not move the

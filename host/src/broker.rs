@@ -65,10 +65,10 @@ impl Broker for Mock {
     }
 }
 
-/// The tansu version `.ci/setup` installs.
+/// The tansu version `.ci/setup-tests` installs.
 pub const TANSU_VERSION: &str = "0.6.0";
 
-/// Where `.ci/setup` installs tansu (`target/tools/bin/tansu` of this workspace), unless
+/// Where `.ci/setup-tests` installs tansu (`target/tools/bin/tansu` of this workspace), unless
 /// `SLUICE_TANSU` names another binary.
 pub fn tansu_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("SLUICE_TANSU") {
@@ -94,7 +94,7 @@ impl Tansu {
     pub fn start_binary(binary: &Path) -> anyhow::Result<Self> {
         if !binary.is_file() {
             bail!(
-                "the tansu broker is not installed at {}: run `bash .ci/setup` (it installs tansu {TANSU_VERSION}), or set SLUICE_TANSU to a tansu binary",
+                "the tansu broker is not installed at {}: run `bash .ci/setup-tests` (it installs tansu {TANSU_VERSION}), or set SLUICE_TANSU to a tansu binary",
                 binary.display()
             );
         }
@@ -179,10 +179,10 @@ impl Broker for Tansu {
     }
 }
 
-/// The Apache Kafka version `.ci/setup` installs (`tests/kafka/pom.xml`).
+/// The Apache Kafka version `.ci/setup-tests` installs (`tests/kafka/pom.xml`).
 pub const KAFKA_VERSION: &str = "4.4.0";
 
-/// Where `.ci/setup` puts Apache Kafka's jars (`target/tools/kafka/libs` of this
+/// Where `.ci/setup-tests` puts Apache Kafka's jars (`target/tools/kafka/libs` of this
 /// workspace), unless `SLUICE_KAFKA_LIBS` names another folder of jars.
 pub fn kafka_libs() -> PathBuf {
     if let Some(path) = std::env::var_os("SLUICE_KAFKA_LIBS") {
@@ -207,7 +207,7 @@ impl ApacheKafka {
         let libs = kafka_libs();
         if !libs.join(format!("kafka_2.13-{KAFKA_VERSION}.jar")).is_file() {
             bail!(
-                "Apache Kafka {KAFKA_VERSION} is not installed in {}: run `bash .ci/setup` (it fetches it from Maven Central with tests/kafka/pom.xml), or set SLUICE_KAFKA_LIBS to a folder of Kafka's jars",
+                "Apache Kafka {KAFKA_VERSION} is not installed in {}: run `bash .ci/setup-tests` (it fetches it from Maven Central with tests/kafka/pom.xml), or set SLUICE_KAFKA_LIBS to a folder of Kafka's jars",
                 libs.display()
             );
         }

@@ -364,8 +364,9 @@ fn run_watched(
     run_io(pipeline, chain, watcher, io, options, stop, progress)
 }
 
-/// [`run_chain`] on the source and stores in `io` (the pipeline's `source`, `sink`,
-/// `deadLetter` and `checkpoint` tables are not used, its rate and trigger settings are).
+/// [`run_chain`] on the source and stores in `io`: they replace the pipeline's Kafka
+/// connection, `sink`, `deadLetter` and `checkpoint` location; its name, topics, rate,
+/// trigger and `maxOffsetsPerTrigger` settings still apply.
 pub fn run_with(pipeline: &Pipeline, chain: &mut Chain, io: Io<'_>, options: impl Into<RunOptions>, stop: &AtomicBool, progress: &mut dyn FnMut(&BatchProgress)) -> anyhow::Result<RunSummary> {
     run_io(pipeline, chain, None, io, options.into(), stop, progress)
 }
