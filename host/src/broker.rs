@@ -71,10 +71,13 @@ pub const TANSU_VERSION: &str = "0.6.0";
 /// Where `.ci/setup-tests` installs tansu (`target/tools/bin/tansu` of this workspace), unless
 /// `SLUICE_TANSU` names another binary.
 pub fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("SLUICE_TANSU") {
-        return PathBuf::from(path);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/tansu")
+    installed("SLUICE_TANSU", "bin/tansu")
+}
+
+/// What the variable `var` names, else `target/tools/<path>` of this workspace, where
+/// `.ci/setup-tests` installs the test brokers.
+fn installed(var: &str, path: &str) -> PathBuf {
+    std::env::var_os(var).map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools").join(path), PathBuf::from)
 }
 
 /// A tansu broker process with in-memory storage on a free loopback port.
@@ -185,10 +188,7 @@ pub const KAFKA_VERSION: &str = "4.4.0";
 /// Where `.ci/setup-tests` puts Apache Kafka's jars (`target/tools/kafka/libs` of this
 /// workspace), unless `SLUICE_KAFKA_LIBS` names another folder of jars.
 pub fn kafka_libs() -> PathBuf {
-    if let Some(path) = std::env::var_os("SLUICE_KAFKA_LIBS") {
-        return PathBuf::from(path);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/kafka/libs")
+    installed("SLUICE_KAFKA_LIBS", "kafka/libs")
 }
 
 /// One Apache Kafka node in KRaft mode (broker and controller in one JVM) on two free
