@@ -246,8 +246,9 @@ impl ApacheKafka {
         let format = Command::new("java")
             .args(["-Xmx256m", "-cp"])
             .arg(format!("{}/*", libs.display()))
-            .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
-            .arg(dir.path().join("server.properties"))
+            // `--option=value`: an id may start with `-`, which the parser would take for an option.
+            .args(["kafka.tools.StorageTool", "format", &format!("--cluster-id={cluster_id}")])
+            .arg(format!("--config={}", dir.path().join("server.properties").display()))
             .stdin(Stdio::null())
             .output()
             .context("cannot run java (Apache Kafka needs Java 17 or later on PATH)")?;
