@@ -48,8 +48,10 @@ fn produce(broker: &dyn Broker, topic: &str) -> Vec<Value> {
     events
 }
 
-/// A pipeline file for one trial: its own group, output and checkpoint locations.
-fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64) -> std::path::PathBuf {
+/// A pipeline file `name` reading `topic` in batches of at most `batch` through
+/// `plugins` (TOML `[[plugin]]` tables) into a `format` sink, with its own group, output
+/// (`<name>-out`) and checkpoint locations.
+fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64, plugins: &str, format: &str) -> std::path::PathBuf {
     let file = dir.join(format!("{name}.toml"));
     let text = format!(
         r#"name = "{name}"
@@ -61,13 +63,9 @@ maxOffsetsPerTrigger = {batch}
 processingTime = "100ms"
 [kafka]
 "bootstrap.servers" = "{bootstrap}"
-[[plugin]]
-builtin = "json-filter"
-config = {{ where = [{{ field = "event", op = "eq", value = "click" }}] }}
-[[plugin]]
-builtin = "ad-clicks"
+{plugins}
 [sink]
-format = "parquet"
+format = "{format}"
 path = "{out}"
 [checkpoint]
 location = "{ck}"
@@ -78,6 +76,13 @@ location = "{ck}"
     std::fs::write(&file, text).unwrap();
     file
 }
+
+/// The seed's job: json-filter keeps the clicks, ad-clicks with its default config.
+const SEED_JOB: &str = r#"[[plugin]]
+builtin = "json-filter"
+config = { where = [{ field = "event", op = "eq", value = "click" }] }
+[[plugin]]
+builtin = "ad-clicks""#;
 
 fn spawn(file: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -142,7 +147,7 @@ fn stopped_at_random_moments_the_seed_job_gives_exactly_the_reference_windows() 
         let clicks: Vec<Value> = events.into_iter().filter(|e| e["event"] == "click").collect();
         let expected = reference::windows_of_all(&clicks, AdClicksParams::default(), true);
         assert!(expected.len() > 100, "the data closes windows ({})", expected.len());
-        let file = pipeline_file(dir.path(), &broker.bootstrap(), &format!("clean-{partitions}"), &topic, 3000);
+        let file = pipeline_file(dir.path(), &broker.bootstrap(), &format!("clean-{partitions}"), &topic, 3000, SEED_JOB, "parquet");
         let started = Instant::now();
         let status = spawn(&file, &log).wait().unwrap();
         assert!(status.success(), "the run without stops failed: {}", std::fs::read_to_string(&log).unwrap_or_default());
@@ -160,7 +165,7 @@ fn stopped_at_random_moments_the_seed_job_gives_exactly_the_reference_windows() 
         let (topic, expected, clean) = &setups[trial % setups.len()];
         let batch = [1000, 3000][(trial / setups.len()) % 2];
         let name = format!("trial-{trial}");
-        let file = pipeline_file(dir.path(), &broker.bootstrap(), &name, topic, batch);
+        let file = pipeline_file(dir.path(), &broker.bootstrap(), &name, topic, batch, SEED_JOB, "parquet");
         let mut stops = 0;
         loop {
             let mut child = spawn(&file, &log);
@@ -222,35 +227,6 @@ fn stopped_at_random_moments_the_seed_job_gives_exactly_the_reference_windows() 
     assert!(restarts * 2 >= trials, "too few stops landed before a run finished ({restarts} in {trials} trials)");
 }
 
-/// A pipeline forwarding every record of `topic` to a JSON-lines directory, `batch`
-/// records at most per batch.
-fn forward_file(dir: &Path, bootstrap: &str, topic: &str, batch: u64) -> std::path::PathBuf {
-    let file = dir.join(format!("{topic}.toml"));
-    let text = format!(
-        r#"name = "forward-{topic}"
-[source]
-topics = ["{topic}"]
-startingOffsets = "earliest"
-maxOffsetsPerTrigger = {batch}
-[trigger]
-processingTime = "50ms"
-[kafka]
-"bootstrap.servers" = "{bootstrap}"
-[[plugin]]
-builtin = "json-filter"
-[sink]
-format = "jsonl"
-path = "{out}"
-[checkpoint]
-location = "{ck}"
-"#,
-        out = dir.join(format!("{topic}-out")).display(),
-        ck = dir.join(format!("{topic}-checkpoint")).display(),
-    );
-    std::fs::write(&file, text).unwrap();
-    file
-}
-
 /// The `n` values of the JSON-lines files in `out`, sorted.
 fn jsonl_values(out: &Path) -> Vec<i64> {
     let mut values: Vec<i64> = std::fs::read_dir(out)
@@ -298,7 +274,7 @@ fn input_from_transactional_producers_reads_committed_records_once_and_does_not_
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("sluice.log");
     // Batches of 7 end inside the aborted transaction and at markers.
-    let mut child = spawn(&forward_file(dir.path(), &broker.bootstrap(), "txn", 7), &log);
+    let mut child = spawn(&pipeline_file(dir.path(), &broker.bootstrap(), "txn", "txn", 7, "[[plugin]]\nbuiltin = \"json-filter\"", "jsonl"), &log);
     let status = wait_until(&mut child, Instant::now() + Duration::from_secs(90));
     if status.is_none() {
         let _ = child.kill();

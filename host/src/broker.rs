@@ -164,10 +164,7 @@ impl Broker for Tansu {
     /// or continued (SIGCONT), by its PID. Its storage is in memory, so a real restart
     /// would lose the topics; a stopped process keeps them.
     fn set_available(&self, available: bool) -> anyhow::Result<()> {
-        let signal = if available { "-CONT" } else { "-STOP" };
-        let status = Command::new("kill").args([signal, &self.pid().to_string()]).status().context("cannot run kill")?;
-        anyhow::ensure!(status.success(), "kill {signal} {} failed", self.pid());
-        Ok(())
+        pause(self.pid(), available)
     }
 
     /// One record per produce request. tansu 0.6 (memory storage) answers ListOffsets
@@ -326,6 +323,15 @@ impl ApacheKafka {
     }
 }
 
+/// Stop a broker process (SIGSTOP: it answers nothing, its connections hang) or continue
+/// it (SIGCONT), by its PID: an outage that keeps its data.
+fn pause(pid: u32, available: bool) -> anyhow::Result<()> {
+    let signal = if available { "-CONT" } else { "-STOP" };
+    let status = Command::new("kill").args([signal, &pid.to_string()]).status().context("cannot run kill")?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+    Ok(())
+}
+
 /// URL-safe base64 without padding.
 fn base64_url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -354,11 +360,7 @@ impl Broker for ApacheKafka {
 
     /// The JVM is stopped (SIGSTOP) or continued (SIGCONT) by its PID.
     fn set_available(&self, available: bool) -> anyhow::Result<()> {
-        let pid = self.pid().context("Apache Kafka is not running")?;
-        let signal = if available { "-CONT" } else { "-STOP" };
-        let status = Command::new("kill").args([signal, &pid.to_string()]).status().context("cannot run kill")?;
-        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
-        Ok(())
+        pause(self.pid().context("Apache Kafka is not running")?, available)
     }
 }
 

@@ -624,7 +624,7 @@ impl Runner<'_> {
                     }
                     let waited = started.elapsed();
                     if waited >= self.stall_limit {
-                        if let Some(missing) = self.missing(ranges, &e, waited) {
+                        if let Some(missing) = self.missing(&e, waited) {
                             return Err(anyhow::anyhow!("batch {batch_id} cannot be read: {missing}"));
                         }
                     }
@@ -638,13 +638,12 @@ impl Runner<'_> {
 
     /// When the brokers answer and report a pending range's end as written, what is
     /// missing (the first such partition).
-    fn missing(&mut self, ranges: &[OffsetRange], timeout: &SourceError, waited: Duration) -> Option<SourceError> {
-        let SourceError::FetchTimeout { reached, .. } = timeout else { return None };
+    fn missing(&mut self, timeout: &SourceError, waited: Duration) -> Option<SourceError> {
+        let SourceError::FetchTimeout { pending, .. } = timeout else { return None };
         let lag = self.source.lag().ok()?;
-        reached.iter().find_map(|((topic, partition), reached)| {
-            let r = ranges.iter().find(|r| &r.topic == topic && r.partition == *partition)?;
-            let high = lag.iter().find(|p| &p.topic == topic && p.partition == *partition)?.high;
-            (high >= r.until).then(|| crate::source::missing_offsets(topic, *partition, *reached, r.until, high, waited))
+        pending.iter().find_map(|p| {
+            let high = lag.iter().find(|l| l.topic == p.topic && l.partition == p.partition)?.high;
+            (high >= p.until).then(|| crate::source::missing_offsets(&p.topic, p.partition, p.reached, p.until, high, waited))
         })
     }
 
@@ -700,12 +699,14 @@ impl Runner<'_> {
             }
         }
         let sunk = tick.elapsed();
+        // Where each partition continues: in the checkpoint and in progress.
+        let after = plan::positions_after(lag, &ranges);
         self.watermark = out.watermark_ms.or(self.watermark);
         if let Some(delay) = scheduling_delay {
             self.rate.after_batch(now_ms(), records as u64, tick.elapsed(), delay);
         }
         if let Some(writer) = &mut self.writer {
-            let positions = plan::positions_after(lag, &ranges).into_iter().map(|((topic, partition), next)| Position { topic, partition, next }).collect();
+            let positions = after.iter().map(|((topic, partition), &next)| Position { topic: topic.clone(), partition: *partition, next }).collect();
             let plugins = self.chain.snapshot()?;
             writer.commit(Checkpoint {
                 batch_id: plan.batch_id,
@@ -730,7 +731,6 @@ impl Runner<'_> {
         // The whole batch, planning included (as Spark's trigger execution time): asking
         // a slow broker for its offsets makes a batch late as much as a slow fetch does.
         let duration = planning + processing;
-        let after = plan::positions_after(lag, &ranges);
         let partitions: Vec<PartitionProgress> = lag
             .iter()
             .map(|p| {

@@ -196,11 +196,7 @@ impl KafkaSource {
         let prefetcher = self.prefetcher.as_ref().expect("started above");
         let chunks = prefetcher.take(wanted, timeout).map_err(|e| match e {
             TakeError::Kafka(error) => SourceError::Kafka { what: "fetching records".into(), error },
-            TakeError::Timeout(missing) => SourceError::FetchTimeout {
-                secs: timeout.as_secs(),
-                pending: missing.iter().map(|((t, p), covered, until)| format!("{t}/{p} (read up to offset {covered} of {until})")).collect::<Vec<_>>().join(", "),
-                reached: missing.into_iter().map(|(key, covered, _)| (key, covered)).collect(),
-            },
+            TakeError::Timeout(pending) => SourceError::FetchTimeout { secs: timeout.as_secs(), pending },
         })?;
         let batch = arrow_select::concat::concat_batches(&record_schema(), &chunks).expect("chunks share the record schema");
         check_fetched(wanted, &batch)?;

@@ -24,7 +24,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{OffsetRange, RecordParts, RecordsBuilder};
 
-use crate::source::Arrivals;
+use crate::source::{Arrivals, Pending};
 
 /// Records read ahead, over all partitions, before the consumer thread waits (the largest
 /// read-ahead limit).
@@ -111,7 +111,7 @@ pub enum TakeError {
     /// The consumer reported an error.
     Kafka(KafkaError),
     /// The ranges were not all read within the timeout; how far each missing one was read.
-    Timeout(Vec<((String, i32), i64, i64)>),
+    Timeout(Vec<Pending>),
 }
 
 /// Reads ahead on its own thread; see the module docs.
@@ -173,11 +173,11 @@ impl Prefetcher {
             if let Some(error) = state.error.take() {
                 return Err(TakeError::Kafka(error));
             }
-            let missing: Vec<((String, i32), i64, i64)> = ranges
+            let missing: Vec<Pending> = ranges
                 .iter()
                 .filter_map(|r| {
                     let b = state.parts.get(&(r.topic.clone(), r.partition))?;
-                    (b.covered < r.until).then(|| ((r.topic.clone(), r.partition), b.covered, r.until))
+                    (b.covered < r.until).then(|| Pending { topic: r.topic.clone(), partition: r.partition, reached: b.covered, until: r.until })
                 })
                 .collect();
             if missing.is_empty() {

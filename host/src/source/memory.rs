@@ -15,7 +15,7 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use sluice_sdk::{record_schema, OffsetRange, RecordParts, RecordsBuilder};
 
-use super::{check_fetched, Arrivals, PartitionLag, Source, SourceError};
+use super::{check_fetched, Arrivals, PartitionLag, Pending, Source, SourceError};
 use crate::config::StartingOffsets;
 
 /// One record of an in-memory partition.
@@ -145,16 +145,10 @@ impl Source for MemorySource {
         for r in &wanted {
             let key = (r.topic.clone(), r.partition);
             let p = self.log.get(&key).ok_or_else(|| SourceError::NoTopic(r.topic.clone()))?;
-            if r.until > p.high {
-                return Err(SourceError::FetchTimeout {
-                    secs: 0,
-                    pending: format!("{}/{} (has offsets up to {} of {})", r.topic, r.partition, p.high, r.until),
-                    reached: vec![(key, p.high)],
-                });
-            }
-            if let Some(&withheld) = self.withheld.get(&key).filter(|&&w| w < r.until) {
-                let reached = withheld.max(r.from);
-                return Err(SourceError::FetchTimeout { secs: 0, pending: format!("{}/{} (read up to offset {reached} of {})", r.topic, r.partition, r.until), reached: vec![(key, reached)] });
+            // Offsets not written yet, or withheld: the fetch times out having read up to there.
+            let reached = self.withheld.get(&key).copied().filter(|&w| w < r.until).map(|w| w.max(r.from)).or((r.until > p.high).then_some(p.high));
+            if let Some(reached) = reached {
+                return Err(SourceError::FetchTimeout { secs: 0, pending: vec![Pending { topic: r.topic.clone(), partition: r.partition, reached, until: r.until }] });
             }
             let start = p.records.partition_point(|rec| rec.offset < r.from);
             let end = p.records.partition_point(|rec| rec.offset < r.until);

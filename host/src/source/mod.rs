@@ -85,14 +85,12 @@ pub enum SourceError {
     #[error("fetched records do not match the planned offset ranges: {0}")]
     Inconsistent(String),
     /// A fetch did not complete in time.
-    #[error("fetching batch ranges timed out after {secs} s; still waiting for {pending}")]
+    #[error("fetching batch ranges timed out after {secs} s; still waiting for {}", pending.iter().map(Pending::to_string).collect::<Vec<_>>().join(", "))]
     FetchTimeout {
         /// Seconds waited.
         secs: u64,
-        /// Partitions and offsets not yet reached, for people.
-        pending: String,
-        /// Per partition not yet done: how far it was read.
-        reached: Vec<((String, i32), i64)>,
+        /// The partitions not yet read to the end of their range.
+        pending: Vec<Pending>,
     },
     /// Offsets a batch needs are not on the brokers any more (or never were), so the batch
     /// cannot be read as planned.
@@ -101,6 +99,25 @@ pub enum SourceError {
     /// The in-memory source was told to fail here (the crash simulation).
     #[error("{0}")]
     Injected(String),
+}
+
+/// A partition a batch still waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// How far it was read (one past the newest offset covered).
+    pub reached: i64,
+    /// Where its range ends.
+    pub until: i64,
+}
+
+impl std::fmt::Display for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} (read up to offset {} of {})", self.topic, self.partition, self.reached, self.until)
+    }
 }
 
 /// Keeps what a partition delivers usable for exact ranges: records before the position
