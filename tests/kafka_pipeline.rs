@@ -1,6 +1,6 @@
 //! The micro-batch pipeline end to end, each test twice: against librdkafka's in-process
-//! mock cluster and against a real broker process (tansu, installed by `.ci/setup-tests`,
-//! started on a free loopback port and stopped by its PID). Known data in, sink contents
+//! mock cluster and against Apache Kafka (installed by `.ci/setup-tests`, one node started
+//! on free loopback ports and stopped by its PID). Known data in, sink contents
 //! compared with an independent computation, starting offsets, several topics and
 //! partitions, the Parquet and Kafka sinks, and a sink failure that must not move the
 //! consumer group's offsets.
@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sluice::broker::{Broker, Mock, Tansu};
+use sluice::broker::{ApacheKafka, Broker, Mock};
 use sluice::config::{ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
 use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::kafka::{Loader, Outgoing};
@@ -54,7 +54,7 @@ fn builtin(name: &str, config: &str) -> Step {
 /// Produce seed-style events round-robin over the partitions of `topics`; returns them in
 /// production order.
 fn produce(broker: &dyn Broker, topics: &[(&str, i32)], n: usize) -> Vec<Value> {
-    let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+    let loader = Loader::connect(&broker.bootstrap(), &[]).unwrap();
     let mut gen = EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() });
     let slots: Vec<(&str, i32)> = topics.iter().flat_map(|&(t, parts)| (0..parts).map(move |p| (t, p))).collect();
     let events: Vec<Value> = (0..n).map(|_| serde_json::to_value(gen.next_event()).unwrap()).collect();
@@ -239,7 +239,7 @@ fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers(broker:
     broker.create_topic("out", 1).unwrap();
     broker.create_topic("dead", 1).unwrap();
     let bootstrap = broker.bootstrap();
-    let loader = Loader::connect(&bootstrap, broker.exact_producer_settings()).unwrap();
+    let loader = Loader::connect(&bootstrap, &[]).unwrap();
     let texts: Vec<[String; 3]> = (0..50)
         .map(|i| [serde_json::json!({"id": i, "keep": i % 2 == 0, "noise": "x"}).to_string(), format!("k{i}"), format!("t{i}")])
         .collect();
@@ -259,8 +259,8 @@ fn the_kafka_sink_writes_transformed_records_with_their_keys_and_headers(broker:
     loader.flush(Duration::from_secs(30)).unwrap();
 
     let mut p = pipeline(&bootstrap, &["in"], StartingOffsets::Earliest, None, vec![builtin("json-filter", r#"{"where": [{"field": "keep", "op": "eq", "value": true}], "select": ["id"]}"#)]);
-    p.sink = SinkConfig::Kafka { topic: "out".into() };
-    p.dead_letter = Some(SinkConfig::Kafka { topic: "dead".into() });
+    p.sink = SinkConfig::Kafka { topic: "out".into(), delivery: Default::default() };
+    p.dead_letter = Some(SinkConfig::Kafka { topic: "dead".into(), delivery: Default::default() });
     let mut sink = sluice::sink::open(&p.sink, &p.kafka).unwrap();
     let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &AtomicBool::new(false), sink.as_mut(), &mut |_| {}).unwrap();
     assert_eq!((summary.records, summary.output_rows, summary.rejected), (51, 25, 1));
@@ -439,7 +439,7 @@ fn a_restart_resumes_from_the_checkpoint_with_plugin_state_and_matches_an_uninte
 
 /// Produce `{"id": i}` for each id, round-robin over `partitions` of `topic`.
 fn produce_ids(broker: &dyn Broker, topic: &str, partitions: &[i32], ids: std::ops::Range<i64>) {
-    let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+    let loader = Loader::connect(&broker.bootstrap(), &[]).unwrap();
     for (n, id) in ids.enumerate() {
         let value = serde_json::json!({ "id": id }).to_string();
         loader.send(topic, Outgoing { partition: Some(partitions[n % partitions.len()]), key: None, value: Some(value.as_bytes()), headers: &[] }).unwrap();
@@ -499,7 +499,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before_without_writing_a_ba
     assert_eq!(sorted_rows(out.path()), expected);
 }
 
-/// Each test body runs once on the mock cluster and once on tansu.
+/// Each test body runs once on the mock cluster and once on Apache Kafka.
 /// Short windows with a watermark delay longer than the events' disorder (≤ 3 s) plus how
 /// far one partition can be read ahead of another in the continuous-run tests (a round of
 /// events, ≤ 7.5 s of event time): no event is late, as in the one-batch reference.
@@ -533,7 +533,7 @@ struct EventStream {
 
 impl EventStream {
     fn new(broker: &dyn Broker, topic: &'static str, partitions: i32) -> Self {
-        let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+        let loader = Loader::connect(&broker.bootstrap(), &[]).unwrap();
         Self { loader, gen: EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() }), topic, partitions, sent: Vec::new() }
     }
 
@@ -686,7 +686,7 @@ fn bad_records() -> Vec<(&'static str, Option<Vec<u8>>, &'static str)> {
 
 fn bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same_output(broker: &dyn Broker) {
     broker.create_topic("mixed", 2).unwrap();
-    let loader = Loader::connect(&broker.bootstrap(), broker.exact_producer_settings()).unwrap();
+    let loader = Loader::connect(&broker.bootstrap(), &[]).unwrap();
     let mut gen = EventGenerator::new(EventSpec { events_per_sec: 100, ..EventSpec::default() });
     let bad = bad_records();
     let (mut good, mut next_offset, mut expected_dead) = (Vec::new(), [0i64; 2], BTreeMap::new());
@@ -809,8 +809,8 @@ macro_rules! on_each_broker {
         mod mock {
             $( #[test] fn $test() { super::$test(&super::Mock::start().unwrap()) } )*
         }
-        mod tansu {
-            $( #[test] fn $test() { super::$test(&super::Tansu::start().unwrap()) } )*
+        mod kafka {
+            $( #[test] fn $test() { super::$test(&super::ApacheKafka::start().unwrap()) } )*
         }
     };
 }
@@ -998,9 +998,9 @@ fn the_peers_benchmark_runs_sluice_and_the_native_ceiling_as_processes_and_compa
 }
 
 #[test]
-fn quix_streams_and_bytewax_close_the_same_windows_as_sluice_on_tansu() {
+fn quix_streams_and_bytewax_close_the_same_windows_as_sluice_on_apache_kafka() {
     use sluice::bench::peers::{run_on, PeersBenchArgs};
-    let broker = Tansu::start().unwrap();
+    let broker = ApacheKafka::start().unwrap();
     let args = PeersBenchArgs {
         records: 20_000,
         partitions: 2,

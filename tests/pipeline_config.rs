@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice::chain::{FailurePolicy, OnFailure};
 use sluice::rate::{AdaptiveInterval, PartitionRates, PidSettings};
-use sluice::config::{Backpressure, Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink, StartingOffsets, DEFAULT_RETAIN};
+use sluice::config::{Backpressure, Checkpointing, Delivery, ParquetCompression, Pipeline, PluginSource, Sink, StartingOffsets, DEFAULT_RETAIN};
 
 fn files(kind: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines").join(kind);
@@ -87,6 +87,8 @@ fn defaults_and_relative_plugin_paths() {
     assert_eq!(minimal.checkpoint, Some(Checkpointing { location: "checkpoints/minimal".into(), options: Default::default(), retain: DEFAULT_RETAIN }));
     let to_kafka = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
     assert_eq!(to_kafka.steps[0].source, PluginSource::File("/etc/sluice/plugins/json_filter.wasm".into()));
+    assert_eq!(to_kafka.sink, Sink::Kafka { topic: "ad-clicks".into(), delivery: Delivery::ExactlyOnce { transactional_id: "sluice-clicks-only-sink-0".into() } });
+    assert_eq!(to_kafka.dead_letter, Some(Sink::Kafka { topic: "ad-clicks-rejected".into(), delivery: Delivery::AtLeastOnce }), "at least once unless asked");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Kafka brokers started by sluice itself, for the demo, the end-to-end tests and the
-//! benchmarks: librdkafka's in-process mock cluster, Apache Kafka (a single KRaft node,
-//! a JVM process) and tansu, each real broker a child process on free loopback ports,
-//! stopped by its PID when the handle is dropped.
+//! benchmarks: librdkafka's in-process mock cluster, and Apache Kafka (one KRaft node or a
+//! three-node cluster, JVM processes on free loopback ports, stopped by their PIDs when the
+//! handle is dropped).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,14 +19,10 @@ use rdkafka::ClientConfig;
 pub trait Broker {
     /// `host:port` for `bootstrap.servers`.
     fn bootstrap(&self) -> String;
-    /// Create `name` with `partitions` partitions (replication 1).
+    /// Create `name` with `partitions` partitions, replicated to every node it has.
     fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()>;
     /// A short name for messages.
     fn kind(&self) -> &'static str;
-    /// librdkafka producer settings for data whose offsets the tests check exactly.
-    fn exact_producer_settings(&self) -> &'static [(&'static str, &'static str)] {
-        &[]
-    }
     /// Make the broker unavailable (`false`) or available again (`true`), keeping its data:
     /// an outage, for tests.
     fn set_available(&self, available: bool) -> anyhow::Result<()>;
@@ -65,118 +61,10 @@ impl Broker for Mock {
     }
 }
 
-/// The tansu version `.ci/setup-tests` installs.
-pub const TANSU_VERSION: &str = "0.6.0";
-
-/// Where `.ci/setup-tests` installs tansu (`target/tools/bin/tansu` of this workspace), unless
-/// `SLUICE_TANSU` names another binary.
-pub fn tansu_binary() -> PathBuf {
-    installed("SLUICE_TANSU", "bin/tansu")
-}
-
 /// What the variable `var` names, else `target/tools/<path>` of this workspace, where
 /// `.ci/setup-tests` installs the test brokers.
 fn installed(var: &str, path: &str) -> PathBuf {
     std::env::var_os(var).map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools").join(path), PathBuf::from)
-}
-
-/// A tansu broker process with in-memory storage on a free loopback port.
-pub struct Tansu {
-    child: Child,
-    address: SocketAddr,
-    log: PathBuf,
-}
-
-impl Tansu {
-    /// Start [`tansu_binary`] and wait until it accepts connections.
-    pub fn start() -> anyhow::Result<Self> {
-        Self::start_binary(&tansu_binary())
-    }
-
-    /// Start the tansu at `binary`.
-    pub fn start_binary(binary: &Path) -> anyhow::Result<Self> {
-        if !binary.is_file() {
-            bail!(
-                "the tansu broker is not installed at {}: run `bash .ci/setup-tests` (it installs tansu {TANSU_VERSION}), or set SLUICE_TANSU to a tansu binary",
-                binary.display()
-            );
-        }
-        // Ask the OS for a free port, then hand it to tansu.
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).context("no free loopback port")?.port();
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let url = format!("tcp://{address}");
-        let log = std::env::temp_dir().join(format!("sluice-tansu-{port}.log"));
-        let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut broker = Self { child, address, log };
-        broker.wait_ready()?;
-        Ok(broker)
-    }
-
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("tansu exited with {status} before accepting connections; its log:\n{}", self.log_text());
-            }
-            if TcpStream::connect_timeout(&self.address, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("tansu did not listen on {} within 30 s; its log:\n{}", self.address, self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// What the broker has logged so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The broker's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Broker for Tansu {
-    fn bootstrap(&self) -> String {
-        self.address.to_string()
-    }
-
-    fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        create_topic(&self.bootstrap(), name, partitions).with_context(|| format!("tansu's log:\n{}", self.log_text()))
-    }
-
-    fn kind(&self) -> &'static str {
-        "tansu"
-    }
-
-    /// The tansu process is stopped (SIGSTOP: it answers nothing, its connections hang)
-    /// or continued (SIGCONT), by its PID. Its storage is in memory, so a real restart
-    /// would lose the topics; a stopped process keeps them.
-    fn set_available(&self, available: bool) -> anyhow::Result<()> {
-        pause(self.pid(), available)
-    }
-
-    /// One record per produce request. tansu 0.6 (memory storage) answers ListOffsets
-    /// "latest" with the base offset of the partition's last record batch + 1 rather than
-    /// its last offset + 1, and a fetch from an offset inside a multi-record batch returns
-    /// nothing, so a consumer starting at "latest" would wait forever. With single-record
-    /// batches both agree with Kafka. (sluice also takes the high watermark from fetch
-    /// responses, which tansu reports correctly, so reading from the earliest offset works
-    /// with ordinary batching: the benchmark uses it.)
-    fn exact_producer_settings(&self) -> &'static [(&'static str, &'static str)] {
-        &[("batch.num.messages", "1"), ("linger.ms", "0")]
-    }
 }
 
 /// The Apache Kafka version `.ci/setup-tests` installs (`tests/kafka/pom.xml`).
@@ -188,19 +76,33 @@ pub fn kafka_libs() -> PathBuf {
     installed("SLUICE_KAFKA_LIBS", "kafka/libs")
 }
 
-/// One Apache Kafka node in KRaft mode (broker and controller in one JVM) on two free
-/// loopback ports, with its log directory in a temporary folder removed on drop. Unlike
-/// tansu it keeps its data on disk: [`ApacheKafka::kill`] and [`ApacheKafka::restart`]
-/// stop it with SIGKILL and bring it back on the same log directory.
+/// Apache Kafka in KRaft mode: one node, or a cluster of several, each broker and
+/// controller in one JVM on two free loopback ports, their log directories in a temporary
+/// folder removed on drop. Each node keeps its data on disk: [`ApacheKafka::kill`] stops
+/// one with SIGKILL and [`ApacheKafka::restart`] brings it back on the same log directory.
+/// A cluster replicates every topic to all nodes with `min.insync.replicas = 2`.
 pub struct ApacheKafka {
-    child: Option<Child>,
+    nodes: Vec<Node>,
     dir: tempfile::TempDir,
+}
+
+/// One node of an [`ApacheKafka`] cluster.
+struct Node {
+    /// Its `node.id`, from 1.
+    id: i32,
+    child: Option<Child>,
     address: SocketAddr,
 }
 
 impl ApacheKafka {
-    /// Format a log directory, start the node and wait until it serves metadata.
+    /// Format a log directory, start one node and wait until it serves metadata.
     pub fn start() -> anyhow::Result<Self> {
+        Self::cluster(1)
+    }
+
+    /// Start a cluster of `nodes` nodes (node ids 1..=nodes), each a broker and a voter of
+    /// the controller quorum, and wait until every node serves.
+    pub fn cluster(nodes: usize) -> anyhow::Result<Self> {
         let libs = kafka_libs();
         if !libs.join(format!("kafka_2.13-{KAFKA_VERSION}.jar")).is_file() {
             bail!(
@@ -208,118 +110,183 @@ impl ApacheKafka {
                 libs.display()
             );
         }
+        anyhow::ensure!(nodes >= 1, "a cluster needs at least one node");
         let port = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).context("no free loopback port");
-        let (broker_port, controller_port) = (port()?, port()?);
-        let dir = tempfile::Builder::new().prefix("sluice-kafka-").tempdir().context("cannot create a folder for Kafka's log directory")?;
-        let data = dir.path().join("data");
-        let properties = format!(
-            "process.roles=broker,controller\n\
-             node.id=1\n\
-             controller.quorum.voters=1@127.0.0.1:{controller_port}\n\
-             listeners=PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{broker_port}\n\
-             controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
-             inter.broker.listener.name=PLAINTEXT\n\
-             log.dirs={}\n\
-             num.partitions=1\n\
-             offsets.topic.replication.factor=1\n\
-             offsets.topic.num.partitions=4\n\
-             transaction.state.log.replication.factor=1\n\
-             transaction.state.log.min.isr=1\n\
-             transaction.state.log.num.partitions=4\n\
-             group.initial.rebalance.delay.ms=0\n\
-             auto.create.topics.enable=false\n",
-            data.display()
-        );
-        std::fs::write(dir.path().join("server.properties"), properties).context("cannot write Kafka's server.properties")?;
+        let ports: Vec<(u16, u16)> = (0..nodes).map(|_| Ok((port()?, port()?))).collect::<anyhow::Result<_>>()?;
+        let dir = tempfile::Builder::new().prefix("sluice-kafka-").tempdir().context("cannot create a folder for Kafka's log directories")?;
+        let voters: Vec<String> = ports.iter().enumerate().map(|(i, (_, controller))| format!("{}@127.0.0.1:{controller}", i + 1)).collect();
+        let replication = nodes;
+        let min_isr = nodes.min(2);
         let cluster_id = {
             use sha2::Digest;
-            let seed = format!("{}-{broker_port}-{:?}", std::process::id(), Instant::now());
+            let seed = format!("{}-{}-{:?}", std::process::id(), ports[0].0, Instant::now());
             let digest = sha2::Sha256::digest(seed.as_bytes());
             // A Kafka cluster id: 16 bytes, URL-safe base64 without padding.
             base64_url(&digest[..16])
         };
-        let format = Command::new("java")
-            .args(["-Xmx256m", "-cp"])
-            .arg(format!("{}/*", libs.display()))
-            // `--option=value`: an id may start with `-`, which the parser would take for an option.
-            .args(["kafka.tools.StorageTool", "format", &format!("--cluster-id={cluster_id}")])
-            .arg(format!("--config={}", dir.path().join("server.properties").display()))
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run java (Apache Kafka needs Java 17 or later on PATH)")?;
-        if !format.status.success() {
-            bail!("formatting Kafka's log directory failed: {}{}", String::from_utf8_lossy(&format.stdout), String::from_utf8_lossy(&format.stderr));
+        let mut cluster = Self { nodes: Vec::new(), dir };
+        for (i, &(broker_port, controller_port)) in ports.iter().enumerate() {
+            let id = i as i32 + 1;
+            let home = cluster.home(id);
+            std::fs::create_dir_all(&home).context("cannot create a node's folder")?;
+            let properties = format!(
+                "process.roles=broker,controller\n\
+                 node.id={id}\n\
+                 controller.quorum.voters={voters}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{broker_port}\n\
+                 controller.listener.names=CONTROLLER\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 inter.broker.listener.name=PLAINTEXT\n\
+                 log.dirs={data}\n\
+                 num.partitions=1\n\
+                 default.replication.factor={replication}\n\
+                 min.insync.replicas={min_isr}\n\
+                 offsets.topic.replication.factor={replication}\n\
+                 offsets.topic.num.partitions=4\n\
+                 transaction.state.log.replication.factor={replication}\n\
+                 transaction.state.log.min.isr={min_isr}\n\
+                 transaction.state.log.num.partitions=4\n\
+                 group.initial.rebalance.delay.ms=0\n\
+                 broker.session.timeout.ms=4000\n\
+                 broker.heartbeat.interval.ms=500\n\
+                 auto.create.topics.enable=false\n",
+                voters = voters.join(","),
+                data = home.join("data").display()
+            );
+            std::fs::write(home.join("server.properties"), properties).context("cannot write Kafka's server.properties")?;
+            let format = Command::new("java")
+                .args(["-Xmx256m", "-cp"])
+                .arg(format!("{}/*", libs.display()))
+                // `--option=value`: an id may start with `-`, which the parser would take for an option.
+                .args(["kafka.tools.StorageTool", "format", &format!("--cluster-id={cluster_id}")])
+                .arg(format!("--config={}", home.join("server.properties").display()))
+                .stdin(Stdio::null())
+                .output()
+                .context("cannot run java (Apache Kafka needs Java 17 or later on PATH)")?;
+            if !format.status.success() {
+                bail!("formatting Kafka's log directory failed: {}{}", String::from_utf8_lossy(&format.stdout), String::from_utf8_lossy(&format.stderr));
+            }
+            cluster.nodes.push(Node { id, child: None, address: SocketAddr::from((Ipv4Addr::LOCALHOST, broker_port)) });
         }
-        let mut broker = Self { child: None, dir, address: SocketAddr::from((Ipv4Addr::LOCALHOST, broker_port)) };
-        broker.spawn()?;
-        Ok(broker)
+        // All voters must run before any of them can elect a controller.
+        for id in 1..=nodes as i32 {
+            cluster.spawn(id)?;
+        }
+        for id in 1..=nodes as i32 {
+            cluster.wait_ready(id)?;
+        }
+        Ok(cluster)
     }
 
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("kafka.log")
+    fn home(&self, id: i32) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).context("cannot open Kafka's log file")?;
+    fn node(&mut self, id: i32) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("a node of this cluster")
+    }
+
+    fn spawn(&mut self, id: i32) -> anyhow::Result<()> {
+        let home = self.home(id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("kafka.log")).context("cannot open Kafka's log file")?;
         let child = Command::new("java")
             .args(["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", "-cp"])
             .arg(format!("{}/*", kafka_libs().display()))
             .arg("kafka.Kafka")
-            .arg(self.dir.path().join("server.properties"))
+            .arg(home.join("server.properties"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("cannot run java (Apache Kafka needs Java 17 or later on PATH)")?;
-        self.child = Some(child);
-        self.wait_ready()
+        self.node(id).child = Some(child);
+        Ok(())
     }
 
-    /// Wait until the node answers a metadata request with itself as a broker.
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+    /// Wait until node `id` answers a metadata request that lists every running node.
+    fn wait_ready(&mut self, id: i32) -> anyhow::Result<()> {
         let started = Instant::now();
-        let client: rdkafka::consumer::BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).set("log_level", "0").create()?;
+        let address = self.node(id).address;
+        let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
+        let client: rdkafka::consumer::BaseConsumer = ClientConfig::new().set("bootstrap.servers", address.to_string()).set("log_level", "0").create()?;
         loop {
-            if let Some(status) = self.child.as_mut().expect("spawned").try_wait()? {
-                bail!("Apache Kafka exited with {status} before it served; its log:\n{}", self.log_text());
+            if let Some(status) = self.node(id).child.as_mut().expect("spawned").try_wait()? {
+                bail!("Apache Kafka node {id} exited with {status} before it served; its log:\n{}", self.log_text());
             }
             use rdkafka::consumer::Consumer as _;
-            if TcpStream::connect_timeout(&self.address, Duration::from_millis(200)).is_ok()
-                && client.fetch_metadata(None, Duration::from_secs(1)).is_ok_and(|m| !m.brokers().is_empty())
+            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok()
+                && client.fetch_metadata(None, Duration::from_secs(1)).is_ok_and(|m| m.brokers().len() >= running)
             {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(90) {
-                bail!("Apache Kafka did not serve on {} within 90 s; its log:\n{}", self.address, self.log_text());
+                bail!("Apache Kafka node {id} did not serve on {address} within 90 s; its log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    /// What the node has logged so far (errors only, log4j2's default).
+    /// What the nodes have logged so far (errors only, log4j2's default).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
+        self.nodes
+            .iter()
+            .map(|n| format!("-- node {} --\n{}", n.id, std::fs::read_to_string(self.home(n.id).join("kafka.log")).unwrap_or_default()))
+            .collect()
     }
 
-    /// The node's process id, while it runs.
+    /// The process id of the first node, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.nodes[0].child.as_ref().map(Child::id)
     }
 
-    /// Stop the node with SIGKILL (by its PID); its log directory stays.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    /// What the benchmarks print about the broker they ran on.
+    pub fn describe(&self) -> String {
+        let pids: Vec<String> = self.nodes.iter().filter_map(|n| n.child.as_ref().map(|c| c.id().to_string())).collect();
+        format!("Apache Kafka {KAFKA_VERSION} ({} node{}, pid {}) at {}", self.nodes.len(), if self.nodes.len() == 1 { "" } else { "s" }, pids.join(", "), self.bootstrap())
+    }
+
+    /// Stop node `id` with SIGKILL (by its PID); its log directory stays.
+    pub fn kill_node(&mut self, id: i32) {
+        if let Some(mut child) = self.node(id).child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Start the node again on the same log directory and ports.
+    /// Start node `id` again on the same log directory and ports, and wait until it serves.
+    pub fn restart_node(&mut self, id: i32) -> anyhow::Result<()> {
+        self.kill_node(id);
+        self.spawn(id)?;
+        self.wait_ready(id)
+    }
+
+    /// Stop every node with SIGKILL; the log directories stay.
+    pub fn kill(&mut self) {
+        for id in 1..=self.nodes.len() as i32 {
+            self.kill_node(id);
+        }
+    }
+
+    /// Start every node again on the same log directories and ports.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.spawn()
+        for id in 1..=self.nodes.len() as i32 {
+            self.spawn(id)?;
+        }
+        for id in 1..=self.nodes.len() as i32 {
+            self.wait_ready(id)?;
+        }
+        Ok(())
+    }
+
+    /// The node that leads `topic`'s `partition` now, as the cluster's metadata says.
+    pub fn leader(&self, topic: &str, partition: i32) -> anyhow::Result<i32> {
+        use rdkafka::consumer::Consumer as _;
+        let client: rdkafka::consumer::BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create()?;
+        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let found = metadata.topics().iter().find(|t| t.name() == topic).and_then(|t| t.partitions().iter().find(|p| p.id() == partition)).map(|p| p.leader());
+        found.filter(|&l| l >= 0).with_context(|| format!("{topic}/{partition} has no leader now"))
     }
 }
 
@@ -346,21 +313,26 @@ fn base64_url(bytes: &[u8]) -> String {
 }
 
 impl Broker for ApacheKafka {
+    /// Every node's address.
     fn bootstrap(&self) -> String {
-        self.address.to_string()
+        self.nodes.iter().map(|n| n.address.to_string()).collect::<Vec<_>>().join(",")
     }
 
+    /// Replicated to every node.
     fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        create_topic(&self.bootstrap(), name, partitions).with_context(|| format!("Apache Kafka's log:\n{}", self.log_text()))
+        create_topic(&self.bootstrap(), name, partitions, self.nodes.len() as i32).with_context(|| format!("Apache Kafka's log:\n{}", self.log_text()))
     }
 
     fn kind(&self) -> &'static str {
         "kafka"
     }
 
-    /// The JVM is stopped (SIGSTOP) or continued (SIGCONT) by its PID.
+    /// Every node's JVM is stopped (SIGSTOP) or continued (SIGCONT) by its PID.
     fn set_available(&self, available: bool) -> anyhow::Result<()> {
-        pause(self.pid().context("Apache Kafka is not running")?, available)
+        for node in &self.nodes {
+            pause(node.child.as_ref().map(Child::id).with_context(|| format!("Apache Kafka node {} is not running", node.id))?, available)?;
+        }
+        Ok(())
     }
 }
 
@@ -379,7 +351,7 @@ impl Broker for External {
         self.0.clone()
     }
     fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        create_topic(&self.0, name, partitions)
+        create_topic(&self.0, name, partitions, 1)
     }
     fn kind(&self) -> &'static str {
         "external"
@@ -391,9 +363,9 @@ impl Broker for External {
 
 /// Create a topic through the Kafka admin API, with explicit retention settings (some
 /// clients refuse topics that report none).
-fn create_topic(bootstrap: &str, name: &str, partitions: i32) -> anyhow::Result<()> {
+fn create_topic(bootstrap: &str, name: &str, partitions: i32, replication: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1").set("retention.bytes", "-1");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication)).set("retention.ms", "-1").set("retention.bytes", "-1");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let io = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     for result in io.block_on(admin.create_topics([&topic], &options)).with_context(|| format!("cannot reach {bootstrap} to create topic {name}"))? {
@@ -402,15 +374,6 @@ fn create_topic(bootstrap: &str, name: &str, partitions: i32) -> anyhow::Result<
         }
     }
     Ok(())
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        // Stopped by its PID (the child handle), never by name.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
 }
 
 #[cfg(test)]

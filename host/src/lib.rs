@@ -19,7 +19,7 @@
 //! * [`offline`] — feeds a plugin from a JSON-lines file in batches (`sluice plugin test`).
 //! * [`examples`] — the example plugins, built from `plugins/` and embedded.
 //! * [`demo`] — seed-style ad-click events and the embedded demo.
-//! * [`broker`] — brokers sluice starts itself: the mock cluster and a local tansu process.
+//! * [`broker`] — brokers sluice starts itself: the mock cluster and Apache Kafka (one node or a cluster) as local processes.
 //! * [`bench`] — the benchmarks.
 
 pub mod bench;

@@ -73,24 +73,24 @@ enum Command {
 enum BenchCommand {
     /// Plugin throughput: WebAssembly vs the same plugin code compiled natively.
     Plugins(sluice::bench::BenchArgs),
-    /// Whole pipelines on a real broker (tansu, started on a loopback port): consume-only,
+    /// Whole pipelines on Apache Kafka (started on loopback ports): consume-only,
     /// then json-filter and ad-clicks, native and WebAssembly.
     Pipeline(sluice::bench::pipeline::PipelineBenchArgs),
-    /// Checkpointing cost on a real broker (tansu): throughput with a checkpoint per batch
+    /// Checkpointing cost on Apache Kafka: throughput with a checkpoint per batch
     /// vs off, and the time from a restart after SIGKILL to the first committed batch.
     Checkpoint(sluice::bench::checkpoint::CheckpointBenchArgs),
     /// A 10× traffic burst against a pipeline of known capacity, with backpressure on and
-    /// off, on a real broker (tansu): per batch processing time / interval, lag, memory.
+    /// off, on Apache Kafka: per batch processing time / interval, lag, memory.
     Burst(sluice::bench::burst::BurstBenchArgs),
-    /// The stall a live plugin swap causes, on a real broker (tansu): per swap, time at the
+    /// The stall a live plugin swap causes, on Apache Kafka: per swap, time at the
     /// batch boundary and the new version's first batch against the median batch.
     Swap(sluice::bench::swap::SwapBenchArgs),
     /// Event → sink latency of a stateless pipeline (WebAssembly json-filter) at a fixed
-    /// input rate with short batches, on a real broker (tansu): p50, p90, p99, max.
+    /// input rate with short batches, on Apache Kafka: p50, p90, p99, max.
     Latency(sluice::bench::latency::LatencyBenchArgs),
     /// The ad-click aggregation in sluice, natively over rdkafka, in Quix Streams and in
     /// Bytewax (from PyPI, into a virtual environment), on the same data on a real broker
-    /// (tansu): records/s, wall time, peak RSS, and whether the closed windows match.
+    /// (Apache Kafka): records/s, wall time, peak RSS, and whether the closed windows match.
     Peers(sluice::bench::peers::PeersBenchArgs),
     /// The peers benchmark's native ceiling (run by it as a child process).
     #[command(hide = true)]
@@ -395,7 +395,8 @@ fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<
     let describe = |sink: &Sink| match sink {
         Sink::Parquet { path, compression, .. } => format!("parquet {path} ({compression:?})"),
         Sink::Jsonl { path } => format!("jsonl {path}"),
-        Sink::Kafka { topic } => format!("kafka topic {topic} (at least once)"),
+        Sink::Kafka { topic, delivery: sluice::config::Delivery::AtLeastOnce } => format!("kafka topic {topic} (at least once)"),
+        Sink::Kafka { topic, delivery: sluice::config::Delivery::ExactlyOnce { transactional_id } } => format!("kafka topic {topic} (exactly once for read_committed consumers; transactional.id {transactional_id})"),
     };
     writeln!(out, "  sink     {}", describe(&pipeline.sink))?;
     match &pipeline.dead_letter {

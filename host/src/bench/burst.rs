@@ -16,7 +16,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use sluice_sdk::{record_schema, Context, Finished, PluginKind};
 
-use crate::broker::{Broker, Tansu};
+use crate::broker::{ApacheKafka, Broker};
 use crate::chain::{Chain, Stage};
 use crate::checkpoint::PluginIdentity;
 use crate::config::Backpressure;
@@ -333,10 +333,10 @@ pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
     Ok(runs)
 }
 
-/// `sluice bench burst`: start tansu, run [`run_on`], stop it.
+/// `sluice bench burst`: start Apache Kafka, run [`run_on`], stop it.
 pub fn run(args: &BurstBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
-    let broker = Tansu::start()?;
-    writeln!(out, "broker: tansu {} (pid {}) at {}; capacity {} records/s, interval {} ms", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap(), args.capacity, args.interval.as_millis())?;
+    let broker = ApacheKafka::start()?;
+    writeln!(out, "broker: {}; capacity {} records/s, interval {} ms", broker.describe(), args.capacity, args.interval.as_millis())?;
     run_on(args, &broker, &std::env::current_exe()?, out)
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::per_sec;
 use super::pipeline::{produce, TOPIC};
-use crate::broker::{Broker, Tansu};
+use crate::broker::{ApacheKafka, Broker};
 use crate::chain::FailurePolicy;
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step, DEFAULT_RETAIN};
@@ -188,9 +188,9 @@ pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exe: &Path, out: 
     Ok(CheckpointBench { off_per_sec: off, on_per_sec: on, batches, restarts: times })
 }
 
-/// `sluice bench checkpoint`: start tansu, run [`run_on`] with this executable, stop it.
+/// `sluice bench checkpoint`: start Apache Kafka, run [`run_on`] with this executable, stop it.
 pub fn run_bench(args: &CheckpointBenchArgs, out: &mut dyn Write) -> anyhow::Result<CheckpointBench> {
-    let broker = Tansu::start()?;
-    writeln!(out, "broker: tansu {} (pid {}) at {}, in-memory storage", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+    let broker = ApacheKafka::start()?;
+    writeln!(out, "broker: {}", broker.describe())?;
     run_on(args, &broker, &std::env::current_exe()?, out)
 }

@@ -3,7 +3,7 @@
 //! batches, on a real broker.
 //!
 //! A producer process stamps each event's `timestamp` with the wall clock when it creates
-//! it and writes it to tansu at a fixed rate. The pipeline (json-filter, demo
+//! it and writes it to Apache Kafka at a fixed rate. The pipeline (json-filter, demo
 //! configuration: keep clicks, project four fields) runs with its trigger interval; a sink
 //! that measures takes each row's `timestamp` from the filtered JSON and records the wall
 //! clock minus it when the batch reaches the sink. Events created during the warm-up are
@@ -19,7 +19,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::RecordBatch;
 
 use super::burst::Producer;
-use crate::broker::{Broker, Tansu};
+use crate::broker::{ApacheKafka, Broker};
 use crate::demo::FILTER_CONFIG;
 use crate::pipeline::{now_ms, run_chain, Until};
 use crate::runtime::Runtime;
@@ -140,10 +140,10 @@ pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exe: &Path, out: &mu
     Ok(report)
 }
 
-/// `sluice bench latency`: start tansu, run [`run_on`], stop it.
+/// `sluice bench latency`: start Apache Kafka, run [`run_on`], stop it.
 pub fn run(args: &LatencyBenchArgs, out: &mut dyn Write) -> anyhow::Result<LatencyReport> {
-    let broker = Tansu::start()?;
-    writeln!(out, "broker: tansu {} (pid {}) at {}; json-filter (WebAssembly) from producer to sink", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+    let broker = ApacheKafka::start()?;
+    writeln!(out, "broker: {}; json-filter (WebAssembly) from producer to sink", broker.describe())?;
     run_on(args, &broker, &std::env::current_exe()?, out)
 }
 

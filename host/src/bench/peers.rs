@@ -1,7 +1,7 @@
 //! `sluice bench peers`: the seed's ad-click aggregation in sluice and in the tools people
 //! use today, on the same broker and data, one after another.
 //!
-//! It starts tansu, produces seed-style events keyed (and partitioned) by `campaign_id`,
+//! It starts Apache Kafka, produces seed-style events keyed (and partitioned) by `campaign_id`,
 //! and runs, each as a child process so its peak memory is its own:
 //! * sluice: `sluice run --available-now` over a pipeline file with the WebAssembly
 //!   ad-clicks plugin (batches of at most 100 000 records, checkpoints on);
@@ -25,7 +25,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sluice_sdk::Aggregate;
 
-use crate::broker::{Broker, Tansu};
+use crate::broker::{ApacheKafka, Broker};
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::kafka::{Loader, Outgoing, TUNED_DEFAULTS};
 
@@ -64,7 +64,7 @@ pub struct PeersBenchArgs {
     /// Write the results as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
-    /// Use this broker (`host:port`) instead of starting tansu; the topic
+    /// Use this broker (`host:port`) instead of starting Apache Kafka; the topic
     /// `sluice-bench-peers` must not exist yet.
     #[arg(long)]
     pub bootstrap: Option<String>,
@@ -371,14 +371,14 @@ fn target_of(system: &str) -> &'static str {
     }
 }
 
-/// `sluice bench peers`: start tansu (unless `--bootstrap` is given), run [`run_on`], stop the broker.
+/// `sluice bench peers`: start Apache Kafka (unless `--bootstrap` is given), run [`run_on`], stop the broker.
 pub fn run(args: &PeersBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<PeerResult>> {
     let exe = std::env::current_exe()?;
     match &args.bootstrap {
         Some(bootstrap) => run_on(args, &crate::broker::External(bootstrap.clone()), &exe, out),
         None => {
-            let broker = Tansu::start()?;
-            writeln!(out, "broker: tansu {} (pid {}) at {}", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+            let broker = ApacheKafka::start()?;
+            writeln!(out, "broker: {}", broker.describe())?;
             run_on(args, &broker, &exe, out)
         }
     }

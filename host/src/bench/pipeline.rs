@@ -16,7 +16,7 @@ use arrow_array::RecordBatch;
 use sluice_sdk::testing::{AggregateDriver, TransformDriver};
 
 use super::{per_sec, NativeStage};
-use crate::broker::{Broker, Tansu};
+use crate::broker::{ApacheKafka, Broker};
 use crate::chain::{Chain, FailurePolicy, Stage};
 use crate::demo::generator::{EventGenerator, EventSpec};
 use crate::demo::FILTER_CONFIG;
@@ -44,7 +44,7 @@ pub struct PipelineBenchArgs {
     /// Repetitions of each pipeline; the fastest is reported.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
-    /// Use this broker (`host:port`) instead of starting tansu; the topic
+    /// Use this broker (`host:port`) instead of starting Apache Kafka; the topic
     /// `sluice-bench-events` must not exist yet.
     #[arg(long)]
     pub bootstrap: Option<String>,
@@ -142,7 +142,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
     )?;
     let runtime = Runtime::new(crate::runtime::default_cache_dir())?;
     // Repetitions take the pipelines in turn, every other one in reverse order: the broker's
-    // speed drifts over a run (tansu, with its data in memory, here), and with a fixed
+    // speed drifts over a run (the broker's, here), and with a fixed
     // order the WASM pipeline of each pair would always meet the broker after its native
     // twin did.
     let mut best: Vec<Option<PipelineRow>> = vec![None; CASES.len()];
@@ -194,14 +194,14 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
     Ok(rows_out)
 }
 
-/// `sluice bench pipeline`: start tansu (unless `--bootstrap` is given), run [`run_on`],
+/// `sluice bench pipeline`: start Apache Kafka (unless `--bootstrap` is given), run [`run_on`],
 /// stop the broker.
 pub fn run(args: &PipelineBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<PipelineRow>> {
     match &args.bootstrap {
         Some(bootstrap) => run_on(args, &crate::broker::External(bootstrap.clone()), out),
         None => {
-            let broker = Tansu::start()?;
-            writeln!(out, "broker: tansu {} (pid {}) at {}, in-memory storage", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+            let broker = ApacheKafka::start()?;
+            writeln!(out, "broker: {}", broker.describe())?;
             run_on(args, &broker, out)
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::burst::Producer;
 use super::pipeline::Discard;
-use crate::broker::{Broker, Tansu};
+use crate::broker::{ApacheKafka, Broker};
 use crate::config::{Pipeline, PluginSource, Step};
 use crate::pipeline::{run, Until};
 use crate::runtime::{Limits, Runtime};
@@ -176,10 +176,10 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
     Ok(stalls)
 }
 
-/// `sluice bench swap`: start tansu, run [`run_on`] with this executable, stop it.
+/// `sluice bench swap`: start Apache Kafka, run [`run_on`] with this executable, stop it.
 pub fn run_bench(args: &SwapBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<SwapStall>> {
-    let broker = Tansu::start()?;
-    writeln!(out, "broker: tansu {} (pid {}) at {}", crate::broker::TANSU_VERSION, broker.pid(), broker.bootstrap())?;
+    let broker = ApacheKafka::start()?;
+    writeln!(out, "broker: {}", broker.describe())?;
     run_on(args, &broker, &std::env::current_exe()?, out)
 }
 

@@ -87,7 +87,32 @@ pub enum Sink {
     Kafka {
         /// Topic name.
         topic: String,
+        /// What a restart may do to output already written.
+        delivery: Delivery,
     },
+}
+
+/// What a Kafka sink guarantees across failures and restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Every batch's records are acknowledged before its checkpoint; a batch replayed after
+    /// a crash between the two is written again (duplicates, never losses).
+    #[default]
+    AtLeastOnce,
+    /// Each batch's records and a marker of the batch are written in one Kafka transaction
+    /// (`transactional.id` below); a replayed batch whose transaction committed is not
+    /// written again, one that did not is aborted and written anew. Consumers that read
+    /// with `isolation.level = read_committed` see each record once.
+    ExactlyOnce {
+        /// The producer's `transactional.id`: a new process with the same id fences the
+        /// old one.
+        transactional_id: String,
+    },
+}
+
+impl Delivery {
+    /// The names accepted in a pipeline file.
+    pub const NAMES: &'static str = "\"at-least-once\" (default) or \"exactly-once\"";
 }
 
 impl Sink {
@@ -95,7 +120,7 @@ impl Sink {
     pub fn target(&self) -> &str {
         match self {
             Sink::Parquet { path, .. } | Sink::Jsonl { path } => path,
-            Sink::Kafka { topic } => topic,
+            Sink::Kafka { topic, .. } => topic,
         }
     }
 }
@@ -210,11 +235,12 @@ pub enum ConfigError {
 }
 
 /// librdkafka properties sluice sets itself, and why.
-const MANAGED_KAFKA_KEYS: [(&str, &str); 4] = [
+const MANAGED_KAFKA_KEYS: [(&str, &str); 5] = [
     ("group.id", "set `source.groupId` instead"),
     ("enable.auto.commit", "sluice commits offsets itself after each batch is written"),
     ("auto.offset.reset", "set `source.startingOffsets` instead"),
     ("enable.auto.offset.store", "sluice stores offsets itself after each batch is written"),
+    ("transactional.id", "set `deliveryGuarantee = \"exactly-once\"` (and optionally `transactionalId`) under [sink] instead"),
 ];
 
 /// Default batch interval when `[trigger]` gives none.
@@ -229,13 +255,14 @@ fn valid_topic(name: &str) -> bool {
 }
 
 /// Check a `[sink]`-shaped table; `key` names it in messages.
-fn check_sink(raw: raw::RawSink, key: &str, source_topics: &[String], invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<Sink, ConfigError> {
+/// `pipeline` is the pipeline's name (part of a default transactional id).
+fn check_sink(raw: raw::RawSink, key: &str, pipeline: &str, source_topics: &[String], invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<Sink, ConfigError> {
     let at = |k: &str| format!("{key}.{k}");
     Ok(match raw {
         raw::RawSink::Parquet { path, .. } if path.trim().is_empty() => return Err(invalid(&at("path"), "must not be empty".into())),
         raw::RawSink::Jsonl { path } if path.trim().is_empty() => return Err(invalid(&at("path"), "must not be empty; use `-` for stdout".into())),
-        raw::RawSink::Kafka { topic } if !valid_topic(&topic) => return Err(invalid(&at("topic"), format!("`{topic}` is not a Kafka topic name"))),
-        raw::RawSink::Kafka { topic } if source_topics.contains(&topic) => {
+        raw::RawSink::Kafka { topic, .. } if !valid_topic(&topic) => return Err(invalid(&at("topic"), format!("`{topic}` is not a Kafka topic name"))),
+        raw::RawSink::Kafka { topic, .. } if source_topics.contains(&topic) => {
             return Err(invalid(&at("topic"), format!("`{topic}` is also a source topic: the pipeline would read its own output")))
         }
         raw::RawSink::Parquet { path, compression, options } => {
@@ -251,7 +278,24 @@ fn check_sink(raw: raw::RawSink, key: &str, source_topics: &[String], invalid: &
             Sink::Parquet { path, compression, options }
         }
         raw::RawSink::Jsonl { path } => Sink::Jsonl { path },
-        raw::RawSink::Kafka { topic } => Sink::Kafka { topic },
+        raw::RawSink::Kafka { topic, delivery_guarantee, transactional_id } => {
+            let delivery = match delivery_guarantee.as_deref() {
+                None | Some("at-least-once") => {
+                    if transactional_id.is_some() {
+                        return Err(invalid(&at("transactionalId"), "applies only with `deliveryGuarantee = \"exactly-once\"`; add that or remove it".into()));
+                    }
+                    Delivery::AtLeastOnce
+                }
+                Some("exactly-once") => match transactional_id {
+                    Some(id) if id.trim().is_empty() => return Err(invalid(&at("transactionalId"), "must not be empty; leave it out for the default".into())),
+                    Some(id) => Delivery::ExactlyOnce { transactional_id: id },
+                    // One producer per pipeline, output and task (one task today).
+                    None => Delivery::ExactlyOnce { transactional_id: format!("sluice-{pipeline}-{key}-0") },
+                },
+                Some(other) => return Err(invalid(&at("deliveryGuarantee"), format!("`{other}` is not a delivery guarantee; use {}", Delivery::NAMES))),
+            };
+            Sink::Kafka { topic, delivery }
+        }
     })
 }
 
@@ -458,8 +502,8 @@ impl Pipeline {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let sink = check_sink(raw.sink, "sink", &source.topics, &invalid)?;
-        let dead_letter = raw.dead_letter.map(|d| check_sink(d, "deadLetter", &source.topics, &invalid)).transpose()?;
+        let sink = check_sink(raw.sink, "sink", &name, &source.topics, &invalid)?;
+        let dead_letter = raw.dead_letter.map(|d| check_sink(d, "deadLetter", &name, &source.topics, &invalid)).transpose()?;
         if dead_letter.as_ref().is_some_and(|d| d.target() == sink.target()) {
             return Err(invalid("deadLetter", "is the same place as [sink]; give dead letters a path or topic of their own".into()));
         }
@@ -494,6 +538,15 @@ impl Pipeline {
             };
             Some(Checkpointing { location, options: raw_checkpoint.options, retain })
         };
+
+        for (key, sink) in [("sink", Some(&sink)), ("deadLetter", dead_letter.as_ref())] {
+            if let (Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { .. }, .. }), None) = (sink, &checkpoint) {
+                return Err(invalid(
+                    &format!("{key}.deliveryGuarantee"),
+                    "`exactly-once` needs checkpointing: a restart decides from the checkpoint which batches to replay; remove `enabled = false` from [checkpoint] or use `at-least-once`".into(),
+                ));
+            }
+        }
 
         let raw_bp = raw.backpressure.unwrap_or_default();
         let backpressure = if raw_bp.enabled == Some(true) {

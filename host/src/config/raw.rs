@@ -114,5 +114,11 @@ pub enum RawSink {
         options: BTreeMap<String, String>,
     },
     Jsonl { path: String },
-    Kafka { topic: String },
+    Kafka {
+        topic: String,
+        #[serde(rename = "deliveryGuarantee")]
+        delivery_guarantee: Option<String>,
+        #[serde(rename = "transactionalId")]
+        transactional_id: Option<String>,
+    },
 }

@@ -409,7 +409,13 @@ impl Loader {
         }
     }
 
-    fn check_deliveries(&self) -> Result<(), SourceError> {
+    /// The producer, for a sink's transactions.
+    pub(crate) fn producer(&self) -> &rdkafka::producer::BaseProducer<DeliveryTracker> {
+        &self.producer
+    }
+
+    /// An error if a record sent since the last check was not delivered (the count is reset).
+    pub(crate) fn check_deliveries(&self) -> Result<(), SourceError> {
         use rdkafka::producer::Producer as _;
         let tracker = self.producer.context();
         let failed_count = tracker.failed.swap(0, std::sync::atomic::Ordering::SeqCst);
