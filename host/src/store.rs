@@ -190,6 +190,10 @@ fn open_cloud(url: &url::Url, options: &BTreeMap<String, String>) -> Result<(Box
     use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
     use object_store::ObjectStoreScheme;
 
+    // The HTTPS clients of the cloud stores use rustls with the process's default crypto
+    // provider: ring (an error only says one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
     fn keys<K: std::str::FromStr>(options: &BTreeMap<String, String>, store: &str) -> Result<Vec<(K, String)>, String> {
         options
             .iter()
