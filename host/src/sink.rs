@@ -187,9 +187,9 @@ struct Transactions {
     open: Option<u64>,
 }
 
-/// How long one transactional request (init, begin, offsets, commit, abort) may take before
-/// it is tried again, and how long it is tried while the brokers answer that it may be.
+/// How long one transactional request (init, begin, offsets, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request is tried again while librdkafka says it may succeed (brokers away).
 const TXN_RETRY_FOR: Duration = Duration::from_secs(300);
 
 /// The metadata of a batch marker: sluice reads back only markers it wrote.
@@ -233,7 +233,6 @@ impl KafkaSink {
 
     /// The newest batch whose transaction committed, from the marker group's offset.
     fn read_marker(&self) -> Result<Option<u64>, SinkError> {
-        use rdkafka::consumer::Consumer as _;
         let t = self.transactions.as_ref().expect("exactly once");
         let mut asked = TopicPartitionList::new();
         asked.add_partition(&self.topic, 0);
@@ -273,6 +272,7 @@ impl KafkaSink {
                 Ok(()) => return Ok(()),
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < TXN_RETRY_FOR => {
                     tracing::warn!("kafka sink `{}`: batch {batch_id}: {what}: {e}; trying again", self.topic);
+                    std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(e) => return Err(self.fatal(batch_id, what).unwrap_or_else(|| self.txn_error(batch_id, what, e.to_string()))),
             }

@@ -547,6 +547,11 @@ impl Pipeline {
                 ));
             }
         }
+        if let (Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: a }, .. }, Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: b }, .. })) = (&sink, &dead_letter) {
+            if a == b {
+                return Err(invalid("deadLetter.transactionalId", format!("`{b}` is also the sink's: the two producers would fence each other; give each its own id")));
+            }
+        }
 
         let raw_bp = raw.backpressure.unwrap_or_default();
         let backpressure = if raw_bp.enabled == Some(true) {
