@@ -831,6 +831,17 @@ on_each_broker!(
 );
 
 #[test]
+fn a_kafka_sink_whose_topic_does_not_exist_says_so_when_it_opens_in_either_mode() {
+    // Apache Kafka here does not create topics on request (auto.create.topics.enable=false).
+    let broker = ApacheKafka::start().unwrap();
+    let kafka = BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]);
+    for delivery in [sluice::config::Delivery::AtLeastOnce, sluice::config::Delivery::ExactlyOnce { transactional_id: "sluice-missing".into() }] {
+        let error = sluice::sink::open(&SinkConfig::Kafka { topic: "missing-out".into(), delivery: delivery.clone() }, &kafka).err().expect("no such topic").to_string();
+        assert!(error.contains("kafka topic `missing-out`") && error.contains("does not exist on the brokers; create it"), "{delivery:?}: {error}");
+    }
+}
+
+#[test]
 fn state_a_plugin_cannot_read_is_refused_with_the_way_out_and_ignore_state_starts_it_fresh() {
     let broker = Mock::start().unwrap();
     broker.create_topic("clicks", 1).unwrap();

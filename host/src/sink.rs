@@ -204,9 +204,12 @@ impl KafkaSink {
         let properties: Vec<(&str, &str)> =
             kafka.iter().filter(|(k, _)| !TUNED_DEFAULTS.iter().any(|(d, _)| d == k)).map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let Delivery::ExactlyOnce { transactional_id: id } = delivery else {
-            return Ok(Self { loader: Loader::with_properties(properties.iter().copied()).map_err(fail)?, topic: topic.to_string(), transactions: None });
+            let loader = Loader::with_properties(properties.iter().copied()).map_err(fail)?;
+            check_topic(&loader, topic)?;
+            return Ok(Self { loader, topic: topic.to_string(), transactions: None });
         };
         let loader = Loader::with_properties(properties.iter().copied().chain([("transactional.id", id.as_str())])).map_err(fail)?;
+        check_topic(&loader, topic)?;
         let mut marker = ClientConfig::new();
         for (k, v) in &properties {
             marker.set(*k, *v);
@@ -296,6 +299,23 @@ impl KafkaSink {
 
     fn txn_error(&self, batch_id: u64, what: &str, error: String) -> SinkError {
         SinkError::Transaction { topic: self.topic.clone(), batch_id, what: what.to_string(), error }
+    }
+}
+
+/// An error that says so if `topic` does not exist (on a broker that creates topics when
+/// asked for their metadata, it then exists); an error too if the brokers cannot be reached.
+fn check_topic(loader: &Loader, topic: &str) -> Result<(), SinkError> {
+    let metadata = loader.producer().client().fetch_metadata(Some(topic), TXN_TIMEOUT).map_err(|error| SinkError::Kafka {
+        topic: topic.to_string(),
+        batch_id: 0,
+        error: SourceError::Kafka { what: format!("reading metadata of topic `{topic}`"), error },
+    })?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+        _ => Err(SinkError::Open {
+            target: format!("kafka topic `{topic}`"),
+            error: std::io::Error::other("the topic does not exist on the brokers; create it, or fix the topic in the pipeline file"),
+        }),
     }
 }
 
