@@ -943,7 +943,12 @@ fn the_burst_benchmark_runs_with_backpressure_on_and_off_and_plots_both() {
         assert!(run.peak_lag() > 1_000, "the 10× burst shows as lag: {report}");
         assert!(run.batches.iter().all(|b| b.rss_mib > 0.0), "{report}");
     }
-    assert!(report.contains("back within 1.2× the interval after the step up"), "{report}");
+    // The summary states each run's own figures.
+    for run in &runs {
+        let recover = run.batches_to_recover().map_or("never, within the run".to_string(), |n| format!("{n} batches"));
+        let summary = format!("backpressure {}: back within 1.2× the interval after the step up: {recover}; peak lag {};", if run.backpressure { "on" } else { "off" }, run.peak_lag());
+        assert!(report.contains(&summary), "`{summary}` in {report}");
+    }
     // Without backpressure the batch after the burst takes all of it, ~20× the interval:
     // the report says where that time went.
     assert!(report.lines().any(|l| l.starts_with("slow at") && l.contains("\"plugins\":")), "{report}");
@@ -960,7 +965,8 @@ fn the_swap_benchmark_times_each_swap_against_the_median_batch() {
     let report = String::from_utf8(out).unwrap();
     assert_eq!(stalls.len(), 2, "{report}");
     assert!(stalls.iter().all(|s| s.first_batch > Duration::ZERO && s.median > Duration::ZERO), "{report}");
-    assert!(report.contains("worst stall"), "{report}");
+    let worst = stalls.iter().map(|s| s.stall_intervals).fold(0.0, f64::max);
+    assert!(report.contains(&format!("worst stall {worst:.2} intervals")), "the summary states the worst of the swaps' stalls ({worst:.2}): {report}");
 }
 
 #[test]
