@@ -12,9 +12,7 @@ use std::process::Command;
 /// OUT_DIR)` pairs. `dirs` are the crates' folders, watched for changes.
 fn build_plugins(workspace: &Path, packages: &[(&str, &Path)]) -> Vec<(String, PathBuf)> {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR is set for build scripts"));
-    let target_dir = std::env::var_os("SLUICE_WASM_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target").join("wasm"));
+    let target_dir = std::env::var_os("SLUICE_WASM_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target").join("wasm"));
 
     for watched in ["guest-sdk/src", "guest-sdk/Cargo.toml", "wit", "Cargo.lock", "Cargo.toml"] {
         println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
@@ -23,9 +21,7 @@ fn build_plugins(workspace: &Path, packages: &[(&str, &Path)]) -> Vec<(String, P
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--target-dir"])
-        .arg(&target_dir);
+    cmd.current_dir(workspace).args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--target-dir"]).arg(&target_dir);
     for (package, dir) in packages {
         println!("cargo:rerun-if-changed={}", dir.join("src").display());
         println!("cargo:rerun-if-changed={}", dir.join("Cargo.toml").display());
@@ -58,8 +54,7 @@ fn build_plugins(workspace: &Path, packages: &[(&str, &Path)]) -> Vec<(String, P
             let file = format!("{}.wasm", package.replace('-', "_"));
             let built = target_dir.join("wasm32-wasip2").join("plugin").join(&file);
             let copied = out_dir.join(&file);
-            std::fs::copy(&built, &copied)
-                .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", built.display(), copied.display()));
+            std::fs::copy(&built, &copied).unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", built.display(), copied.display()));
             (package.to_string(), copied)
         })
         .collect()
@@ -71,10 +66,7 @@ fn build_plugins(workspace: &Path, packages: &[(&str, &Path)]) -> Vec<(String, P
 pub fn build_and_export(dirs: &[&str], prefix: &str) {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let workspace = manifest.parent().expect("crates live one level below the workspace").to_path_buf();
-    let packages: Vec<(&str, PathBuf)> = dirs
-        .iter()
-        .map(|d| (Path::new(d).file_name().and_then(|n| n.to_str()).expect("plugin folder name"), workspace.join(d)))
-        .collect();
+    let packages: Vec<(&str, PathBuf)> = dirs.iter().map(|d| (Path::new(d).file_name().and_then(|n| n.to_str()).expect("plugin folder name"), workspace.join(d))).collect();
     let refs: Vec<(&str, &Path)> = packages.iter().map(|(n, d)| (*n, d.as_path())).collect();
     for (package, path) in build_plugins(&workspace, &refs) {
         println!("cargo:rustc-env={prefix}{}={}", package.replace('-', "_").to_uppercase(), path.display());

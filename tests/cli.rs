@@ -9,12 +9,7 @@ use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice_tests::reference::{self, AdClicksParams, WindowRow};
 
 fn sluice(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_CACHE_DIR", cache)
-        .env("SLUICE_LOG", "warn")
-        .output()
-        .expect("run sluice")
+    Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).env("SLUICE_CACHE_DIR", cache).env("SLUICE_LOG", "warn").output().expect("run sluice")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -71,11 +66,9 @@ fn plugin_test_takes_config_inline_or_from_json_and_toml_files() {
     let json_file = dir.path().join("filter.json");
     std::fs::write(&json_file, r#"{"where": [{"field": "n", "op": "lt", "value": 2}]}"#).unwrap();
     let inline = r#"{"select": ["n"]}"#;
-    for (config, expected) in [
-        (toml.to_str().unwrap(), vec![json!({"s": "b"})]),
-        (json_file.to_str().unwrap(), vec![json!({"n": 1, "s": "a"})]),
-        (inline, vec![json!({"n": 1}), json!({"n": 5})]),
-    ] {
+    for (config, expected) in
+        [(toml.to_str().unwrap(), vec![json!({"s": "b"})]), (json_file.to_str().unwrap(), vec![json!({"n": 1, "s": "a"})]), (inline, vec![json!({"n": 1}), json!({"n": 5})])]
+    {
         let out = sluice(&["plugin", "test", "builtin:json-filter", "-i", input.to_str().unwrap(), "-c", config], dir.path());
         assert!(out.status.success(), "{}", text(&out.stderr));
         let rows: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -95,12 +88,18 @@ fn mistakes_get_a_message_that_says_what_is_wrong_and_exit_non_zero() {
         (vec!["plugin", "inspect", not_wasm.to_str().unwrap()], "not a WebAssembly file"),
         (vec!["plugin", "inspect", "builtin:nope"], "there is no built-in plugin `nope`; built-in plugins are: json-filter, ad-clicks"),
         (vec!["plugin", "inspect", sluice_tests::OTHER_WORLD_WASM], "not a sluice plugin: it does not export `describe`"),
-        (vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", r#"{"wher": []}"#], "invalid config: unknown field `wher`, expected one of `where`, `select`, `on_invalid`"),
+        (
+            vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", r#"{"wher": []}"#],
+            "invalid config: unknown field `wher`, expected one of `where`, `select`, `on_invalid`",
+        ),
         (vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", "{oops"], "--config is not valid JSON"),
         (vec!["plugin", "test", "builtin:json-filter", "-i", input, "-c", "missing.json"], "neither inline JSON"),
         (vec!["plugin", "test", "builtin:json-filter", "-i", "/nonexistent.jsonl"], "cannot open --input /nonexistent.jsonl"),
         (vec!["plugin", "test", "builtin:json-filter", "-i", input, "--batch-size", "0"], "--batch-size must be at least 1"),
-        (vec!["plugin", "test", sluice_tests::HOSTILE_WASM, "-i", input, "-c", r#"{"mode": "spin"}"#, "--call-timeout", "200ms"], "batch 0 (lines 1-1): plugin hostile trapped in process: time budget of 200 ms per call exceeded"),
+        (
+            vec!["plugin", "test", sluice_tests::HOSTILE_WASM, "-i", input, "-c", r#"{"mode": "spin"}"#, "--call-timeout", "200ms"],
+            "batch 0 (lines 1-1): plugin hostile trapped in process: time budget of 200 ms per call exceeded",
+        ),
     ];
     for (args, expected) in cases {
         let out = sluice(&args, dir.path());
@@ -157,9 +156,7 @@ fn pipeline_file(dir: &Path, bootstrap: &str, out: &Path) -> std::path::PathBuf 
 }
 
 fn sink_rows(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| entries.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default().lines().count()).sum())
-        .unwrap_or(0)
+    std::fs::read_dir(dir).map(|entries| entries.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default().lines().count()).sum()).unwrap_or(0)
 }
 
 #[test]
@@ -240,7 +237,10 @@ fn check_loads_a_pipeline_and_its_plugins_without_kafka() {
     let base = "[source]\ntopics = [\"t\"]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9\"\n[sink]\nformat = \"jsonl\"\npath = \"-\"\n";
     let cases = [
         ("[[plugin]]\nbuiltin = \"ad-clicks\"\n[[plugin]]\nbuiltin = \"json-filter\"\n", "plugin ad-clicks is an aggregate and must be the last step of the chain"),
-        ("[[plugin]]\nbuiltin = \"json-filter\"\nconfig = { select = \"id\" }\n", "plugin[0]: plugin json-filter: init failed: invalid config: invalid type: string \"id\", expected a sequence"),
+        (
+            "[[plugin]]\nbuiltin = \"json-filter\"\nconfig = { select = \"id\" }\n",
+            "plugin[0]: plugin json-filter: init failed: invalid config: invalid type: string \"id\", expected a sequence",
+        ),
         ("[[plugin]]\npath = \"missing.wasm\"\n", "plugin[0]: cannot read plugin file"),
         ("[[plugin]]\nbuiltin = \"nope\"\n", "plugin[0]: there is no built-in plugin `nope`"),
     ];
@@ -260,7 +260,11 @@ fn check_reads_named_plugins_and_their_config_from_the_plugin_directory() {
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
     let file = dir.path().join("p.toml");
-    std::fs::write(&file, "[source]\ntopics = [\"t\"]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9\"\n[[plugin]]\nname = \"ad-clicks\"\n[sink]\nformat = \"jsonl\"\npath = \"-\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[source]\ntopics = [\"t\"]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9\"\n[[plugin]]\nname = \"ad-clicks\"\n[sink]\nformat = \"jsonl\"\npath = \"-\"\n",
+    )
+    .unwrap();
     let check = |extra: &[&str]| {
         let mut args = vec!["check", file.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -288,17 +292,6 @@ fn check_reads_named_plugins_and_their_config_from_the_plugin_directory() {
 }
 
 #[test]
-fn bench_plugins_compares_native_and_webassembly_on_the_same_rows() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = sluice(&["bench", "plugins", "--records", "2000", "--batch-sizes", "500,2000", "--repeat", "1"], cache.path());
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| json-filter") || l.starts_with("| ad-clicks")).collect();
-    assert_eq!(rows.len(), 4, "{stdout}");
-    assert!(rows.iter().all(|r| r.ends_with("× |")), "{stdout}");
-}
-
-#[test]
 fn sighup_applies_new_rate_settings_from_the_pipeline_file_while_running() {
     use std::io::BufRead;
     use std::sync::{Arc, Mutex};
@@ -319,12 +312,8 @@ fn sighup_applies_new_rate_settings_from_the_pipeline_file_while_running() {
         std::fs::write(&file, text).unwrap();
     };
     write(100);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", file.to_str().unwrap()])
-        .env("SLUICE_CACHE_DIR", dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", file.to_str().unwrap()]).env("SLUICE_CACHE_DIR", dir.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let reader = {
         let lines = lines.clone();

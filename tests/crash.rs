@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
-use sluice::broker::{ApacheKafka, Broker};
+use sluice::broker::Broker;
 use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::kafka::{Loader, Outgoing};
-use sluice_tests::rng::Rng;
+use sluice_bench::broker::ApacheKafka;
 use sluice_tests::reference::{self, AdClicksParams, WindowDiff, WindowRow};
+use sluice_tests::rng::Rng;
 
 const RECORDS: usize = 20_000;
 /// Stops at most this many times per trial; the run after the last one finishes.
@@ -167,7 +168,7 @@ impl Tally {
     fn report(&self, suite: &str, seed: u64, setups: &[Setup]) -> String {
         format!(
             "crash suite, {suite} (Apache Kafka {}): seed {seed}, {} trials, {} restarts ({} SIGKILL, {} SIGTERM, {} at a kill point of the sink), {} expected windows; windows lost {}, wrong {}, duplicated {}; failed restarts {}",
-            sluice::broker::KAFKA_VERSION,
+            sluice_bench::broker::KAFKA_VERSION,
             self.trials,
             self.restarts,
             self.kills,
@@ -494,11 +495,7 @@ fn input_from_transactional_producers_reads_committed_records_once_and_does_not_
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let broker = ApacheKafka::start().unwrap();
     broker.create_topic("txn", 1).unwrap();
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("transactional.id", "sluice-test-txn")
-        .create()
-        .unwrap();
+    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).set("transactional.id", "sluice-test-txn").create().unwrap();
     producer.init_transactions(Duration::from_secs(30)).unwrap();
     // Committed 0..10, aborted 10..15, committed 15..18: offsets 0-9, a marker at 10,
     // aborted 11-15 and their marker at 16, 17-19 and a marker at 20.

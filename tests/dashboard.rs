@@ -130,12 +130,7 @@ fn the_dashboard_of_a_running_demo_draws_its_charts_in_headless_chromium() {
     let (status, metrics) = get(&addr, "/metrics");
     assert!(status.contains(" 200 "), "{status}");
     let sample = |series: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-            .parse()
-            .unwrap()
+        metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).unwrap_or_else(|| panic!("no {series} in\n{metrics}")).parse().unwrap()
     };
     assert!(sample("sluice_batches_total") >= 4.0);
     assert!(sample("sluice_input_records_total") > 0.0);
@@ -163,12 +158,7 @@ fn the_dashboard_of_a_running_demo_draws_its_charts_in_headless_chromium() {
     std::fs::create_dir_all(&artifacts).unwrap();
     let shot = artifacts.canonicalize().unwrap().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
-    let out = browser(
-        &chromium,
-        &dir.path().join("profile-shot"),
-        &[&format!("--screenshot={}", shot.display()), "--window-size=1280,1000", "--hide-scrollbars"],
-        &url,
-    );
+    let out = browser(&chromium, &dir.path().join("profile-shot"), &[&format!("--screenshot={}", shot.display()), "--window-size=1280,1000", "--hide-scrollbars"], &url);
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {} ({e}): {}", shot.display(), String::from_utf8_lossy(&out.stderr)));
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "a {} byte screenshot", png.len());
     eprintln!("dashboard screenshot: {}", shot.display());

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice::chain::{FailurePolicy, OnFailure};
-use sluice::rate::{AdaptiveInterval, PartitionRates, PidSettings};
 use sluice::config::{Backpressure, Checkpointing, Delivery, ParquetCompression, Pipeline, PluginSource, Sink, StartingOffsets, DEFAULT_RETAIN};
+use sluice::rate::{AdaptiveInterval, PartitionRates, PidSettings};
 
 fn files(kind: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines").join(kind);
@@ -29,9 +29,7 @@ fn every_good_example_loads() {
 fn every_bad_example_fails_with_its_message() {
     for file in files("bad") {
         let text = std::fs::read_to_string(&file).unwrap();
-        let expected = text.lines().next().and_then(|l| l.strip_prefix("# error: ")).unwrap_or_else(|| {
-            panic!("{} must start with `# error: <expected message>`", file.display())
-        });
+        let expected = text.lines().next().and_then(|l| l.strip_prefix("# error: ")).unwrap_or_else(|| panic!("{} must start with `# error: <expected message>`", file.display()));
         match Pipeline::load(&file) {
             Ok(_) => panic!("{} should fail with `{expected}`", file.display()),
             Err(e) => {
@@ -85,7 +83,9 @@ fn defaults_and_relative_plugin_paths() {
     assert_eq!(minimal.dead_letter, None, "rejected records are only logged unless [deadLetter] is set");
     assert_eq!(minimal.adaptive_interval, None, "the interval is fixed unless adaptive");
     assert_eq!(minimal.checkpoint, Some(Checkpointing { location: "checkpoints/minimal".into(), options: Default::default(), retain: DEFAULT_RETAIN }));
-    let to_kafka = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
+    let to_kafka =
+        Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/to-kafka.toml")).unwrap(), Path::new("/etc/sluice/p.toml"))
+            .unwrap();
     assert_eq!(to_kafka.steps[0].source, PluginSource::File("/etc/sluice/plugins/json_filter.wasm".into()));
     assert_eq!(to_kafka.sink, Sink::Kafka { topic: "ad-clicks".into(), delivery: Delivery::ExactlyOnce { transactional_id: "sluice-clicks-only-sink-0".into() } });
     assert_eq!(to_kafka.dead_letter, Some(Sink::Kafka { topic: "ad-clicks-rejected".into(), delivery: Delivery::AtLeastOnce }), "at least once unless asked");
@@ -93,7 +93,9 @@ fn defaults_and_relative_plugin_paths() {
 
 #[test]
 fn named_plugins_come_from_the_plugin_directory_next_to_the_file() {
-    let p = Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/hot-swap.toml")).unwrap(), Path::new("/etc/sluice/p.toml")).unwrap();
+    let p =
+        Pipeline::parse(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/hot-swap.toml")).unwrap(), Path::new("/etc/sluice/p.toml"))
+            .unwrap();
     assert_eq!(p.plugin_dir, Some(PathBuf::from("/etc/sluice/plugins")));
     assert_eq!(p.steps[0].source, PluginSource::Dir("clicks-only".into()));
     assert_eq!(p.steps[1].source, PluginSource::Dir("ad-clicks".into()));

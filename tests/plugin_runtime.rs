@@ -6,10 +6,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::examples;
 use sluice::offline::{self, Sink, Summary};
 use sluice::runtime::{CallError, Limits, LoadError, LoadedPlugin, PluginInstance, Runtime, TrapKind};
-use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice_sdk::{Context, ErrorKind, PluginKind, RecordParts, RecordsBuilder};
 use sluice_tests::reference::{self, AdClicksParams, WindowRow};
 
@@ -181,10 +181,9 @@ fn ad_clicks_survives_snapshot_and_restore_into_a_fresh_instance_between_every_b
 #[test]
 fn ad_clicks_window_length_slide_and_delay_are_configurable() {
     let data = events(3_000, 5);
-    for (params, late_expected) in [
-        (AdClicksParams { window_ms: 20_000, slide_ms: 5_000, delay_ms: 1_000 }, false),
-        (AdClicksParams { window_ms: 5_000, slide_ms: 5_000, delay_ms: 1_000 }, true),
-    ] {
+    for (params, late_expected) in
+        [(AdClicksParams { window_ms: 20_000, slide_ms: 5_000, delay_ms: 1_000 }, false), (AdClicksParams { window_ms: 5_000, slide_ms: 5_000, delay_ms: 1_000 }, true)]
+    {
         let config = json!({"window_ms": params.window_ms, "slide_ms": params.slide_ms, "watermark_delay_ms": params.delay_ms});
         let mut instance = load(examples::AD_CLICKS, "ad-clicks").instantiate(&config.to_string()).unwrap();
         let (summary, out) = run_lines(&mut instance, &to_lines(&data), 100);
@@ -222,11 +221,7 @@ fn json_filter_handles_edge_cases_through_webassembly() {
         br#"{"kind": "click", "cost": 7, "id": 11, "geo": null}"#.to_vec(),
     ];
     let (summary, out) = run_lines(&mut instance, &lines, 4);
-    assert_eq!(
-        out.rows,
-        vec![json!({"id": 1, "geo": {"country": "KR"}}), json!({"id": 9}), json!({"id": 11})],
-        "kept rows, projected"
-    );
+    assert_eq!(out.rows, vec![json!({"id": 1, "geo": {"country": "KR"}}), json!({"id": 9}), json!({"id": 11})], "kept rows, projected");
     let rejected: Vec<u64> = out.rejected.iter().map(|(l, _)| *l).collect();
     assert_eq!(rejected, vec![5, 6, 7, 8, 9], "rejected lines: {:?}", out.rejected);
     assert!(out.rejected[2].1.contains("recursion limit"), "{:?}", out.rejected[2]);
@@ -388,7 +383,7 @@ fn compiled_plugins_are_cached_on_disk_and_a_corrupt_cache_file_is_replaced() {
     let warm = Runtime::new(Some(dir.path().to_path_buf())).unwrap();
     let meta = || std::fs::metadata(&files[0]).unwrap();
     let (inode, written, bytes) = (std::os::unix::fs::MetadataExt::ino(&meta()), meta().modified().unwrap(), std::fs::read(&files[0]).unwrap());
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(20));
     warm.load(examples::JSON_FILTER, "json-filter", Limits::default()).unwrap();
     // A rewrite would put a new file in place (written aside, then renamed).
     assert_eq!(std::os::unix::fs::MetadataExt::ino(&meta()), inode, "a cache hit does not rewrite the artifact");

@@ -24,9 +24,10 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use object_store::memory::InMemory;
 use serde_json::{json, Value};
-use sluice::chain::{Chain, FailurePolicy, Stage};
+use sluice::chain::{Chain, FailurePolicy, OnFailure, Stage};
 use sluice::checkpoint::{CheckpointStore, PluginIdentity, WriteMode};
 use sluice::config::{Pipeline, Sink as SinkConfig, Source as SourceConfig, StartingOffsets};
+use sluice::control::Control;
 use sluice::pipeline::{self, Io, Until};
 use sluice::runtime::{CallError, Limits, LoadedPlugin, Runtime};
 use sluice::sink::{FileFormat, FileSink};
@@ -34,8 +35,8 @@ use sluice::source::memory::{MemoryGroup, MemoryLog, MemoryPartition, MemorySour
 use sluice::source::Source;
 use sluice::store::{Hook, Location};
 use sluice_sdk::{Context, Finished, PluginKind};
-use sluice_tests::rng::Rng;
 use sluice_tests::reference::{self, AdClicksParams, WindowRow};
+use sluice_tests::rng::Rng;
 
 /// What one scenario runs.
 #[derive(Clone, Copy)]
@@ -117,14 +118,14 @@ struct Steps {
     count: AtomicU64,
     stop: Stop,
     dead: AtomicBool,
-    stopping: Arc<AtomicBool>,
+    stopping: Control,
     /// The step where it died, for the failure message.
     died_at: Mutex<Option<String>>,
 }
 
 impl Steps {
     fn new(stop: Stop) -> Arc<Self> {
-        Arc::new(Self { count: AtomicU64::new(0), stop, dead: AtomicBool::new(false), stopping: Arc::new(AtomicBool::new(false)), died_at: Mutex::new(None) })
+        Arc::new(Self { count: AtomicU64::new(0), stop, dead: AtomicBool::new(false), stopping: Control::new(), died_at: Mutex::new(None) })
     }
 
     /// One step boundary (`what`): fails when the process is dead.
@@ -144,7 +145,7 @@ impl Steps {
                 Err(format!("simulated crash at step {n} ({what})"))
             }
             Stop::Clean(at) if n == at => {
-                self.stopping.store(true, Ordering::SeqCst);
+                self.stopping.stop();
                 Ok(())
             }
             _ => Ok(()),
@@ -228,11 +229,8 @@ impl Plugins {
     }
 
     fn chain(&self, steps: &Arc<Steps>) -> Chain {
-        let stages: Vec<Box<dyn Stage>> = self
-            .loaded
-            .iter()
-            .map(|(plugin, config)| Box::new(Stepped { inner: Box::new(plugin.instantiate(config).unwrap()), steps: steps.clone() }) as Box<dyn Stage>)
-            .collect();
+        let stages: Vec<Box<dyn Stage>> =
+            self.loaded.iter().map(|(plugin, config)| Box::new(Stepped { inner: Box::new(plugin.instantiate(config).unwrap()), steps: steps.clone() }) as Box<dyn Stage>).collect();
         let mut chain = Chain::of_stages(stages).unwrap();
         chain.set_policies(self.loaded.iter().map(|_| FailurePolicy::STOP_AT_ONCE));
         chain
@@ -295,7 +293,7 @@ fn run_once(world: &World, plugins: &Plugins, s: &Scenario, max_records: u64, mo
     };
     let mut chain = plugins.chain(&steps);
     let result = pipeline::run_with(&pipeline(max_records), &mut chain, io, Until::AvailableNow, &steps.stopping, &mut |_| {});
-    let stopped = steps.dead.load(Ordering::SeqCst) || steps.stopping.load(Ordering::SeqCst);
+    let stopped = steps.dead.load(Ordering::SeqCst) || steps.stopping.is_stopped();
     match result {
         Ok(_) => Ok((!stopped, steps)),
         Err(_) if steps.dead.load(Ordering::SeqCst) => Ok((false, steps)),
@@ -394,7 +392,8 @@ fn simulate(name: &str, s: Scenario) {
         // A run without stops tells how many steps a whole run has (once per setting).
         let total = *totals.entry((max_records, mode == WriteMode::Inline, retain)).or_insert_with(|| {
             let probe = World::new(log.clone());
-            let (finished, steps) = run_once(&probe, &plugins, &s, max_records, mode, retain, Stop::Never).unwrap_or_else(|e| panic!("{name}, seed {seed}: a run without stops failed: {e}"));
+            let (finished, steps) =
+                run_once(&probe, &plugins, &s, max_records, mode, retain, Stop::Never).unwrap_or_else(|e| panic!("{name}, seed {seed}: a run without stops failed: {e}"));
             assert!(finished);
             check(&s, &events, &placed, &probe).unwrap_or_else(|e| panic!("{name}, seed {seed}: a run without stops is wrong: {e}"));
             steps.count.load(Ordering::SeqCst)
@@ -413,7 +412,7 @@ fn simulate(name: &str, s: Scenario) {
                 .unwrap_or_else(|e| panic!("{name}, seed {seed}: run {} after stops {history:?} failed: {e}", i + 1));
             match stop {
                 Stop::Crash(_) if steps.dead.load(Ordering::SeqCst) => crashes += 1,
-                Stop::Clean(_) if steps.stopping.load(Ordering::SeqCst) => clean_stops += 1,
+                Stop::Clean(_) if steps.stopping.is_stopped() => clean_stops += 1,
                 _ => {}
             }
             history.push(steps.died_at.lock().unwrap().clone().unwrap_or_else(|| format!("{stop:?}")));
@@ -437,7 +436,16 @@ const DEFAULTS: AdClicksParams = AdClicksParams { window_ms: 60_000, slide_ms: 1
 fn ad_clicks_with_its_defaults_on_one_partition() {
     simulate(
         "ad-clicks defaults, 1 partition",
-        Scenario { chain: &[("ad-clicks", "{}")], partitions: 1, keyed: false, events: 1500, bad_every: 0, gap_every: 0, redeliver: false, expect: Expect::ClosedWindows(DEFAULTS) },
+        Scenario {
+            chain: &[("ad-clicks", "{}")],
+            partitions: 1,
+            keyed: false,
+            events: 1500,
+            bad_every: 0,
+            gap_every: 0,
+            redeliver: false,
+            expect: Expect::ClosedWindows(DEFAULTS),
+        },
     );
 }
 
@@ -485,7 +493,7 @@ fn update_mode_ends_with_every_window_complete() {
 
 /// A pipeline over `log` (json-filter forwarding everything) into a JSON-lines sink on
 /// `sink`, with checkpoints on `checkpoints`.
-fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory>, withhold: Option<i64>, stall: Duration) -> anyhow::Result<sluice::pipeline::RunSummary> {
+fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory>, withhold: Option<i64>, stall: Duration) -> Result<pipeline::RunSummary, pipeline::RunError> {
     let runtime = Runtime::new(None).unwrap();
     let plugins = Plugins::load(&runtime, &[("json-filter", "{}")]);
     let steps = Steps::new(Stop::Never);
@@ -503,8 +511,8 @@ fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory
         sink: &mut out,
         dead_letters: None,
     };
-    let options = sluice::pipeline::RunOptions { until: Until::AvailableNow, stall_limit: Some(stall), ..Default::default() };
-    pipeline::run_with(&pipeline(30), &mut plugins.chain(&steps), io, options, &AtomicBool::new(false), &mut |_| {})
+    let options = pipeline::RunOptions { until: Until::AvailableNow, stall_limit: Some(stall), ..Default::default() };
+    pipeline::run_with(&pipeline(30), &mut plugins.chain(&steps), io, options, &Control::new(), &mut |_| {})
 }
 
 #[test]
@@ -533,4 +541,102 @@ fn progress_counts_the_records_read_not_the_offsets_a_range_spans() {
     assert!(high > 120, "the topic has marker offsets ({high} offsets for 100 records)");
     let summary = forward(log, &Arc::new(InMemory::new()), &Arc::new(InMemory::new()), None, Duration::from_secs(1)).unwrap();
     assert_eq!((summary.records, summary.output_rows), (100, 100));
+}
+
+#[test]
+fn a_stop_while_a_failed_batch_waits_for_its_retry_ends_the_run_within_a_second() {
+    let events = events(11, 50);
+    let s = Scenario { chain: &[], partitions: 1, keyed: false, events: 50, bad_every: 0, gap_every: 0, redeliver: false, expect: Expect::Records(None) };
+    let (log, _) = topic(&s, &events);
+    let runtime = Runtime::new(None).unwrap();
+    let plugins = Plugins::load(&runtime, &[("json-filter", "{}")]);
+    // The plugin's first call "crashes" and every later one fails: each retry fails too.
+    let steps = Steps::new(Stop::Crash(1));
+    let mut chain = plugins.chain(&steps);
+    // Many retries with a long backoff: without an interruptible wait this run would take
+    // hours to give up.
+    chain.set_policies([FailurePolicy { retries: 100, backoff: Duration::from_secs(10), then: OnFailure::Stop }]);
+    let sink = Arc::new(InMemory::new());
+    let mut out = FileSink::at(Location::shared(sink.clone(), "memory://sink", None).unwrap(), FileFormat::Jsonl).unwrap();
+    let control = Control::new();
+    // The chain's plugins stay on this thread; another one stops the run once the batch
+    // has failed and the run waits 10 s for the first retry.
+    let stopper = {
+        let (control, steps) = (control.clone(), steps.clone());
+        std::thread::spawn(move || {
+            while !steps.dead.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let asked = std::time::Instant::now();
+            control.stop();
+            asked
+        })
+    };
+    let io = Io {
+        connect: Box::new(move |resume| Ok(Box::new(MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest)) as Box<dyn Source>)),
+        checkpoints: None,
+        checkpoint_writes: WriteMode::Background,
+        sink: &mut out,
+        dead_letters: None,
+    };
+    let result = pipeline::run_with(&pipeline(30), &mut chain, io, Until::Stopped, &control, &mut |_| {});
+    let asked = stopper.join().unwrap();
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "the run ended {took:?} after the stop");
+    let error = result.unwrap_err();
+    let error = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ");
+    assert!(error.contains("stopped while plugin json-filter") && error.contains("retry batch 0") && error.contains("runs again on restart"), "{error}");
+    assert!(error.contains("simulated crash"), "the error keeps the failure that was to be retried: {error}");
+    assert!(committed_rows(&sink).is_empty(), "the failed batch is not committed");
+}
+
+#[test]
+fn a_stop_while_a_batch_waits_for_its_records_ends_the_run_within_a_second_and_loses_nothing() {
+    let events = events(13, 100);
+    let s = Scenario { chain: &[], partitions: 1, keyed: false, events: 100, bad_every: 0, gap_every: 0, redeliver: false, expect: Expect::Records(None) };
+    let (log, _) = topic(&s, &events);
+    let (sink, checkpoints) = (Arc::new(InMemory::new()), Arc::new(InMemory::new()));
+    let runtime = Runtime::new(None).unwrap();
+    let plugins = Plugins::load(&runtime, &[("json-filter", "{}")]);
+    let steps = Steps::new(Stop::Never);
+    let mut out = FileSink::at(Location::shared(sink.clone(), "memory://sink", None).unwrap(), FileFormat::Jsonl).unwrap();
+    let control = Control::new();
+    let batches = Arc::new(AtomicU64::new(0));
+    // Records from offset 40 on never come; the run would wait for them for the stall
+    // limit (two minutes) before failing.
+    let stopper = {
+        let (control, batches) = (control.clone(), batches.clone());
+        std::thread::spawn(move || {
+            while batches.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(700));
+            let asked = std::time::Instant::now();
+            control.stop();
+            asked
+        })
+    };
+    let io = Io {
+        connect: Box::new(move |resume| {
+            Ok(Box::new(MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest).withhold("clicks", 0, 40)) as Box<dyn Source>)
+        }),
+        checkpoints: Some(Arc::new(CheckpointStore::at(Location::shared(checkpoints.clone(), "memory://checkpoints", None).unwrap(), 3))),
+        checkpoint_writes: WriteMode::Background,
+        sink: &mut out,
+        dead_letters: None,
+    };
+    let options = pipeline::RunOptions { until: Until::Stopped, stall_limit: Some(Duration::from_secs(120)), ..Default::default() };
+    let result = pipeline::run_with(&pipeline(30), &mut plugins.chain(&steps), io, options, &control, &mut |_| {
+        batches.fetch_add(1, Ordering::SeqCst);
+    });
+    let asked = stopper.join().unwrap();
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "the run ended {took:?} after the stop");
+    match result {
+        Err(pipeline::RunError::Stopped { batch_id: 1, waiting }) => assert!(waiting.contains("clicks/0"), "{waiting}"),
+        other => panic!("expected a stop while batch 1 waits, got {other:?}"),
+    }
+    let seqs: Vec<u64> = committed_rows(&sink).values().flatten().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..30).collect::<Vec<_>>(), "the batch before is committed, the waiting one is not");
 }

@@ -32,13 +32,7 @@ impl Batch {
         if !is_record_schema(batch.schema_ref()) {
             return Err(Error::batch(format!(
                 "input batch is not in the Kafka record schema; got columns [{}]",
-                batch
-                    .schema_ref()
-                    .fields()
-                    .iter()
-                    .map(|f| format!("{}: {}", f.name(), f.data_type()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                batch.schema_ref().fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
             )));
         }
         let col = |name: &str| batch.column_by_name(name).expect("checked by is_record_schema");
@@ -162,8 +156,7 @@ impl<'a> Record<'a> {
     /// Headers in the order the producer wrote them.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
         let batch = self.batch;
-        let range = batch.headers.value_offsets()[self.row] as usize
-            ..batch.headers.value_offsets()[self.row + 1] as usize;
+        let range = batch.headers.value_offsets()[self.row] as usize..batch.headers.value_offsets()[self.row + 1] as usize;
         range.map(move |i| {
             let v = &batch.header_values;
             (batch.header_keys.value(i), v.is_valid(i).then(|| v.value(i)))

@@ -101,18 +101,12 @@ impl<A: Aggregate> Driver for AggregateDriver<A> {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, Error> {
-        postcard::to_stdvec(self.inner.state())
-            .map_err(|e| Error::incompatible_state(format!("state cannot be serialized: {e}")))
+        postcard::to_stdvec(self.inner.state()).map_err(|e| Error::incompatible_state(format!("state cannot be serialized: {e}")))
     }
 
     fn restore(&mut self, bytes: &[u8], state_version: u32) -> Result<(), Error> {
         let state = if state_version == A::STATE_VERSION {
-            postcard::from_bytes(bytes).map_err(|e| {
-                Error::incompatible_state(format!(
-                    "state of {} bytes (state version {state_version}) cannot be read: {e}",
-                    bytes.len()
-                ))
-            })?
+            postcard::from_bytes(bytes).map_err(|e| Error::incompatible_state(format!("state of {} bytes (state version {state_version}) cannot be read: {e}", bytes.len())))?
         } else {
             A::migrate(state_version, bytes)?
         };
@@ -150,8 +144,7 @@ impl<D: Driver> Instance<D> {
     /// Process one batch given as an Arrow IPC stream; returns the output as IPC too.
     #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
     pub fn process_ipc(&mut self, bytes: Vec<u8>, ctx: &Context) -> Result<(Vec<u8>, Finished), Error> {
-        let (schema, batches) =
-            decode_ipc(bytes).map_err(|e| Error::batch(format!("input is not a valid Arrow IPC stream: {e}")))?;
+        let (schema, batches) = decode_ipc(bytes).map_err(|e| Error::batch(format!("input is not a valid Arrow IPC stream: {e}")))?;
         if !is_record_schema(&schema) {
             return Err(Error::batch("input IPC stream is not in the Kafka record schema"));
         }
@@ -161,11 +154,7 @@ impl<D: Driver> Instance<D> {
             _ => arrow_select::concat::concat_batches(&record_schema(), &batches)?,
         };
         let mut finished = self.process_batch(batch, ctx)?;
-        let data = if finished.batches.is_empty() {
-            Vec::new()
-        } else {
-            encode_ipc(&self.schema, &std::mem::take(&mut finished.batches))?
-        };
+        let data = if finished.batches.is_empty() { Vec::new() } else { encode_ipc(&self.schema, &std::mem::take(&mut finished.batches))? };
         Ok((data, finished))
     }
 

@@ -74,11 +74,7 @@ pub fn init<D: Driver>(config: String) -> Result<Vec<u8>, wit::PluginError> {
 pub fn process<D: Driver>(batch: Vec<u8>, context: wit::BatchContext) -> Result<wit::BatchOutput, wit::PluginError> {
     let ctx = Context {
         batch_id: context.batch_id,
-        offset_ranges: context
-            .offset_ranges
-            .into_iter()
-            .map(|r| OffsetRange { topic: r.topic, partition: r.partition, from: r.from, until: r.until })
-            .collect(),
+        offset_ranges: context.offset_ranges.into_iter().map(|r| OffsetRange { topic: r.topic, partition: r.partition, from: r.from, until: r.until }).collect(),
         processing_time_ms: context.processing_time_ms,
         watermark_ms: context.watermark_ms,
     };
@@ -86,11 +82,7 @@ pub fn process<D: Driver>(batch: Vec<u8>, context: wit::BatchContext) -> Result<
         let (data, finished) = instance.process_ipc(batch, &ctx)?;
         Ok(wit::BatchOutput {
             data,
-            record_errors: finished
-                .record_errors
-                .into_iter()
-                .map(|e| wit::RecordError { row: e.row, reason: e.reason })
-                .collect(),
+            record_errors: finished.record_errors.into_iter().map(|e| wit::RecordError { row: e.row, reason: e.reason }).collect(),
             watermark_ms: finished.watermark_ms,
             late_records: finished.late_records,
         })

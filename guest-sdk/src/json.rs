@@ -60,9 +60,7 @@ pub fn insert_path(target: &mut Map<String, Value>, path: &str, leaf: Value) {
             map.insert(seg.to_string(), leaf);
             return;
         }
-        let slot = map
-            .entry(seg.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
+        let slot = map.entry(seg.to_string()).or_insert_with(|| Value::Object(Map::new()));
         if !slot.is_object() {
             *slot = Value::Object(Map::new());
         }
@@ -77,16 +75,7 @@ pub fn insert_path(target: &mut Map<String, Value>, path: &str, leaf: Value) {
 /// structs objects. Float NaN and infinities, which JSON cannot hold, become strings.
 pub fn batch_to_rows(batch: &RecordBatch) -> Vec<Map<String, Value>> {
     let schema = batch.schema();
-    (0..batch.num_rows())
-        .map(|row| {
-            schema
-                .fields()
-                .iter()
-                .zip(batch.columns())
-                .map(|(field, col)| (field.name().clone(), cell(col.as_ref(), row)))
-                .collect()
-        })
-        .collect()
+    (0..batch.num_rows()).map(|row| schema.fields().iter().zip(batch.columns()).map(|(field, col)| (field.name().clone(), cell(col.as_ref(), row))).collect()).collect()
 }
 
 fn float(v: f64) -> Value {
@@ -128,13 +117,7 @@ pub fn cell(col: &dyn Array, row: usize) -> Value {
         }
         DataType::Struct(fields) => {
             let s = col.as_struct();
-            Value::Object(
-                fields
-                    .iter()
-                    .zip(s.columns())
-                    .map(|(f, c)| (f.name().clone(), cell(c.as_ref(), row)))
-                    .collect(),
-            )
+            Value::Object(fields.iter().zip(s.columns()).map(|(f, c)| (f.name().clone(), cell(c.as_ref(), row))).collect())
         }
         other => Value::String(format!("<{other} not shown>")),
     }

@@ -83,11 +83,11 @@ pub mod json;
 pub mod log;
 #[cfg(any(target_arch = "wasm32", test))]
 mod mem;
-#[cfg(test)]
-mod test_rng;
 mod output;
 mod plugin;
 mod schema;
+#[cfg(test)]
+mod test_rng;
 pub mod testing;
 pub mod window;
 
@@ -155,11 +155,7 @@ macro_rules! __export_driver {
         const _: () = {
             struct SluiceGuest;
 
-            static META: $crate::__private::Meta = $crate::__private::Meta {
-                name: $name,
-                version: $version,
-                description: env!("CARGO_PKG_DESCRIPTION"),
-            };
+            static META: $crate::__private::Meta = $crate::__private::Meta { name: $name, version: $version, description: env!("CARGO_PKG_DESCRIPTION") };
 
             impl $crate::__private::bindings::Guest for SluiceGuest {
                 fn describe() -> $crate::__private::bindings::PluginInfo {
@@ -182,7 +178,7 @@ macro_rules! __export_driver {
                 }
             }
 
-            $crate::__private::bindings::__export_plugin_world!(SluiceGuest with_types_in $crate::__private::bindings);
+    $crate::__private::bindings::__export_plugin_world!(SluiceGuest with_types_in $crate::__private::bindings);
         };
     };
 }

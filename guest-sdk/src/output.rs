@@ -38,6 +38,7 @@ pub struct Finished {
     pub late_records: u64,
 }
 
+#[expect(clippy::large_enum_variant, reason = "one per Output, which lives for one batch: its size does not matter, and boxing would add an allocation per batch")]
 enum Pending {
     None,
     Rows(Vec<Value>),
@@ -86,11 +87,7 @@ impl Output {
     /// Append a whole Arrow batch; its columns must match the declared schema.
     pub fn push_batch(&mut self, batch: RecordBatch) -> Result<(), Error> {
         if !same_columns(batch.schema_ref(), &self.schema) {
-            return Err(Error::batch(format!(
-                "output batch columns {:?} do not match the declared output schema {:?}",
-                names(batch.schema_ref()),
-                names(&self.schema)
-            )));
+            return Err(Error::batch(format!("output batch columns {:?} do not match the declared output schema {:?}", names(batch.schema_ref()), names(&self.schema))));
         }
         self.flush()?;
         self.batches.push(batch);
@@ -100,12 +97,9 @@ impl Output {
     /// Append one row from any `Serialize` value whose fields are named after the output
     /// columns. Missing fields become nulls where the column is nullable.
     pub fn push_row<T: Serialize + ?Sized>(&mut self, row: &T) -> Result<(), Error> {
-        let value = serde_json::to_value(row)
-            .map_err(|e| Error::batch(format!("output row cannot be serialized: {e}")))?;
+        let value = serde_json::to_value(row).map_err(|e| Error::batch(format!("output row cannot be serialized: {e}")))?;
         if !value.is_object() {
-            return Err(Error::batch(format!(
-                "output row must serialize to a struct/map with one entry per column, got {value}"
-            )));
+            return Err(Error::batch(format!("output row must serialize to a struct/map with one entry per column, got {value}")));
         }
         if !matches!(self.pending, Pending::Rows(_)) {
             self.flush()?;
@@ -121,9 +115,7 @@ impl Output {
     /// value). Only for plugins whose output schema is the record schema.
     pub fn forward(&mut self, record: &Record<'_>, new_value: Option<Option<&[u8]>>) -> Result<(), Error> {
         if !self.forwardable {
-            return Err(Error::batch(
-                "forward() needs the record schema as output schema; use push_row or push_batch",
-            ));
+            return Err(Error::batch("forward() needs the record schema as output schema; use push_row or push_batch"));
         }
         if !matches!(self.pending, Pending::Records(_)) {
             self.flush()?;
@@ -185,12 +177,7 @@ impl Output {
     pub fn finish(mut self) -> Result<Finished, Error> {
         self.flush()?;
         self.batches.retain(|b| b.num_rows() > 0);
-        Ok(Finished {
-            batches: self.batches,
-            record_errors: self.record_errors,
-            watermark_ms: self.watermark_ms,
-            late_records: self.late_records,
-        })
+        Ok(Finished { batches: self.batches, record_errors: self.record_errors, watermark_ms: self.watermark_ms, late_records: self.late_records })
     }
 }
 
@@ -200,11 +187,7 @@ fn names(schema: &SchemaRef) -> Vec<String> {
 
 /// Convert JSON objects into a batch in `schema`, column by column.
 fn rows_to_batch(schema: &SchemaRef, rows: &[Value]) -> Result<RecordBatch, Error> {
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|field| column(field, rows))
-        .collect::<Result<Vec<_>, _>>()?;
+    let columns = schema.fields().iter().map(|field| column(field, rows)).collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(schema.clone(), columns).map_err(Error::from)
 }
 
@@ -216,12 +199,8 @@ fn column(field: &Field, rows: &[Value]) -> Result<ArrayRef, Error> {
     fn as_bytes(v: &Value) -> Option<&[u8]> {
         v.as_str().map(str::as_bytes)
     }
-    let missing = |i: usize| -> Error {
-        Error::batch(format!("output row {i}: column `{name}` is not nullable but the row has no value for it"))
-    };
-    let wrong = |i: usize, v: &Value| -> Error {
-        Error::batch(format!("output row {i}: column `{name}` is {} but the row has {v}", field.data_type()))
-    };
+    let missing = |i: usize| -> Error { Error::batch(format!("output row {i}: column `{name}` is not nullable but the row has no value for it")) };
+    let wrong = |i: usize, v: &Value| -> Error { Error::batch(format!("output row {i}: column `{name}` is {} but the row has {v}", field.data_type())) };
     macro_rules! build {
         ($builder:expr, $conv:expr) => {{
             let mut b = $builder;
@@ -239,9 +218,7 @@ fn column(field: &Field, rows: &[Value]) -> Result<ArrayRef, Error> {
         }};
     }
     fn int<T: TryFrom<i64> + TryFrom<u64>>(v: &Value) -> Option<T> {
-        v.as_i64()
-            .and_then(|x| T::try_from(x).ok())
-            .or_else(|| v.as_u64().and_then(|x| T::try_from(x).ok()))
+        v.as_i64().and_then(|x| T::try_from(x).ok()).or_else(|| v.as_u64().and_then(|x| T::try_from(x).ok()))
     }
     Ok(match field.data_type() {
         DataType::Boolean => build!(BooleanBuilder::new(), |v: &Value| v.as_bool()),
@@ -262,11 +239,7 @@ fn column(field: &Field, rows: &[Value]) -> Result<ArrayRef, Error> {
         }
         DataType::Utf8 => build!(StringBuilder::new(), Value::as_str),
         DataType::Binary => build!(BinaryBuilder::new(), as_bytes),
-        other => {
-            return Err(Error::batch(format!(
-                "push_row cannot fill column `{name}` of type {other}; build it with push_batch"
-            )))
-        }
+        other => return Err(Error::batch(format!("push_row cannot fill column `{name}` of type {other}; build it with push_batch"))),
     })
 }
 
@@ -277,11 +250,7 @@ mod tests {
     use serde_json::json;
 
     fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Utf8, false),
-            Field::new("n", DataType::Int64, false),
-            Field::new("x", DataType::Float64, true),
-        ]))
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false), Field::new("n", DataType::Int64, false), Field::new("x", DataType::Float64, true)]))
     }
 
     #[test]

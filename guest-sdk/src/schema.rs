@@ -32,10 +32,7 @@ pub mod columns {
 }
 
 fn header_struct_fields() -> Fields {
-    Fields::from(vec![
-        Field::new("key", DataType::Utf8, false),
-        Field::new("value", DataType::Binary, true),
-    ])
+    Fields::from(vec![Field::new("key", DataType::Utf8, false), Field::new("value", DataType::Binary, true)])
 }
 
 fn header_item_field() -> Arc<Field> {
@@ -69,22 +66,13 @@ pub fn is_record_schema(schema: &Schema) -> bool {
 
 /// True when both schemas have the same column names and data types, in order.
 pub fn same_columns(a: &Schema, b: &Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields()
-            .iter()
-            .zip(b.fields().iter())
-            .all(|(x, y)| x.name() == y.name() && types_match(x.data_type(), y.data_type()))
+    a.fields().len() == b.fields().len() && a.fields().iter().zip(b.fields().iter()).all(|(x, y)| x.name() == y.name() && types_match(x.data_type(), y.data_type()))
 }
 
 fn types_match(a: &DataType, b: &DataType) -> bool {
     match (a, b) {
         (DataType::List(x), DataType::List(y)) => types_match(x.data_type(), y.data_type()),
-        (DataType::Struct(x), DataType::Struct(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .zip(y.iter())
-                    .all(|(p, q)| p.name() == q.name() && types_match(p.data_type(), q.data_type()))
-        }
+        (DataType::Struct(x), DataType::Struct(y)) => x.len() == y.len() && x.iter().zip(y.iter()).all(|(p, q)| p.name() == q.name() && types_match(p.data_type(), q.data_type())),
         _ => a == b,
     }
 }
@@ -157,11 +145,7 @@ impl RecordsBuilder {
     }
 
     /// Append one record with its headers.
-    pub fn append<'h>(
-        &mut self,
-        record: RecordParts<'_>,
-        headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
-    ) {
+    pub fn append<'h>(&mut self, record: RecordParts<'_>, headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>) {
         self.topic.append_value(record.topic);
         self.partition.append_value(record.partition);
         self.offset.append_value(record.offset);
@@ -181,20 +165,9 @@ impl RecordsBuilder {
     /// Finish the batch and reset the builder.
     pub fn finish(&mut self) -> RecordBatch {
         let offsets = std::mem::replace(&mut self.header_offsets, vec![0]);
-        let headers_struct = StructArray::new(
-            header_struct_fields(),
-            vec![
-                Arc::new(self.header_keys.finish()) as ArrayRef,
-                Arc::new(self.header_values.finish()) as ArrayRef,
-            ],
-            None,
-        );
-        let headers = ListArray::new(
-            header_item_field(),
-            OffsetBuffer::new(offsets.into()),
-            Arc::new(headers_struct),
-            None,
-        );
+        let headers_struct =
+            StructArray::new(header_struct_fields(), vec![Arc::new(self.header_keys.finish()) as ArrayRef, Arc::new(self.header_values.finish()) as ArrayRef], None);
+        let headers = ListArray::new(header_item_field(), OffsetBuffer::new(offsets.into()), Arc::new(headers_struct), None);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.topic.finish()),
             Arc::new(self.partition.finish()),
@@ -240,9 +213,7 @@ pub fn decode_ipc(bytes: Vec<u8>) -> Result<(SchemaRef, Vec<RecordBatch>), Arrow
         }
     }
     decoder.finish()?;
-    let schema = decoder
-        .schema()
-        .ok_or_else(|| ArrowError::IpcError("the IPC stream holds no schema message".into()))?;
+    let schema = decoder.schema().ok_or_else(|| ArrowError::IpcError("the IPC stream holds no schema message".into()))?;
     Ok((schema, batches))
 }
 
@@ -270,31 +241,11 @@ mod tests {
     #[test]
     fn builder_round_trips_through_ipc() {
         let mut b = RecordsBuilder::default();
-        b.append(
-            RecordParts {
-                topic: "t",
-                partition: 2,
-                offset: 7,
-                timestamp: Some(5),
-                key: Some(b"k"),
-                value: Some(b"{}"),
-            },
-            [("h", Some(&b"v"[..])), ("n", None)],
-        );
-        b.append(
-            RecordParts {
-                topic: "t",
-                partition: 2,
-                offset: 8,
-                timestamp: None,
-                key: None,
-                value: None,
-            },
-            [],
-        );
+        b.append(RecordParts { topic: "t", partition: 2, offset: 7, timestamp: Some(5), key: Some(b"k"), value: Some(b"{}") }, [("h", Some(&b"v"[..])), ("n", None)]);
+        b.append(RecordParts { topic: "t", partition: 2, offset: 8, timestamp: None, key: None, value: None }, []);
         let batch = b.finish();
         assert_eq!(batch.num_rows(), 2);
-        let bytes = encode_ipc(&record_schema(), &[batch.clone()]).unwrap();
+        let bytes = encode_ipc(&record_schema(), std::slice::from_ref(&batch)).unwrap();
         let (schema, batches) = decode_ipc(bytes).unwrap();
         assert!(is_record_schema(&schema));
         assert_eq!(batches, vec![batch]);

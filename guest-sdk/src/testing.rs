@@ -22,8 +22,8 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use serde_json::{Map, Value};
 
-pub use crate::driver::{AggregateDriver, Driver, TransformDriver};
 use crate::driver::Instance;
+pub use crate::driver::{AggregateDriver, Driver, TransformDriver};
 use crate::output::{Finished, RecordError};
 use crate::schema::{RecordParts, RecordsBuilder};
 use crate::{Aggregate, Context, Error, Transform};
@@ -57,12 +57,7 @@ pub struct TestOutput {
 
 impl TestOutput {
     fn from_finished(f: Finished) -> Self {
-        Self {
-            rows: f.batches.iter().flat_map(crate::json::batch_to_rows).collect(),
-            record_errors: f.record_errors,
-            watermark_ms: f.watermark_ms,
-            late_records: f.late_records,
-        }
+        Self { rows: f.batches.iter().flat_map(crate::json::batch_to_rows).collect(), record_errors: f.record_errors, watermark_ms: f.watermark_ms, late_records: f.late_records }
     }
 
     /// The `value` column of each output row as text (record-schema outputs).
@@ -88,12 +83,7 @@ impl<A: Aggregate> Harness<AggregateDriver<A>> {
 impl<D: Driver> Harness<D> {
     /// Configure from a JSON text.
     pub fn with_config(config: &str) -> Result<Self, Error> {
-        Ok(Self {
-            instance: Instance::init(config)?,
-            batch_id: 0,
-            next_offset: 0,
-            watermark_ms: None,
-        })
+        Ok(Self { instance: Instance::init(config)?, batch_id: 0, next_offset: 0, watermark_ms: None })
     }
 
     /// The output schema for the configuration.
@@ -105,17 +95,7 @@ impl<D: Driver> Harness<D> {
     pub fn batch_of<S: AsRef<[u8]>>(&mut self, values: &[S]) -> RecordBatch {
         let mut b = RecordsBuilder::with_capacity(values.len(), 0);
         for v in values {
-            b.append(
-                RecordParts {
-                    topic: "test",
-                    partition: 0,
-                    offset: self.next_offset,
-                    timestamp: None,
-                    key: None,
-                    value: Some(v.as_ref()),
-                },
-                [],
-            );
+            b.append(RecordParts { topic: "test", partition: 0, offset: self.next_offset, timestamp: None, key: None, value: Some(v.as_ref()) }, []);
             self.next_offset += 1;
         }
         b.finish()
@@ -130,12 +110,7 @@ impl<D: Driver> Harness<D> {
     /// Process an Arrow batch, with the host's watermark floor (the previous batch's
     /// watermark when `None`).
     pub fn push_batch(&mut self, batch: RecordBatch, watermark_ms: Option<i64>) -> Result<Finished, Error> {
-        let ctx = Context {
-            batch_id: self.batch_id,
-            offset_ranges: Vec::new(),
-            processing_time_ms: 0,
-            watermark_ms: watermark_ms.or(self.watermark_ms),
-        };
+        let ctx = Context { batch_id: self.batch_id, offset_ranges: Vec::new(), processing_time_ms: 0, watermark_ms: watermark_ms.or(self.watermark_ms) };
         self.batch_id += 1;
         let finished = self.instance.process_batch(batch, &ctx)?;
         self.watermark_ms = finished.watermark_ms.or(self.watermark_ms);

@@ -12,6 +12,66 @@
 //! * Append mode emits a window once, when the watermark passes its end. Update mode emits
 //!   every window that changed in the batch, and forgets a window once the watermark
 //!   passes its end.
+//!
+//! A complete aggregate: clicks per page in 1-minute tumbling windows (the README's example).
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use sluice_sdk::arrow_schema::{DataType, Field, Schema, SchemaRef};
+//! use sluice_sdk::window::{OutputMode, WindowSpec, Windowed};
+//! use sluice_sdk::{Aggregate, Batch, Context, Error, NoConfig, Output};
+//! use std::sync::Arc;
+//!
+//! #[derive(Deserialize)]
+//! struct Click { page: String, timestamp: i64 }
+//!
+//! #[derive(Serialize)]
+//! struct Row<'a> { window_start: i64, page: &'a str, clicks: i64 }
+//!
+//! pub struct ClicksPerPage { windows: Windowed<String, i64> }
+//!
+//! impl Aggregate for ClicksPerPage {
+//!     type Config = NoConfig;
+//!     type State = Windowed<String, i64>;
+//!
+//!     fn output_schema(_: &NoConfig) -> SchemaRef {
+//!         let column = |name, t| Field::new(name, t, false);
+//!         Arc::new(Schema::new(vec![column("window_start", DataType::Int64), column("page", DataType::Utf8), column("clicks", DataType::Int64)]))
+//!     }
+//!
+//!     fn new(_: NoConfig) -> Result<Self, Error> {
+//!         Ok(Self { windows: Windowed::new(WindowSpec::tumbling(60_000)?, 10_000, OutputMode::Append)? })
+//!     }
+//!
+//!     fn process(&mut self, batch: &Batch, ctx: &Context, out: &mut Output) -> Result<(), Error> {
+//!         for record in batch.records() {
+//!             match record.json::<Click>() {
+//!                 Ok(click) => drop(self.windows.add(click.timestamp, click.page.as_str(), |n| *n += 1)),
+//!                 Err(reason) => out.reject(record.index(), reason),
+//!             }
+//!         }
+//!         let mut rows = Vec::new();
+//!         self.windows.finish_batch(ctx.watermark_ms, |w, page, n| rows.push((w.start, page.clone(), *n)));
+//!         for (window_start, page, clicks) in &rows {
+//!             out.push_row(&Row { window_start: *window_start, page, clicks: *clicks })?;
+//!         }
+//!         out.set_watermark(self.windows.watermark());
+//!         Ok(())
+//!     }
+//!
+//!     fn state(&self) -> &Self::State { &self.windows }
+//!     fn set_state(&mut self, state: Self::State) { self.windows = state; }
+//! }
+//!
+//! sluice_sdk::export_aggregate!(ClicksPerPage);
+//!
+//! // The window [0, 60 s) closes once an event at 70 s moves the watermark past its end.
+//! let mut plugin = sluice_sdk::testing::AggregateHarness::<ClicksPerPage>::new(serde_json::json!({})).unwrap();
+//! plugin.push_values(&[r#"{"page":"/a","timestamp":1000}"#, r#"{"page":"/a","timestamp":2000}"#]).unwrap();
+//! let out = plugin.push_values(&[r#"{"page":"/b","timestamp":70000}"#]).unwrap();
+//! assert_eq!(out.rows.len(), 1);
+//! assert_eq!(serde_json::Value::Object(out.rows[0].clone()), serde_json::json!({"window_start": 0, "page": "/a", "clicks": 2}));
+//! ```
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,14 +107,10 @@ impl WindowSpec {
     /// Windows of `size_ms` starting every `slide_ms` (`0 < slide_ms <= size_ms`).
     pub fn sliding(size_ms: i64, slide_ms: i64) -> Result<Self, Error> {
         if size_ms <= 0 || slide_ms <= 0 {
-            return Err(Error::config(format!(
-                "window size and slide must be positive milliseconds, got size {size_ms} and slide {slide_ms}"
-            )));
+            return Err(Error::config(format!("window size and slide must be positive milliseconds, got size {size_ms} and slide {slide_ms}")));
         }
         if slide_ms > size_ms {
-            return Err(Error::config(format!(
-                "window slide ({slide_ms} ms) must not exceed the window size ({size_ms} ms): events between windows would be lost"
-            )));
+            return Err(Error::config(format!("window slide ({slide_ms} ms) must not exceed the window size ({size_ms} ms): events between windows would be lost")));
         }
         Ok(Self { size_ms, slide_ms })
     }
@@ -75,10 +131,7 @@ impl WindowSpec {
         let last_start = ts.div_euclid(slide) * slide;
         // The earliest start is the first multiple of `slide` strictly after `ts - size`.
         let first_start = (ts - size).div_euclid(slide) * slide + slide;
-        (0..)
-            .map(move |k| first_start + k * slide)
-            .take_while(move |&s| s <= last_start)
-            .map(move |start| Window { start, end: start + size })
+        (0..).map(move |k| first_start + k * slide).take_while(move |&s| s <= last_start).map(move |start| Window { start, end: start + size })
     }
 }
 
@@ -138,10 +191,18 @@ impl<K: Ord + Hash, A> Windowed<K, A> {
             open: self
                 .open
                 .into_iter()
-                .map(|(window, per_key)| (window, per_key.into_iter().map(|(k, a)| {
-                    let b = f(window, &k, a);
-                    (k, b)
-                }).collect()))
+                .map(|(window, per_key)| {
+                    (
+                        window,
+                        per_key
+                            .into_iter()
+                            .map(|(k, a)| {
+                                let b = f(window, &k, a);
+                                (k, b)
+                            })
+                            .collect(),
+                    )
+                })
                 .collect(),
             changed: self.changed,
         }
@@ -159,15 +220,7 @@ impl<K: Ord + Hash + Clone, A: Default> Windowed<K, A> {
         if delay_ms < 0 {
             return Err(Error::config(format!("watermark delay must not be negative, got {delay_ms} ms")));
         }
-        Ok(Self {
-            spec,
-            delay_ms,
-            mode,
-            max_event_ms: None,
-            watermark_ms: None,
-            open: BTreeMap::new(),
-            changed: BTreeSet::new(),
-        })
+        Ok(Self { spec, delay_ms, mode, max_event_ms: None, watermark_ms: None, open: BTreeMap::new(), changed: BTreeSet::new() })
     }
 
     /// The current watermark (none before the first batch).

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::metrics::Metrics;
-use crate::pipeline::ProgressHistory;
+use crate::progress::ProgressHistory;
 
 /// The dashboard: one page, its script and styles inline (no CDN).
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -44,6 +44,11 @@ impl Observed {
     pub fn new(pipeline: &str) -> Self {
         Self { pipeline: pipeline.to_string(), history: Arc::new(ProgressHistory::new(KEEP)), metrics: Arc::default() }
     }
+
+    /// The history and the metrics, as a run's observers.
+    pub fn observers(&self) -> Vec<Arc<dyn crate::progress::Observer>> {
+        vec![self.history.clone(), self.metrics.clone()]
+    }
 }
 
 /// Progress records kept for `/progress` and the dashboard's charts.
@@ -59,10 +64,8 @@ pub struct Server {
 impl Server {
     /// Listen on `addr` (`host:port`; port 0 picks a free one) and serve `observed`.
     pub fn start(addr: &str, observed: Observed) -> anyhow::Result<Self> {
-        let addrs: Vec<SocketAddr> = addr
-            .to_socket_addrs()
-            .map_err(|e| anyhow::anyhow!("the HTTP address {addr:?} is not a host:port to listen on ({e}); e.g. 127.0.0.1:4040"))?
-            .collect();
+        let addrs: Vec<SocketAddr> =
+            addr.to_socket_addrs().map_err(|e| anyhow::anyhow!("the HTTP address {addr:?} is not a host:port to listen on ({e}); e.g. 127.0.0.1:4040"))?.collect();
         let listener = TcpListener::bind(&addrs[..]).map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the HTTP server: {e}"))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use sluice::runtime::{Limits, LoadedPlugin, Runtime};
-use sluice::{demo, examples, offline};
+use sluice::{demo, offline};
 
 /// glibc's allocator returns large buffers to the OS and faults them in again batch after
 /// batch; mimalloc keeps them, which makes batch timings steady. Built without transparent
@@ -64,40 +64,6 @@ enum Command {
         #[arg(long)]
         plugin_dir: Option<PathBuf>,
     },
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Plugin throughput: WebAssembly vs the same plugin code compiled natively.
-    Plugins(sluice::bench::BenchArgs),
-    /// Whole pipelines on Apache Kafka (started on loopback ports): consume-only,
-    /// then json-filter and ad-clicks, native and WebAssembly.
-    Pipeline(sluice::bench::pipeline::PipelineBenchArgs),
-    /// Checkpointing cost on Apache Kafka: throughput with a checkpoint per batch
-    /// vs off, and the time from a restart after SIGKILL to the first committed batch.
-    Checkpoint(sluice::bench::checkpoint::CheckpointBenchArgs),
-    /// A 10× traffic burst against a pipeline of known capacity, with backpressure on and
-    /// off, on Apache Kafka: per batch processing time / interval, lag, memory.
-    Burst(sluice::bench::burst::BurstBenchArgs),
-    /// The stall a live plugin swap causes, on Apache Kafka: per swap, time at the
-    /// batch boundary and the new version's first batch against the median batch.
-    Swap(sluice::bench::swap::SwapBenchArgs),
-    /// Event → sink latency of a stateless pipeline (WebAssembly json-filter) at a fixed
-    /// input rate with short batches, on Apache Kafka: p50, p90, p99, max.
-    Latency(sluice::bench::latency::LatencyBenchArgs),
-    /// The ad-click aggregation in sluice, natively over rdkafka, in Quix Streams and in
-    /// Bytewax (from PyPI, into a virtual environment), on the same data on a real broker
-    /// (Apache Kafka): records/s, wall time, peak RSS, and whether the closed windows match.
-    Peers(sluice::bench::peers::PeersBenchArgs),
-    /// The peers benchmark's native ceiling (run by it as a child process).
-    #[command(hide = true)]
-    Ceiling(sluice::bench::peers::CeilingArgs),
-    /// The burst benchmark's paced producer (run by it as a child process).
-    #[command(hide = true)]
-    Produce(sluice::bench::burst::ProduceArgs),
 }
 
 #[derive(Subcommand)]
@@ -204,8 +170,8 @@ fn interactive() -> bool {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Progress records (`sluice::progress`) are logged when nobody watches a terminal, except
-    // for the demo and the benchmarks, which print their own.
-    let own_progress = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    // for the demo, which prints its own.
+    let own_progress = matches!(cli.command, Command::Demo(_));
     let default_filter = if interactive() || own_progress { "info,sluice::progress=off" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
@@ -221,30 +187,34 @@ fn main() -> ExitCode {
         Command::Check { pipeline, plugin_dir } => check(&pipeline, plugin_dir),
         Command::Run { pipeline, available_now, ignore_state, plugin_dir, http } => run(&pipeline, available_now, ignore_state, plugin_dir, http),
         Command::Checkpoint(CheckpointCommand::Show { location, json }) => show_checkpoints(&location, json),
-        Command::Bench(BenchCommand::Plugins(args)) => sluice::bench::run(&args, &mut std::io::stdout()).map(drop),
-        Command::Bench(BenchCommand::Pipeline(args)) => sluice::bench::pipeline::run(&args, &mut std::io::stdout()).map(drop),
-        Command::Bench(BenchCommand::Burst(args)) => sluice::bench::burst::run(&args, &mut std::io::stdout()).map(drop),
-        Command::Bench(BenchCommand::Swap(args)) => sluice::bench::swap::run_bench(&args, &mut std::io::stdout()).map(drop),
-        Command::Bench(BenchCommand::Latency(args)) => sluice::bench::latency::run(&args, &mut std::io::stdout()).map(drop),
-        Command::Bench(BenchCommand::Peers(args)) => sluice::bench::peers::run(&args, &mut std::io::stdout()).map(drop),
-        Command::Bench(BenchCommand::Ceiling(args)) => sluice::bench::peers::ceiling(&args).map(drop),
-        Command::Bench(BenchCommand::Produce(args)) => sluice::bench::burst::produce(&args).map(|sent| println!("{sent}")),
-        Command::Bench(BenchCommand::Checkpoint(args)) => sluice::bench::checkpoint::run_bench(&args, &mut std::io::stdout()).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn load(runtime: &Runtime, plugin: &str, limits: Limits) -> anyhow::Result<LoadedPlugin> {
-    if let Some(name) = plugin.strip_prefix("builtin:") {
-        return Ok(runtime.load(examples::named(name).map_err(anyhow::Error::msg)?, plugin, limits)?);
+/// `e` and the causes under it, each once: a cause whose text an error above it already
+/// shows (the library's errors name their cause in their own message) is not repeated.
+fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
     }
-    Ok(runtime.load_file(plugin, limits)?)
+    text
+}
+
+fn load(runtime: &Runtime, plugin: &str, limits: Limits) -> anyhow::Result<LoadedPlugin> {
+    Ok(runtime.load_spec(plugin, limits)?)
 }
 
 fn inspect(plugin: &str, json: bool) -> anyhow::Result<()> {
@@ -255,12 +225,8 @@ fn inspect(plugin: &str, json: bool) -> anyhow::Result<()> {
         sluice_sdk::PluginKind::Transform => "transform",
         sluice_sdk::PluginKind::Aggregate => "aggregate",
     };
-    let columns: Vec<_> = info
-        .output_schema
-        .fields()
-        .iter()
-        .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
-        .collect();
+    let columns: Vec<_> =
+        info.output_schema.fields().iter().map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()})).collect();
     let mut out = std::io::stdout().lock();
     if json {
         let doc = serde_json::json!({
@@ -292,8 +258,7 @@ fn read_config(arg: Option<&str>) -> anyhow::Result<String> {
         return Ok(arg.to_string());
     }
     let path = PathBuf::from(arg);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("--config `{arg}` is neither inline JSON (starting with `{{`) nor a readable file"))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--config `{arg}` is neither inline JSON (starting with `{{`) nor a readable file"))?;
     if path.extension().is_some_and(|e| e == "toml") {
         let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
         return Ok(serde_json::to_string(&value)?);
@@ -384,10 +349,7 @@ fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<
     )?;
     writeln!(out, "  brokers  {}", pipeline.kafka["bootstrap.servers"])?;
     writeln!(out, "  trigger  every {}", humantime::format_duration(pipeline.trigger_interval))?;
-    let steps: Vec<String> = chain
-        .stages()
-        .map(|s| format!("{} {} ({})", s.name(), s.version(), format!("{:?}", s.kind()).to_lowercase()))
-        .collect();
+    let steps: Vec<String> = chain.stages().map(|s| format!("{} {} ({})", s.name(), s.version(), format!("{:?}", s.kind()).to_lowercase())).collect();
     writeln!(out, "  plugins  {}", steps.join(" -> "))?;
     if let Some(dir) = pipeline.plugin_dir.as_ref().filter(|_| pipeline.steps.iter().any(|s| matches!(s.source, sluice::config::PluginSource::Dir(_)))) {
         writeln!(out, "  plugin directory {} (watched while running: new versions are swapped in live)", dir.display())?;
@@ -396,7 +358,9 @@ fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<
         Sink::Parquet { path, compression, .. } => format!("parquet {path} ({compression:?})"),
         Sink::Jsonl { path } => format!("jsonl {path}"),
         Sink::Kafka { topic, delivery: sluice::config::Delivery::AtLeastOnce } => format!("kafka topic {topic} (at least once)"),
-        Sink::Kafka { topic, delivery: sluice::config::Delivery::ExactlyOnce { transactional_id } } => format!("kafka topic {topic} (exactly once for read_committed consumers; transactional.id {transactional_id})"),
+        Sink::Kafka { topic, delivery: sluice::config::Delivery::ExactlyOnce { transactional_id } } => {
+            format!("kafka topic {topic} (exactly once for read_committed consumers; transactional.id {transactional_id})")
+        }
     };
     writeln!(out, "  sink     {}", describe(&pipeline.sink))?;
     match &pipeline.dead_letter {
@@ -410,34 +374,30 @@ fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<
     Ok(())
 }
 
-/// A flag that SIGINT and SIGTERM set: the loop finishes its batch and returns.
-fn stop_on_signal() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).context("cannot install the signal handler")?;
-    }
-    Ok(stop)
+/// A control channel that SIGINT and SIGTERM stop (the loop finishes its batch and
+/// returns) and SIGHUP retunes (live tuning).
+fn control_by_signals() -> anyhow::Result<sluice::control::Control> {
+    let control = sluice::control::Control::new();
+    control.on_signals().context("cannot install the signal handlers")?;
+    Ok(control)
 }
 
 fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_dir: Option<PathBuf>, http: Option<String>) -> anyhow::Result<()> {
     use sluice::pipeline::{RunOptions, Until};
     let pipeline = load_pipeline(path, plugin_dir)?;
     let mut sink = sluice::sink::open(&pipeline.sink, &pipeline.kafka).with_context(|| path.display().to_string())?;
-    let stop = stop_on_signal()?;
+    let control = control_by_signals()?;
     let runtime = Runtime::with_default_cache()?;
     let until = if available_now { Until::AvailableNow } else { Until::Stopped };
     if ignore_state && pipeline.checkpoint.is_none() {
         bail!("--ignore-state needs checkpointing, which {} turns off", path.display());
     }
     // SIGHUP: read the pipeline file again and apply its rate settings (live tuning).
-    let retune = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, retune.clone()).context("cannot install the SIGHUP handler")?;
-    let mut options = RunOptions { until, ignore_state, retune: Some((retune, path.to_path_buf())), ..RunOptions::default() };
+    let mut options = RunOptions { until, ignore_state, retune_from: Some(path.to_path_buf()), ..RunOptions::default() };
     let _server = match http {
         Some(addr) => {
             let observed = sluice::http::Observed::new(&pipeline.name);
-            options.history = Some(observed.history.clone());
-            options.metrics = Some(observed.metrics.clone());
+            options.observers = observed.observers();
             let server = sluice::http::Server::start(&addr, observed)?;
             eprintln!("{}: dashboard at {} (metrics at {}metrics)", pipeline.name, server.url(), server.url());
             Some(server)
@@ -445,7 +405,7 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_d
         None => None,
     };
     let interactive = interactive();
-    let summary = sluice::pipeline::run(&pipeline, &runtime, options, &stop, sink.as_mut(), &mut |p| {
+    let summary = sluice::pipeline::run(&pipeline, &runtime, options, &control, sink.as_mut(), &mut |p| {
         for r in &p.rejected {
             tracing::warn!("rejected {}/{}@{} by {} {}: {}", r.topic, r.partition, r.offset, r.plugin, r.version, r.reason);
         }
@@ -478,7 +438,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let options = demo::DemoOptions { duration: args.duration, rate: args.rate, interval: args.interval, speedup: args.speedup, http };
     let mut out = std::io::stdout().lock();
     let mut progress = std::io::stderr().lock();
-    demo::run(&options, stop_on_signal()?, &mut out, &mut progress)?;
+    demo::run(&options, control_by_signals()?, &mut out, &mut progress)?;
     Ok(())
 }
 

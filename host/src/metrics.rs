@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::pipeline::BatchProgress;
+use crate::chain::StepId;
+use crate::progress::BatchProgress;
 
 /// Upper bounds (seconds) of the batch-duration and checkpoint-duration histograms.
 const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
@@ -79,10 +80,15 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-/// A step as the chain reports it → owned (`name`, `version`) labels.
-fn plugin_labels(shown: &str) -> (String, String) {
-    let (name, version) = crate::chain::step_parts(shown);
-    (name.to_string(), version.to_string())
+/// A step → its (`name`, `version`) labels.
+fn plugin_labels(step: &StepId) -> (String, String) {
+    (step.name.clone(), step.version.clone())
+}
+
+impl crate::progress::Observer for Metrics {
+    fn batch(&self, progress: &BatchProgress, _: &serde_json::Value) {
+        self.record(progress);
+    }
 }
 
 impl Metrics {
@@ -167,7 +173,13 @@ impl Metrics {
         };
         plugin_series(&mut out, "sluice_plugin_seconds_total", "counter", "Time spent in each plugin version, retries included.", &|t| t.seconds.to_string());
         plugin_series(&mut out, "sluice_plugin_rejected_records_total", "counter", "Records each plugin version rejected.", &|t| t.rejected.to_string());
-        plugin_series(&mut out, "sluice_plugin_failures_total", "counter", "Failed plugin calls (traps, timeouts, errors) that were retried, rolled back or sent to the dead letters.", &|t| t.failures.to_string());
+        plugin_series(
+            &mut out,
+            "sluice_plugin_failures_total",
+            "counter",
+            "Failed plugin calls (traps, timeouts, errors) that were retried, rolled back or sent to the dead letters.",
+            &|t| t.failures.to_string(),
+        );
         out
     }
 }
@@ -186,7 +198,7 @@ fn escape(value: &str) -> String {
 mod tests {
     use super::*;
     use crate::chain::Rejected;
-    use crate::pipeline::{BatchDurations, PartitionProgress};
+    use crate::progress::{BatchDurations, PartitionProgress};
 
     fn batch(id: u64, records: u64, millis: u64, lag: i64) -> BatchProgress {
         let ms = Duration::from_millis;
@@ -195,7 +207,7 @@ mod tests {
             timestamp_ms: 0,
             input_per_sec: records as f64,
             durations: BatchDurations { plan: ms(1), fetch: ms(2), plugins: ms(millis - 5), sink: ms(1), checkpoint: ms(1), commit: Duration::ZERO },
-            step_times: vec![("ad-clicks 1.0.0".into(), ms(millis - 5))],
+            step_times: vec![(StepId::new("ad-clicks", "1.0.0"), ms(millis - 5))],
             partitions: vec![PartitionProgress { topic: "t\"x".into(), partition: 0, from: 0, until: records as i64, high: records as i64 + lag }],
             dead_letters: 0,
             records,
@@ -232,7 +244,7 @@ mod tests {
             record: arrow_array::RecordBatch::new_empty(sluice_sdk::record_schema()),
         });
         second.dead_letters = 1;
-        second.failures = vec!["ad-clicks 1.0.0".into()];
+        second.failures = vec![StepId::new("ad-clicks", "1.0.0")];
         metrics.record(&second);
         // The progress record counts the same per plugin version.
         let json = second.to_json();

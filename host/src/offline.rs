@@ -68,9 +68,7 @@ pub fn run(instance: &mut PluginInstance, input: impl BufRead, batch_size: usize
     let mut line_no = 0u64;
     loop {
         let mut buf = Vec::new();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|error| OfflineError::Read { line: line_no + 1, error })?;
+        let n = reader.read_until(b'\n', &mut buf).map_err(|error| OfflineError::Read { line: line_no + 1, error })?;
         let eof = n == 0;
         if !eof {
             line_no += 1;
@@ -95,13 +93,7 @@ pub fn run(instance: &mut PluginInstance, input: impl BufRead, batch_size: usize
     Ok(summary)
 }
 
-fn feed(
-    instance: &mut PluginInstance,
-    lines: &[(u64, Vec<u8>)],
-    watermark: Option<i64>,
-    summary: &mut Summary,
-    sink: &mut dyn Sink,
-) -> Result<Option<i64>, OfflineError> {
+fn feed(instance: &mut PluginInstance, lines: &[(u64, Vec<u8>)], watermark: Option<i64>, summary: &mut Summary, sink: &mut dyn Sink) -> Result<Option<i64>, OfflineError> {
     let flush = lines.is_empty();
     let mut builder = RecordsBuilder::with_capacity(lines.len(), lines.iter().map(|(_, l)| l.len()).sum());
     for (line, value) in lines {

@@ -77,10 +77,7 @@ pub fn shared_by_lag(lag: &[PartitionLag], max_records: Option<u64>) -> Vec<Offs
         }
         _ => lags,
     };
-    lag.iter()
-        .zip(shares)
-        .map(|(p, n)| OffsetRange { topic: p.topic.clone(), partition: p.partition, from: p.next, until: p.next + n as i64 })
-        .collect()
+    lag.iter().zip(shares).map(|(p, n)| OffsetRange { topic: p.topic.clone(), partition: p.partition, from: p.next, until: p.next + n as i64 }).collect()
 }
 
 /// Where each partition of `lag` continues once `ranges` are done.
@@ -103,11 +100,7 @@ mod tests {
     use super::*;
 
     fn lag(parts: &[(i64, i64)]) -> Vec<PartitionLag> {
-        parts
-            .iter()
-            .enumerate()
-            .map(|(i, &(next, high))| PartitionLag { topic: "t".into(), partition: i as i32, next, high })
-            .collect()
+        parts.iter().enumerate().map(|(i, &(next, high))| PartitionLag { topic: "t".into(), partition: i as i32, next, high }).collect()
     }
 
     fn sizes(ranges: &[OffsetRange]) -> Vec<i64> {
@@ -147,6 +140,6 @@ mod tests {
     fn a_partition_continues_after_its_range_or_where_it_was() {
         let now = lag(&[(10, 100), (20, 60)]);
         let after = positions_after(&now, &[OffsetRange { topic: "t".into(), partition: 0, from: 10, until: 30 }]);
-        assert_eq!(after.into_iter().map(|(_, n)| n).collect::<Vec<_>>(), vec![30, 20]);
+        assert_eq!(after.into_values().collect::<Vec<_>>(), vec![30, 20]);
     }
 }

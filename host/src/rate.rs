@@ -214,13 +214,7 @@ impl RateController {
     /// With `adaptive`, the batch interval starts at `interval` and adapts after each
     /// batch.
     pub fn new(backpressure: Option<(PidSettings, Option<f64>)>, caps: PartitionRates, interval: Duration, adaptive: Option<AdaptiveInterval>) -> Self {
-        Self {
-            estimator: backpressure.map(|(pid, _)| PidRateEstimator::new(interval, pid)),
-            rate: backpressure.and_then(|(_, initial)| initial),
-            caps,
-            interval,
-            adaptive,
-        }
+        Self { estimator: backpressure.map(|(pid, _)| PidRateEstimator::new(interval, pid)), rate: backpressure.and_then(|(_, initial)| initial), caps, interval, adaptive }
     }
 
     /// The current batch interval.
@@ -342,7 +336,7 @@ mod tests {
     fn a_hand_computed_sequence_with_spark_defaults() {
         let mut e = estimator(PidSettings::default());
         e.compute(1_000, 1_000, 500.0, 0.0); // rate 2000
-        // processing 1000/s: error 1000, no scheduling delay: 2000 - 1000 = 1000
+                                             // processing 1000/s: error 1000, no scheduling delay: 2000 - 1000 = 1000
         assert_eq!(e.compute(2_000, 1_000, 1000.0, 0.0), Some(1_000.0));
         // processing 500/s: error 500, historical 1000 ms * 500/s / 1000 ms = 500:
         // 1000 - 500 - 0.2 * 500 = 400
@@ -355,7 +349,7 @@ mod tests {
     fn the_derivative_term_uses_the_error_change_per_second() {
         let mut e = estimator(PidSettings { proportional: 0.5, integral: 0.0, derived: 0.5, min_rate: 1.0 });
         e.compute(1_000, 1_000, 1000.0, 0.0); // rate 1000
-        // processing 500/s, 2 s after: error 500, d = (500 - 0) / 2 = 250: 1000 - 250 - 125 = 625
+                                              // processing 500/s, 2 s after: error 500, d = (500 - 0) / 2 = 250: 1000 - 250 - 125 = 625
         assert_eq!(e.compute(3_000, 500, 1000.0, 0.0), Some(625.0));
         // processing 625/s: error 0, d = (0 - 500) / 1 = -500: 625 - 0 + 250 = 875
         assert_eq!(e.compute(4_000, 625, 1000.0, 0.0), Some(875.0));
@@ -417,7 +411,10 @@ mod tests {
         assert_eq!(c.state().pid, learned.pid, "the estimator keeps its memory");
         assert_eq!(c.budgets(&[1_000]), Some(vec![5]), "10/s per partition × 500 ms");
         assert!(c.retune(Some((gains, None)), PartitionRates { max: Some(10.0), min: None }, ms(500), None).is_empty(), "same settings, no change");
-        assert_eq!(c.retune(None, PartitionRates::default(), ms(500), None), ["backpressure off", "partition rates PartitionRates { max: Some(10.0), min: None } -> PartitionRates { max: None, min: None }"]);
+        assert_eq!(
+            c.retune(None, PartitionRates::default(), ms(500), None),
+            ["backpressure off", "partition rates PartitionRates { max: Some(10.0), min: None } -> PartitionRates { max: None, min: None }"]
+        );
         assert_eq!(c.budgets(&[1_000]), None);
     }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use crate::chain::Chain;
 use crate::checkpoint::{self, CheckpointStore, Metadata, PlannedBatch, Recovered};
 use crate::config::Pipeline;
+use crate::error::RunError;
 use crate::sink::Sink;
 
 /// The one task over all partitions (see DESIGN.md: state is kept per task so that one
@@ -36,7 +37,7 @@ pub struct Resume {
 /// Read the checkpoint location, restore the chain's state (unless `ignore_state`), and
 /// say where the run continues. Without checkpointing a run starts at the source's group
 /// offsets (else `startingOffsets`), numbering its batches after what `sink` holds.
-pub fn recover(pipeline: &Pipeline, checkpoints: Option<&CheckpointStore>, chain: &mut Chain, sink: &dyn Sink, ignore_state: bool) -> anyhow::Result<Resume> {
+pub fn recover(pipeline: &Pipeline, checkpoints: Option<&CheckpointStore>, chain: &mut Chain, sink: &dyn Sink, ignore_state: bool) -> Result<Resume, RunError> {
     let Some(store) = checkpoints else {
         let next_batch_id = sink.last_batch_id()?.map_or(0, |last| last + 1);
         return Ok(Resume { next_batch_id, ..Resume::default() });
@@ -73,13 +74,18 @@ pub fn recover(pipeline: &Pipeline, checkpoints: Option<&CheckpointStore>, chain
         None => sink.last_batch_id()?.map_or(0, |last| last + 1),
     };
     if recovered.metadata.is_none() {
-        store.create(&Metadata { format_version: checkpoint::FORMAT_VERSION, pipeline: pipeline.name.clone(), topics: pipeline.source.topics.clone(), first_batch_id: next_batch_id })?;
+        store.create(&Metadata {
+            format_version: checkpoint::FORMAT_VERSION,
+            pipeline: pipeline.name.clone(),
+            topics: pipeline.source.topics.clone(),
+            first_batch_id: next_batch_id,
+        })?;
     }
     if let Some(last) = sink.last_batch_id()?.filter(|&last| last >= next_batch_id) {
-        anyhow::bail!(
+        return Err(RunError::Inconsistent(format!(
             "the sink already holds committed output of batch {last}, but checkpoint {} continues at batch {next_batch_id}: they were not used together. Point checkpoint.location at the checkpoint this output was written with, or write to a new sink location",
             store.shown()
-        );
+        )));
     }
     let watermark_ms = task.and_then(|t| t.watermark_ms);
     let Recovered { checkpoint, replay, .. } = recovered;

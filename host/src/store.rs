@@ -18,10 +18,7 @@ pub const SCHEMES: [&str; 10] = ["file", "memory", "s3", "s3a", "gs", "az", "adl
 pub fn check_location(location: &str) -> Result<(), String> {
     let Some((scheme, _)) = location.split_once("://") else { return Ok(()) };
     if !SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
-        return Err(format!(
-            "`{location}`: unknown scheme `{scheme}://`; use a local directory or one of {}",
-            SCHEMES.map(|s| format!("{s}://")).join(", ")
-        ));
+        return Err(format!("`{location}`: unknown scheme `{scheme}://`; use a local directory or one of {}", SCHEMES.map(|s| format!("{s}://")).join(", ")));
     }
     url::Url::parse(location).map(drop).map_err(|e| format!("`{location}` is not a valid URL: {e}"))
 }
@@ -70,10 +67,7 @@ impl Location {
         };
         let local_dir = match &url {
             None => Some(PathBuf::from(location)),
-            Some(u) if u.scheme() == "file" => Some(
-                u.to_file_path()
-                    .map_err(|()| fail("cannot open", "a file:// URL needs an absolute path, like file:///data/out".into()))?,
-            ),
+            Some(u) if u.scheme() == "file" => Some(u.to_file_path().map_err(|()| fail("cannot open", "a file:// URL needs an absolute path, like file:///data/out".into()))?),
             Some(_) => None,
         };
         if local_dir.is_some() && !options.is_empty() {
@@ -98,10 +92,11 @@ impl Location {
     }
 
     fn on(store: std::sync::Arc<dyn ObjectStore>, prefix: ObjectPath, shown: &str, hook: Option<Hook>) -> Result<Self, StoreError> {
-        let io = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError { location: shown.to_string(), what: "cannot start I/O".into(), reason: e.to_string() })?;
+        let io = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| StoreError {
+            location: shown.to_string(),
+            what: "cannot start I/O".into(),
+            reason: e.to_string(),
+        })?;
         Ok(Self { store, prefix, shown: shown.to_string(), io, hook })
     }
 
@@ -157,8 +152,7 @@ impl Location {
             .io
             .block_on(self.store.list_with_delimiter(Some(&prefix)))
             .map_err(|e| self.fail(format!("cannot list {}", if dir.is_empty() { "the location" } else { dir }), e))?;
-        let mut names: Vec<(String, u64)> =
-            listing.objects.iter().filter_map(|o| o.location.filename().map(|n| (n.to_string(), o.size))).collect();
+        let mut names: Vec<(String, u64)> = listing.objects.iter().filter_map(|o| o.location.filename().map(|n| (n.to_string(), o.size))).collect();
         names.sort();
         Ok(names)
     }

@@ -10,14 +10,13 @@
 //! publish). A version that fails is reported once; saving the file again retries.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+use crate::control::Control;
 use crate::runtime::{Limits, PluginInstance, Runtime};
 
 /// How often the plugin directory is looked at.
@@ -85,7 +84,7 @@ pub enum Found {
         /// Step index.
         step: usize,
         /// The instance.
-        instance: PluginInstance,
+        instance: Box<PluginInstance>,
         /// The component file it came from.
         file: PathBuf,
     },
@@ -103,23 +102,22 @@ pub enum Found {
 /// The watching thread; stopped when dropped.
 pub struct Watcher {
     found: Receiver<Found>,
-    stop: Arc<AtomicBool>,
+    /// The watcher's own channel: a stop when the watcher is dropped ends its wait.
+    own: Control,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Watcher {
-    /// Watch `steps` in `dir`, looking every `poll`.
-    pub fn start(runtime: Runtime, dir: PathBuf, steps: Vec<WatchedStep>, poll: Duration) -> Self {
+    /// Watch `steps` in `dir`, looking every `poll`; each new version found is announced
+    /// on `run`, the run's control channel.
+    pub fn start(runtime: Runtime, dir: PathBuf, steps: Vec<WatchedStep>, poll: Duration, run: Control) -> Self {
         let (tx, found) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
+        let own = Control::new();
         let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("sluice-plugin-watch".into())
-                .spawn(move || watch(&runtime, &dir, steps, poll, &tx, &stop))
-                .expect("spawn the plugin watcher")
+            let own = own.clone();
+            std::thread::Builder::new().name("sluice-plugin-watch".into()).spawn(move || watch(&runtime, &dir, steps, poll, &tx, &own, &run)).expect("spawn the plugin watcher")
         };
-        Self { found, stop, thread: Some(thread) }
+        Self { found, own, thread: Some(thread) }
     }
 
     /// What was found since the last call, oldest first.
@@ -130,7 +128,7 @@ impl Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.own.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -155,9 +153,9 @@ struct StepWatch {
     handled: bool,
 }
 
-fn watch(runtime: &Runtime, dir: &Path, steps: Vec<WatchedStep>, poll: Duration, tx: &Sender<Found>, stop: &AtomicBool) {
+fn watch(runtime: &Runtime, dir: &Path, steps: Vec<WatchedStep>, poll: Duration, tx: &Sender<Found>, own: &Control, run: &Control) {
     let mut watched: Vec<StepWatch> = steps.into_iter().map(|step| StepWatch { step, failed: None, seen: None, handled: false }).collect();
-    while !stop.load(Ordering::SeqCst) {
+    while !own.is_stopped() {
         for w in &mut watched {
             let name = &w.step.name;
             let stamps = (stamp(&dir.join(format!("{name}.wasm"))), stamp(&dir.join(format!("{name}.toml"))));
@@ -184,7 +182,7 @@ fn watch(runtime: &Runtime, dir: &Path, steps: Vec<WatchedStep>, poll: Duration,
                         Ok(instance) => {
                             // From here on the chain has it (or reports why not).
                             w.step.digest = files.digest;
-                            Found::Ready { step: w.step.step, instance, file: files.wasm_path }
+                            Found::Ready { step: w.step.step, instance: Box::new(instance), file: files.wasm_path }
                         }
                         Err(reason) => {
                             w.failed = Some(files.digest);
@@ -197,13 +195,9 @@ fn watch(runtime: &Runtime, dir: &Path, steps: Vec<WatchedStep>, poll: Duration,
                 if tx.send(found).is_err() {
                     return;
                 }
+                run.swap_ready();
             }
         }
-        let mut slept = Duration::ZERO;
-        while slept < poll && !stop.load(Ordering::SeqCst) {
-            let step = Duration::from_millis(20).min(poll - slept);
-            std::thread::sleep(step);
-            slept += step;
-        }
+        own.sleep(poll);
     }
 }

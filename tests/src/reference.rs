@@ -61,12 +61,7 @@ struct Event<'a> {
 }
 
 fn event(v: &Value) -> Option<Event<'_>> {
-    Some(Event {
-        campaign: v.get("campaign_id")?.as_str()?,
-        user: v.get("user_id")?.as_str()?,
-        cost: v.get("cost")?.as_f64()?,
-        ts: v.get("timestamp")?.as_i64()?,
-    })
+    Some(Event { campaign: v.get("campaign_id")?.as_str()?, user: v.get("user_id")?.as_str()?, cost: v.get("cost")?.as_f64()?, ts: v.get("timestamp")?.as_i64()? })
 }
 
 /// The windows (all of them, as after a final flush) that the seed's aggregation outputs
@@ -178,9 +173,7 @@ pub fn compare_windows(expected: &[WindowRow], actual: &[WindowRow]) -> WindowDi
         seen.entry(key(r)).or_default().push(r);
     }
     let mut diff = WindowDiff::default();
-    let same = |a: &WindowRow, b: &WindowRow| {
-        a.clicks == b.clicks && a.unique_users == b.unique_users && (a.total_cost - b.total_cost).abs() <= 1e-9 * a.total_cost.abs().max(1.0)
-    };
+    let same = |a: &WindowRow, b: &WindowRow| a.clicks == b.clicks && a.unique_users == b.unique_users && (a.total_cost - b.total_cost).abs() <= 1e-9 * a.total_cost.abs().max(1.0);
     for e in expected {
         match seen.remove(&key(e)) {
             None => diff.lost += 1,

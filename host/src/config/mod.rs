@@ -6,14 +6,16 @@
 //!
 //! This module only describes a pipeline; it must not open connections or load plugins.
 
+mod failure;
 mod raw;
+
+pub use failure::{FailurePolicy, OnFailure};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::rate::{AdaptiveInterval, PartitionRates, PidSettings};
-use crate::chain::{FailurePolicy, OnFailure};
 use crate::runtime::Limits;
 
 /// Where consumption starts when there is no checkpoint.
@@ -247,11 +249,7 @@ const MANAGED_KAFKA_KEYS: [(&str, &str); 5] = [
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(1);
 
 fn valid_topic(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    !name.is_empty() && name.len() <= 249 && name != "." && name != ".." && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Check a `[sink]`-shaped table; `key` names it in messages.
@@ -307,16 +305,14 @@ fn valid_plugin_name(name: &str) -> bool {
 impl Pipeline {
     /// Read and check a pipeline file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
         Self::parse(&text, path)
     }
 
     /// Check pipeline text; `path` names it in messages and anchors relative plugin paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let raw: raw::RawPipeline =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string().trim_end().to_string() })?;
+        let raw: raw::RawPipeline = toml::from_str(text).map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string().trim_end().to_string() })?;
         Self::from_raw(raw, path)
     }
 
@@ -324,9 +320,7 @@ impl Pipeline {
         let shown = path.display().to_string();
         let invalid = |key: &str, message: String| ConfigError::Invalid { path: shown.clone(), key: key.to_string(), message };
 
-        let name = raw.name.unwrap_or_else(|| {
-            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
-        });
+        let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()));
         if name.trim().is_empty() {
             return Err(invalid("name", "must not be empty".into()));
         }
@@ -335,10 +329,7 @@ impl Pipeline {
             return Err(invalid("source.topics", "list at least one topic to read, e.g. `topics = [\"ad-events\"]`".into()));
         }
         if let Some(bad) = raw.source.topics.iter().find(|t| !valid_topic(t)) {
-            return Err(invalid(
-                "source.topics",
-                format!("`{bad}` is not a Kafka topic name (1-249 characters of a-z, A-Z, 0-9, `.`, `_`, `-`)"),
-            ));
+            return Err(invalid("source.topics", format!("`{bad}` is not a Kafka topic name (1-249 characters of a-z, A-Z, 0-9, `.`, `_`, `-`)")));
         }
         let max_offsets_per_trigger = match raw.source.max_offsets_per_trigger {
             None => None,
@@ -396,10 +387,15 @@ impl Pipeline {
                 None => trigger_interval.max(Duration::from_secs(60)),
             };
             if !(min <= trigger_interval && trigger_interval <= max) {
-                return Err(invalid("trigger", format!(
-                    "processingTime {} must lie between minInterval {} and maxInterval {}",
-                    humantime::format_duration(trigger_interval), humantime::format_duration(min), humantime::format_duration(max)
-                )));
+                return Err(invalid(
+                    "trigger",
+                    format!(
+                        "processingTime {} must lie between minInterval {} and maxInterval {}",
+                        humantime::format_duration(trigger_interval),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
             }
             Some(AdaptiveInterval { min, max })
         } else {
@@ -419,20 +415,12 @@ impl Pipeline {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Float(f) => f.to_string(),
-                other => {
-                    return Err(invalid(
-                        &format!("kafka.\"{key}\""),
-                        format!("librdkafka properties are strings, numbers or booleans, got a {}", other.type_str()),
-                    ))
-                }
+                other => return Err(invalid(&format!("kafka.\"{key}\""), format!("librdkafka properties are strings, numbers or booleans, got a {}", other.type_str()))),
             };
             kafka.insert(key, text);
         }
         if !kafka.contains_key("bootstrap.servers") {
-            return Err(invalid(
-                "kafka",
-                "`\"bootstrap.servers\"` is missing: add `\"bootstrap.servers\" = \"host:9092\"` under [kafka]".into(),
-            ));
+            return Err(invalid("kafka", "`\"bootstrap.servers\"` is missing: add `\"bootstrap.servers\" = \"host:9092\"` under [kafka]".into()));
         }
 
         if raw.plugin.is_empty() {
@@ -451,7 +439,10 @@ impl Pipeline {
                     (None, Some(name), None) => PluginSource::Builtin(name),
                     (None, None, Some(name)) if valid_plugin_name(&name) => PluginSource::Dir(name),
                     (None, None, Some(name)) => {
-                        return Err(invalid(&key("name"), format!("`{name}` is not a plugin name: use letters, digits, `-` and `_` (the plugin is `<name>.wasm` in the plugin directory)")))
+                        return Err(invalid(
+                            &key("name"),
+                            format!("`{name}` is not a plugin name: use letters, digits, `-` and `_` (the plugin is `<name>.wasm` in the plugin directory)"),
+                        ))
                     }
                     _ => {
                         return Err(invalid(
@@ -547,7 +538,9 @@ impl Pipeline {
                 ));
             }
         }
-        if let (Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: a }, .. }, Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: b }, .. })) = (&sink, &dead_letter) {
+        if let (Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: a }, .. }, Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: b }, .. })) =
+            (&sink, &dead_letter)
+        {
             if a == b {
                 return Err(invalid("deadLetter.transactionalId", format!("`{b}` is also the sink's: the two producers would fence each other; give each its own id")));
             }
@@ -569,7 +562,11 @@ impl Pipeline {
             };
             Some(Backpressure { initial_rate: positive_rate("backpressure.initialRate", raw_bp.initial_rate)?, pid })
         } else {
-            let set = raw_bp.initial_rate.is_some() || raw_bp.pid.proportional.is_some() || raw_bp.pid.integral.is_some() || raw_bp.pid.derived.is_some() || raw_bp.pid.min_rate.is_some();
+            let set = raw_bp.initial_rate.is_some()
+                || raw_bp.pid.proportional.is_some()
+                || raw_bp.pid.integral.is_some()
+                || raw_bp.pid.derived.is_some()
+                || raw_bp.pid.min_rate.is_some();
             if set {
                 return Err(invalid("backpressure.enabled", "the [backpressure] settings apply only with `enabled = true`; add it or remove them".into()));
             }

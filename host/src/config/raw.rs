@@ -113,7 +113,9 @@ pub enum RawSink {
         #[serde(default)]
         options: BTreeMap<String, String>,
     },
-    Jsonl { path: String },
+    Jsonl {
+        path: String,
+    },
     Kafka {
         topic: String,
         #[serde(rename = "deliveryGuarantee")]

@@ -134,8 +134,14 @@ mod tests {
     #[test]
     fn same_seed_same_events_and_disorder_is_bounded() {
         let spec = EventSpec { max_disorder_ms: 3000, ..EventSpec::default() };
-        let a: Vec<_> = { let mut g = EventGenerator::new(spec.clone()); (0..1000).map(|_| g.next_event()).collect() };
-        let b: Vec<_> = { let mut g = EventGenerator::new(spec.clone()); (0..1000).map(|_| g.next_event()).collect() };
+        let a: Vec<_> = {
+            let mut g = EventGenerator::new(spec.clone());
+            (0..1000).map(|_| g.next_event()).collect()
+        };
+        let b: Vec<_> = {
+            let mut g = EventGenerator::new(spec.clone());
+            (0..1000).map(|_| g.next_event()).collect()
+        };
         assert_eq!(a, b);
         let out_of_order = a.windows(2).filter(|w| w[1].timestamp < w[0].timestamp).count();
         assert!(out_of_order > 100, "events should be out of order, got {out_of_order} inversions");

@@ -10,7 +10,7 @@ pub mod generator;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use arrow_array::RecordBatch;
 
 use crate::broker::{Broker, Mock};
 use crate::config::{Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
+use crate::control::Control;
 use crate::kafka::{Loader, Outgoing};
 use crate::pipeline::{self, RunOptions, Until};
 use crate::runtime::{Limits, Runtime};
@@ -82,30 +83,24 @@ struct WindowPrinter<'o> {
 impl Sink for WindowPrinter<'_> {
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
         for b in batches {
-            self.windows += print_windows(b, self.out)
-                .map_err(|error| SinkError::Write { target: "stdout".into(), batch_id, error })?;
+            self.windows += print_windows(b, self.out).map_err(|error| SinkError::Write { target: "stdout".into(), batch_id, error })?;
         }
         Ok(())
     }
 }
 
 /// Produce events at `rate` per second until `stop`; returns how many.
-fn produce(loader: Loader, options: DemoOptions, stop: Arc<AtomicBool>, produced: Arc<AtomicU64>) {
+fn produce(loader: Loader, options: DemoOptions, stop: Control, produced: Arc<AtomicU64>) {
     let mut gen = EventGenerator::new(EventSpec { events_per_sec: (options.rate / options.speedup.max(1)).max(1), ..EventSpec::default() });
     let started = Instant::now();
     let mut sent = 0u64;
-    while !stop.load(Ordering::SeqCst) {
+    while !stop.is_stopped() {
         let due = (started.elapsed().as_secs_f64() * options.rate as f64) as u64;
         while sent < due {
             let event = gen.next_event();
             let value = serde_json::to_vec(&event).expect("events serialize");
             let campaign: u64 = event.campaign_id.trim_start_matches("campaign-").parse().unwrap_or(0);
-            let record = Outgoing {
-                partition: Some((campaign % PARTITIONS as u64) as i32),
-                key: Some(event.campaign_id.as_bytes()),
-                value: Some(&value),
-                headers: &[],
-            };
+            let record = Outgoing { partition: Some((campaign % PARTITIONS as u64) as i32), key: Some(event.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
             if let Err(e) = loader.send(TOPIC, record) {
                 tracing::error!("demo producer: {e}");
                 return;
@@ -113,7 +108,7 @@ fn produce(loader: Loader, options: DemoOptions, stop: Arc<AtomicBool>, produced
             sent += 1;
         }
         produced.store(sent, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(5));
+        stop.sleep(Duration::from_millis(5));
     }
     let _ = loader.flush(Duration::from_secs(5));
     produced.store(sent, Ordering::SeqCst);
@@ -121,7 +116,7 @@ fn produce(loader: Loader, options: DemoOptions, stop: Arc<AtomicBool>, produced
 
 /// Run the demo until `options.duration` has passed or `stop` is set; windows go to
 /// `out`, progress lines to `progress`.
-pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, progress: &mut dyn Write) -> anyhow::Result<DemoSummary> {
+pub fn run(options: &DemoOptions, stop: Control, out: &mut dyn Write, progress: &mut dyn Write) -> anyhow::Result<DemoSummary> {
     let cluster = Mock::start()?;
     cluster.create_topic(TOPIC, PARTITIONS)?;
     let bootstrap = cluster.bootstrap();
@@ -176,7 +171,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
         }
         None => None,
     };
-    let options_run = RunOptions { until: Until::Stopped, history: Some(observed.history.clone()), metrics: Some(observed.metrics.clone()), ..RunOptions::default() };
+    let options_run = RunOptions { until: Until::Stopped, observers: observed.observers(), ..RunOptions::default() };
 
     let produced = Arc::new(AtomicU64::new(0));
     let producer = {
@@ -187,11 +182,8 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
     let timer = {
         let (stop, duration) = (stop.clone(), options.duration);
         std::thread::spawn(move || {
-            let started = Instant::now();
-            while started.elapsed() < duration && !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            stop.store(true, Ordering::SeqCst);
+            stop.sleep(duration);
+            stop.stop();
         })
     };
 
@@ -215,7 +207,7 @@ pub fn run(options: &DemoOptions, stop: Arc<AtomicBool>, out: &mut dyn Write, pr
             let _ = writeln!(progress, "rejected {}/{}@{} by {}: {}", r.topic, r.partition, r.offset, r.plugin, r.reason);
         }
     });
-    stop.store(true, Ordering::SeqCst);
+    stop.stop();
     let _ = timer.join();
     let _ = producer.join();
     let summary = result?;

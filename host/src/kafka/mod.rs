@@ -20,12 +20,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{record_schema, OffsetRange};
 
-use self::prefetch::{Prefetcher, TakeError};
 pub use self::prefetch::{is_transient, PREFETCH_ROWS};
+use self::prefetch::{Prefetcher, TakeError};
 
 use crate::config::{Source as SourceConfig, StartingOffsets};
-pub use crate::source::{PartitionLag, SourceError};
 use crate::source::{check_fetched, Source};
+pub use crate::source::{PartitionLag, SourceError};
 
 /// Consumer settings that made a 7× throughput difference on a real broker, and a 2 MiB
 /// bound on librdkafka's read-ahead queue (its default is 64 MiB). With 1 M events on
@@ -96,11 +96,7 @@ impl KafkaSource {
     /// from a checkpoint's positions when `resume` has them (a partition the checkpoint
     /// does not know, added since, starts at its earliest offset); without a checkpoint,
     /// the group's committed offset if it has one, else `startingOffsets`.
-    pub fn connect(
-        source: &SourceConfig,
-        properties: &BTreeMap<String, String>,
-        resume: Option<&BTreeMap<(String, i32), i64>>,
-    ) -> Result<Self, SourceError> {
+    pub fn connect(source: &SourceConfig, properties: &BTreeMap<String, String>, resume: Option<&BTreeMap<(String, i32), i64>>) -> Result<Self, SourceError> {
         let mut config = ClientConfig::new();
         for (k, v) in TUNED_DEFAULTS {
             config.set(k, v);
@@ -118,9 +114,7 @@ impl KafkaSource {
 
         let mut partitions = TopicPartitionList::new();
         for topic in &source.topics {
-            let metadata = consumer
-                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-                .map_err(failed(format!("reading metadata of topic `{topic}`")))?;
+            let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(failed(format!("reading metadata of topic `{topic}`")))?;
             let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
                 return Err(SourceError::NoTopic(topic.clone()));
             };
@@ -141,17 +135,15 @@ impl KafkaSource {
             let start = match (resume, e.offset()) {
                 (Some(positions), _) if positions.contains_key(&key) => positions[&key],
                 (Some(_), _) => {
-                    let (low, _) = consumer
-                        .fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT)
-                        .map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
+                    let (low, _) =
+                        consumer.fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT).map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
                     tracing::info!("{}/{} is not in the checkpoint (a new partition or topic): reading it from its earliest offset {low}", e.topic(), e.partition());
                     low
                 }
                 (None, Offset::Offset(o)) => o,
                 (None, _) => {
-                    let (low, high) = consumer
-                        .fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT)
-                        .map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
+                    let (low, high) =
+                        consumer.fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT).map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
                     match source.starting_offsets {
                         StartingOffsets::Earliest => low,
                         StartingOffsets::Latest => high,
@@ -273,8 +265,7 @@ impl Source for KafkaSource {
     fn commit(&mut self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
         let mut tpl = TopicPartitionList::new();
         for r in ranges.iter().filter(|r| r.until > r.from) {
-            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until))
-                .map_err(failed("building the commit"))?;
+            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until)).map_err(failed("building the commit"))?;
         }
         if tpl.count() > 0 {
             self.consumer.commit(&tpl, CommitMode::Sync).map_err(failed("committing consumer group offsets"))?;
@@ -387,10 +378,7 @@ impl Loader {
             base = base.payload(v);
         }
         if !record.headers.is_empty() {
-            let headers = record
-                .headers
-                .iter()
-                .fold(OwnedHeaders::new_with_capacity(record.headers.len()), |h, (key, value)| h.insert(Header { key, value: *value }));
+            let headers = record.headers.iter().fold(OwnedHeaders::new_with_capacity(record.headers.len()), |h, (key, value)| h.insert(Header { key, value: *value }));
             base = base.headers(headers);
         }
         let mut attempt = base;

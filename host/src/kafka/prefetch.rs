@@ -215,8 +215,7 @@ impl Drop for Prefetcher {
 fn read_ahead(consumer: &BaseConsumer, shared: &Shared, starts: &[(Key, i64)]) {
     // Per partition: its builder and what it admitted. Few partitions: a list, searched
     // without allocating a key per record.
-    let mut local: Vec<(Key, RecordsBuilder, Arrivals)> =
-        starts.iter().map(|(k, start)| (k.clone(), RecordsBuilder::default(), Arrivals::starting_at(*start))).collect();
+    let mut local: Vec<(Key, RecordsBuilder, Arrivals)> = starts.iter().map(|(k, start)| (k.clone(), RecordsBuilder::default(), Arrivals::starting_at(*start))).collect();
     let mut unhanded = 0;
     let mut last_handover = Instant::now();
     let mut throttled = false;
@@ -266,14 +265,7 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared, starts: &[(Key, i64)]) {
                 let headers = m.headers();
                 let header_iter = (0..headers.map_or(0, |h| h.count())).filter_map(|i| headers.and_then(|h| h.try_get(i)).map(|h| (h.key, h.value)));
                 builder.append(
-                    RecordParts {
-                        topic: m.topic(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        timestamp: m.timestamp().to_millis(),
-                        key: m.key(),
-                        value: m.payload(),
-                    },
+                    RecordParts { topic: m.topic(), partition: m.partition(), offset: m.offset(), timestamp: m.timestamp().to_millis(), key: m.key(), value: m.payload() },
                     header_iter,
                 );
                 unhanded += 1;

@@ -18,8 +18,13 @@ pub enum LoadError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// `builtin:NAME` names no built-in plugin.
+    #[error("{0}")]
+    NoBuiltin(String),
     /// Not WebAssembly at all.
-    #[error("{plugin}: not a WebAssembly file (it does not start with the `\\0asm` magic bytes); a plugin is a .wasm component built with sluice-sdk for the wasm32-wasip2 target")]
+    #[error(
+        "{plugin}: not a WebAssembly file (it does not start with the `\\0asm` magic bytes); a plugin is a .wasm component built with sluice-sdk for the wasm32-wasip2 target"
+    )]
     NotWasm {
         /// Where the bytes came from.
         plugin: String,
@@ -118,6 +123,17 @@ pub enum CallError {
         call: &'static str,
         /// What is wrong.
         reason: String,
+    },
+    /// The run was stopped while a failed batch waited to be retried in this plugin.
+    #[error("stopped while plugin {plugin} waited to retry batch {batch_id}; the batch is not committed and runs again on restart")]
+    Stopped {
+        /// Plugin name and version.
+        plugin: String,
+        /// The batch.
+        batch_id: u64,
+        /// The failure that was to be retried.
+        #[source]
+        after: Box<CallError>,
     },
     /// A call on an instance that trapped earlier.
     #[error("plugin {plugin}: this instance trapped earlier and cannot be called again; build a new one")]

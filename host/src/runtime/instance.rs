@@ -39,8 +39,7 @@ pub(super) fn decode_schema(bytes: Vec<u8>) -> Result<SchemaRef, String> {
 /// Turn a wasmtime error from a call into a [`CallError::Trap`] naming the cause.
 pub(super) fn trap_error(store: &mut Store<StoreState>, plugin: &str, call: &'static str, e: wasmtime::Error, limits: Limits) -> CallError {
     let stderr = store.data_mut().end_call();
-    // wasmtime's `trap_on_grow_failure` says "forcing trap when growing memory to N bytes".
-    let memory_cap = e.chain().any(|c| c.to_string().contains("forcing trap when growing memory"));
+    let memory_cap = store.data_mut().limits.take_memory_refused();
     // The innermost message, without the wasm backtrace wasmtime attaches as context.
     let root = e.chain().last().map(|c| c.to_string()).unwrap_or_default();
     let trap = if memory_cap {
@@ -61,13 +60,7 @@ pub(super) fn trap_error(store: &mut Store<StoreState>, plugin: &str, call: &'st
 fn panic_message(stderr: &str) -> String {
     let text = stderr.trim();
     match text.find("panicked at ") {
-        Some(i) => text[i + "panicked at ".len()..]
-            .lines()
-            .filter(|l| !l.starts_with("note: "))
-            .collect::<Vec<_>>()
-            .join(" ")
-            .trim()
-            .to_string(),
+        Some(i) => text[i + "panicked at ".len()..].lines().filter(|l| !l.starts_with("note: ")).collect::<Vec<_>>().join(" ").trim().to_string(),
         None => text.to_string(),
     }
 }
@@ -86,15 +79,9 @@ impl PluginInstance {
         let info = loaded.info.clone();
         let name: Arc<str> = Arc::from(info.name.as_str());
         let limits = loaded.limits;
-        let mut store = Store::new(&loaded.runtime.shared.engine, StoreState::new(name.clone(), limits.memory_bytes));
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(Runtime::ticks(limits.call_timeout));
+        let mut store = loaded.runtime.store(name.clone(), limits);
         store.data_mut().begin_call();
-        let plugin = loaded
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| trap_error(&mut store, &name, "instantiate", e, limits))?;
+        let plugin = loaded.pre.instantiate(&mut store).map_err(|e| trap_error(&mut store, &name, "instantiate", e, limits))?;
         let mut instance = Self {
             store,
             plugin,
@@ -132,11 +119,7 @@ impl PluginInstance {
     }
 
     /// Run one guest call with a fresh time budget; traps discard the instance.
-    fn call<R>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(&Plugin, &mut Store<StoreState>) -> wasmtime::Result<Result<R, wit::PluginError>>,
-    ) -> Result<R, CallError> {
+    fn call<R>(&mut self, call: &'static str, f: impl FnOnce(&Plugin, &mut Store<StoreState>) -> wasmtime::Result<Result<R, wit::PluginError>>) -> Result<R, CallError> {
         if self.discarded {
             return Err(CallError::Discarded { plugin: self.name.to_string() });
         }
@@ -165,11 +148,7 @@ impl PluginInstance {
         encode_ipc_into(&record_schema(), std::slice::from_ref(batch), &mut input).map_err(|e| bad(format!("cannot encode the input batch: {e}")))?;
         let wit_ctx = wit::BatchContext {
             batch_id: ctx.batch_id,
-            offset_ranges: ctx
-                .offset_ranges
-                .iter()
-                .map(|r| wit::OffsetRange { topic: r.topic.clone(), partition: r.partition, from: r.from, until: r.until })
-                .collect(),
+            offset_ranges: ctx.offset_ranges.iter().map(|r| wit::OffsetRange { topic: r.topic.clone(), partition: r.partition, from: r.from, until: r.until }).collect(),
             processing_time_ms: ctx.processing_time_ms,
             watermark_ms: ctx.watermark_ms,
         };
@@ -186,11 +165,7 @@ impl PluginInstance {
         } else {
             let (schema, batches) = decode_ipc(out.data).map_err(|e| bad(format!("output is not an Arrow IPC stream: {e}")))?;
             if !same_columns(&schema, &self.output_schema) {
-                return Err(bad(format!(
-                    "output columns {:?} differ from the schema declared by init {:?}",
-                    columns(&schema),
-                    columns(&self.output_schema)
-                )));
+                return Err(bad(format!("output columns {:?} differ from the schema declared by init {:?}", columns(&schema), columns(&self.output_schema))));
             }
             batches
         };
@@ -227,10 +202,6 @@ fn columns(schema: &SchemaRef) -> Vec<String> {
 
 impl std::fmt::Debug for PluginInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginInstance")
-            .field("plugin", &self.info.name)
-            .field("version", &self.info.version)
-            .field("discarded", &self.discarded)
-            .finish_non_exhaustive()
+        f.debug_struct("PluginInstance").field("plugin", &self.info.name).field("version", &self.info.version).field("discarded", &self.discarded).finish_non_exhaustive()
     }
 }

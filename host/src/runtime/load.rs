@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 use sluice_sdk::PluginKind;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::Component;
-use wasmtime::Store;
 
 use super::bindings::{self, PluginPre};
 use super::error::LoadError;
@@ -63,18 +62,9 @@ pub(super) fn load(runtime: Runtime, bytes: &[u8], origin: &str, limits: Limits)
     }
     let hash = hex::encode(Sha256::digest(bytes));
     let engine = &runtime.shared.engine;
-    let component = runtime
-        .shared
-        .cache
-        .component(engine, &hash, bytes)
-        .map_err(|e| LoadError::Invalid { plugin: plugin.clone(), reason: chain(&e) })?;
+    let component = runtime.shared.cache.component(engine, &hash, bytes).map_err(|e| LoadError::Invalid { plugin: plugin.clone(), reason: chain(&e) })?;
     check_world(&component, engine).map_err(|reason| LoadError::WrongWorld { plugin: plugin.clone(), reason })?;
-    let pre = runtime
-        .shared
-        .linker
-        .instantiate_pre(&component)
-        .and_then(PluginPre::new)
-        .map_err(|e| LoadError::WrongWorld { plugin: plugin.clone(), reason: chain(&e) })?;
+    let pre = runtime.shared.linker.instantiate_pre(&component).and_then(PluginPre::new).map_err(|e| LoadError::WrongWorld { plugin: plugin.clone(), reason: chain(&e) })?;
 
     let info = describe(&runtime, &pre, &plugin, &hash, limits)?;
     Ok(LoadedPlugin { runtime, pre, info: Arc::new(info), limits })
@@ -87,17 +77,12 @@ fn check_world(component: &Component, engine: &wasmtime::Engine) -> Result<(), S
     let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
     let missing: Vec<&str> = EXPORTS.iter().copied().filter(|e| !exports.contains(e)).collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "it does not export {} (it exports: {})",
-            quoted(&missing),
-            if exports.is_empty() { "nothing".to_string() } else { quoted(&exports) }
-        ));
+        return Err(format!("it does not export {} (it exports: {})", quoted(&missing), if exports.is_empty() { "nothing".to_string() } else { quoted(&exports) }));
     }
     let foreign: Vec<&str> = ty
         .imports(engine)
         .filter(|(name, item)| {
-            let allowed = OWN_IMPORTS.contains(name)
-                || (name.starts_with("wasi:") && matches!(item.ty, ComponentItem::ComponentInstance(_)));
+            let allowed = OWN_IMPORTS.contains(name) || (name.starts_with("wasi:") && matches!(item.ty, ComponentItem::ComponentInstance(_)));
             !allowed
         })
         .map(|(name, _)| name)
@@ -112,26 +97,16 @@ fn quoted(names: &[&str]) -> String {
     names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
 }
 
-fn describe(
-    runtime: &Runtime,
-    pre: &PluginPre<StoreState>,
-    origin: &str,
-    hash: &str,
-    limits: Limits,
-) -> Result<PluginInfo, LoadError> {
+fn describe(runtime: &Runtime, pre: &PluginPre<StoreState>, origin: &str, hash: &str, limits: Limits) -> Result<PluginInfo, LoadError> {
     let err = |reason: String| LoadError::Describe { plugin: origin.to_string(), reason };
     let name: Arc<str> = Arc::from(origin);
-    let mut store = Store::new(&runtime.shared.engine, StoreState::new(name.clone(), limits.memory_bytes));
-    store.limiter(|s| &mut s.limits);
-    store.epoch_deadline_trap();
-    store.set_epoch_deadline(Runtime::ticks(limits.call_timeout));
+    let mut store = runtime.store(name.clone(), limits);
     let described = pre
         .instantiate(&mut store)
         .and_then(|plugin| plugin.call_describe(&mut store))
         .map_err(|e| instance::trap_error(&mut store, &name, "describe", e, limits))
         .map_err(|e: CallError| err(e.to_string()))?;
-    let output_schema = instance::decode_schema(described.output_schema)
-        .map_err(|reason| err(format!("its output schema is not an Arrow IPC schema: {reason}")))?;
+    let output_schema = instance::decode_schema(described.output_schema).map_err(|reason| err(format!("its output schema is not an Arrow IPC schema: {reason}")))?;
     if described.name.trim().is_empty() {
         return Err(err("it reports an empty name".into()));
     }

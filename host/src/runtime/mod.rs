@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine, OptLevel, ProfilingStrategy};
+use wasmtime::{Config, Engine, OptLevel, ProfilingStrategy, Store};
 
 pub use cache::default_cache_dir;
 pub use error::{CallError, LoadError, TrapKind};
@@ -123,10 +123,8 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot configure the WebAssembly engine: {e}"))?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
-        bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| anyhow::anyhow!("cannot link the sluice host interface: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s).map_err(|e| anyhow::anyhow!("cannot link the sluice host interface: {e}"))?;
 
         let cache = cache::ArtifactCache::new(&engine, cache_dir);
         let ticker = EpochTicker::start(engine.clone());
@@ -145,9 +143,31 @@ impl Runtime {
         self.load(&bytes, &path.display().to_string(), limits)
     }
 
+    /// Load and check the plugin `spec` names, as the command line and the pipeline file
+    /// do: `builtin:NAME` (an example plugin embedded in sluice) or a file path. The one
+    /// loader of `plugin test`, `plugin inspect` and the pipeline's `builtin`/`path` steps;
+    /// plugin-directory steps read their files first ([`crate::swap::read_plugin`]) and
+    /// load the bytes with [`Runtime::load`].
+    pub fn load_spec(&self, spec: &str, limits: Limits) -> Result<LoadedPlugin, LoadError> {
+        match spec.strip_prefix("builtin:") {
+            Some(name) => self.load(crate::examples::named(name).map_err(LoadError::NoBuiltin)?, spec, limits),
+            None => self.load_file(spec, limits),
+        }
+    }
+
     /// Load and check a plugin from bytes; `origin` names it in messages (a path, say).
     pub fn load(&self, bytes: &[u8], origin: &str, limits: Limits) -> Result<LoadedPlugin, LoadError> {
         load::load(self.clone(), bytes, origin, limits)
+    }
+
+    /// The store of one plugin instance (or of a load's `describe` call): an empty WASI
+    /// context, the memory cap, and a time budget of `limits.call_timeout` per call.
+    fn store(&self, plugin: Arc<str>, limits: Limits) -> Store<StoreState> {
+        let mut store = Store::new(&self.shared.engine, StoreState::new(plugin, limits.memory_bytes));
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(Self::ticks(limits.call_timeout));
+        store
     }
 
     fn ticks(timeout: Duration) -> u64 {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -20,7 +20,7 @@ pub(crate) struct StoreState {
     pub(crate) plugin: Arc<str>,
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: Limiter,
     stderr: MemoryOutputPipe,
     stderr_seen: usize,
     log_budget: u32,
@@ -36,13 +36,11 @@ impl StoreState {
             plugin,
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory_bytes)
-                .trap_on_grow_failure(true)
-                .instances(16)
-                .tables(16)
-                .memories(4)
-                .build(),
+            limits: Limiter {
+                inner: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(true).instances(16).tables(16).memories(4).build(),
+                memory_bytes,
+                memory_refused: false,
+            },
             stderr,
             stderr_seen: 0,
             log_budget: LOG_LINES_PER_CALL,
@@ -53,6 +51,7 @@ impl StoreState {
     /// Called before each call into the guest.
     pub(crate) fn begin_call(&mut self) {
         self.log_budget = LOG_LINES_PER_CALL;
+        self.limits.memory_refused = false;
     }
 
     /// Called after each call: forwards new stderr output to the log and reports dropped
@@ -66,6 +65,55 @@ impl StoreState {
         let fresh = String::from_utf8_lossy(&all[self.stderr_seen.min(all.len())..]).trim().to_string();
         self.stderr_seen = all.len();
         fresh
+    }
+}
+
+/// wasmtime's store limits, remembering when a memory growth was refused for the cap: how a
+/// trap is known to be the memory cap's (wasmtime's message text is not an interface).
+pub(crate) struct Limiter {
+    inner: StoreLimits,
+    memory_bytes: usize,
+    /// A growth past the cap was refused since the last [`Limiter::take_memory_refused`].
+    memory_refused: bool,
+}
+
+impl Limiter {
+    /// Whether a growth past the cap was refused since the last call.
+    pub(crate) fn take_memory_refused(&mut self) -> bool {
+        std::mem::take(&mut self.memory_refused)
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.memory_refused = true;
+        }
+        self.inner.memory_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
     }
 }
 

@@ -135,7 +135,11 @@ impl MemorySource {
 
 impl Source for MemorySource {
     fn lag(&mut self) -> Result<Vec<PartitionLag>, SourceError> {
-        Ok(self.next.iter().map(|((topic, partition), &next)| PartitionLag { topic: topic.clone(), partition: *partition, next, high: self.log[&(topic.clone(), *partition)].high }).collect())
+        Ok(self
+            .next
+            .iter()
+            .map(|((topic, partition), &next)| PartitionLag { topic: topic.clone(), partition: *partition, next, high: self.log[&(topic.clone(), *partition)].high })
+            .collect())
     }
 
     fn fetch(&mut self, ranges: &[OffsetRange], _timeout: Duration) -> Result<RecordBatch, SourceError> {
@@ -258,6 +262,10 @@ mod tests {
         assert_eq!(next(&mut s), vec![5, 0]);
         assert_eq!(next(&mut MemorySource::connect(l.clone(), group.clone(), None, StartingOffsets::Latest)), vec![5, 10], "the group's offset, else latest");
         let resume = BTreeMap::from([(("t".to_string(), 1), 6)]);
-        assert_eq!(next(&mut MemorySource::connect(l, group, Some(&resume), StartingOffsets::Latest)), vec![0, 6], "a checkpoint wins; a partition it lacks starts at its earliest offset");
+        assert_eq!(
+            next(&mut MemorySource::connect(l, group, Some(&resume), StartingOffsets::Latest)),
+            vec![0, 6],
+            "a checkpoint wins; a partition it lacks starts at its earliest offset"
+        );
     }
 }

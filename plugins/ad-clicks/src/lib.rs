@@ -22,8 +22,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sluice_sdk::collections::{HashMap, HashSet};
 use sluice_sdk::arrow_schema::{DataType, Field, Schema, SchemaRef};
+use sluice_sdk::collections::{HashMap, HashSet};
 use sluice_sdk::window::{Admission, LatePolicy, OutputMode, WindowSpec, Windowed};
 use sluice_sdk::{Aggregate, Batch, Context, Error, Output};
 
@@ -47,14 +47,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            window_ms: 60_000,
-            slide_ms: 10_000,
-            watermark_delay_ms: 60_000,
-            output_mode: OutputMode::Append,
-            late_policy: LatePolicy::Drop,
-            avg_cost: false,
-        }
+        Self { window_ms: 60_000, slide_ms: 10_000, watermark_delay_ms: 60_000, output_mode: OutputMode::Append, late_policy: LatePolicy::Drop, avg_cost: false }
     }
 }
 
@@ -195,11 +188,7 @@ impl Aggregate for AdClicks {
         Ok(Self {
             late_policy: config.late_policy,
             avg_cost: config.avg_cost,
-            state: State {
-                windows: Windowed::new(spec, config.watermark_delay_ms, config.output_mode)?,
-                seen: HashMap::default(),
-                forgotten_before: i64::MIN,
-            },
+            state: State { windows: Windowed::new(spec, config.watermark_delay_ms, config.output_mode)?, seen: HashMap::default(), forgotten_before: i64::MIN },
         })
     }
 
@@ -254,8 +243,7 @@ impl Aggregate for AdClicks {
         if from_version != 1 {
             return Err(Error::incompatible_state(format!("state version {from_version} is not one ad-clicks reads (1 and 2)")));
         }
-        let old: Windowed<String, TotalsV1> =
-            postcard::from_bytes(bytes).map_err(|e| Error::incompatible_state(format!("state version 1 does not read: {e}")))?;
+        let old: Windowed<String, TotalsV1> = postcard::from_bytes(bytes).map_err(|e| Error::incompatible_state(format!("state version 1 does not read: {e}")))?;
         let slide = old.spec().slide_ms();
         let mut seen: HashMap<String, HashMap<String, Seen>> = HashMap::default();
         let windows = old.map_accumulators(|window, campaign, t| {

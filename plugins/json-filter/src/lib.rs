@@ -149,26 +149,12 @@ impl Predicate {
     fn new(i: usize, p: PredicateConfig) -> Result<Self, Error> {
         let needs_value = !matches!(p.op, Op::Exists | Op::Missing);
         let value = match (needs_value, p.value) {
-            (true, None) => {
-                return Err(Error::config(format!(
-                    "where[{i}] (field `{}`): op `{:?}` needs a `value`",
-                    p.field,
-                    p.op
-                )))
-            }
-            (false, Some(_)) => {
-                return Err(Error::config(format!(
-                    "where[{i}] (field `{}`): op `{:?}` takes no `value`; remove it",
-                    p.field, p.op
-                )))
-            }
+            (true, None) => return Err(Error::config(format!("where[{i}] (field `{}`): op `{:?}` needs a `value`", p.field, p.op))),
+            (false, Some(_)) => return Err(Error::config(format!("where[{i}] (field `{}`): op `{:?}` takes no `value`; remove it", p.field, p.op))),
             (_, v) => v.unwrap_or(Value::Null),
         };
         if p.op == Op::In && !value.is_array() {
-            return Err(Error::config(format!(
-                "where[{i}] (field `{}`): op `in` needs a list as `value`, got {value}",
-                p.field
-            )));
+            return Err(Error::config(format!("where[{i}] (field `{}`): op `in` needs a list as `value`, got {value}", p.field)));
         }
         if p.field.is_empty() || p.field.split('.').any(str::is_empty) {
             return Err(Error::config(format!("where[{i}]: `{}` is not a field path like `a` or `a.b`", p.field)));
@@ -192,9 +178,7 @@ impl Predicate {
         }
         let found: Option<Value> = match raw {
             None => None,
-            Some(raw) => serde_json::from_str::<Value>(raw)
-                .map_err(|e| format!("field `{}`: {e}", self.path.join(".")))?
-                .into(),
+            Some(raw) => serde_json::from_str::<Value>(raw).map_err(|e| format!("field `{}`: {e}", self.path.join(".")))?.into(),
         };
         let found = found.as_ref().filter(|v| !v.is_null());
         Ok(match (self.op, found) {
@@ -312,11 +296,7 @@ fn selection_tree(paths: &[String]) -> Vec<Selection> {
             let at = match level.iter().position(|s| s.name == segment) {
                 Some(at) => at,
                 None => {
-                    level.push(Selection {
-                        name: segment.to_string(),
-                        key_json: serde_json::to_string(segment).expect("a string serializes"),
-                        children: Vec::new(),
-                    });
+                    level.push(Selection { name: segment.to_string(), key_json: serde_json::to_string(segment).expect("a string serializes"), children: Vec::new() });
                     level.len() - 1
                 }
             };
@@ -330,12 +310,7 @@ impl Transform for JsonFilter {
     type Config = Config;
 
     fn new(config: Config) -> Result<Self, Error> {
-        let predicates = config
-            .predicates
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| Predicate::new(i, p))
-            .collect::<Result<_, _>>()?;
+        let predicates = config.predicates.into_iter().enumerate().map(|(i, p)| Predicate::new(i, p)).collect::<Result<_, _>>()?;
         if let Some(fields) = &config.select {
             if let Some(bad) = fields.iter().find(|f| f.is_empty() || f.split('.').any(str::is_empty)) {
                 return Err(Error::config(format!("select: `{bad}` is not a field path like `a` or `a.b`")));
@@ -405,10 +380,7 @@ mod tests {
     fn in_and_contains() {
         let out = run(json!({"where": [{"field": "c", "op": "in", "value": ["a", "b"]}]}), &[r#"{"c": "a"}"#, r#"{"c": "z"}"#]);
         assert_eq!(out.values(), vec![r#"{"c": "a"}"#]);
-        let out = run(
-            json!({"where": [{"field": "t", "op": "contains", "value": "x"}]}),
-            &[r#"{"t": "axb"}"#, r#"{"t": ["x"]}"#, r#"{"t": ["y"]}"#, r#"{"t": 5}"#],
-        );
+        let out = run(json!({"where": [{"field": "t", "op": "contains", "value": "x"}]}), &[r#"{"t": "axb"}"#, r#"{"t": ["x"]}"#, r#"{"t": ["y"]}"#, r#"{"t": 5}"#]);
         assert_eq!(out.values(), vec![r#"{"t": "axb"}"#, r#"{"t": ["x"]}"#]);
     }
 

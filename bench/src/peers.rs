@@ -1,4 +1,4 @@
-//! `sluice bench peers`: the seed's ad-click aggregation in sluice and in the tools people
+//! `sluice-bench peers`: the seed's ad-click aggregation in sluice and in the tools people
 //! use today, on the same broker and data, one after another.
 //!
 //! It starts Apache Kafka, produces seed-style events keyed (and partitioned) by `campaign_id`,
@@ -6,7 +6,7 @@
 //! * sluice: `sluice run --available-now` over a pipeline file with the WebAssembly
 //!   ad-clicks plugin (batches of at most 100 000 records, checkpoints on);
 //! * native: the same aggregation code (the ad-clicks crate) compiled into a plain
-//!   rdkafka consumer loop (`sluice bench ceiling`, hidden) — the ceiling;
+//!   rdkafka consumer loop (`sluice-bench ceiling`, hidden) — the ceiling;
 //! * Quix Streams and Bytewax, installed from PyPI into a virtual environment, with
 //!   60 s / 10 s hopping windows, count, sum and distinct users (`peers/*.py`).
 //!
@@ -25,9 +25,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sluice_sdk::Aggregate;
 
-use crate::broker::{ApacheKafka, Broker};
-use crate::demo::generator::{EventGenerator, EventSpec};
-use crate::kafka::{Loader, Outgoing, TUNED_DEFAULTS};
+use crate::broker::ApacheKafka;
+use crate::Exes;
+use sluice::broker::Broker;
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice::kafka::{Loader, Outgoing, TUNED_DEFAULTS};
 
 const QUIX_APP: &str = include_str!("peers/quix_app.py");
 const BYTEWAX_APP: &str = include_str!("peers/bytewax_app.py");
@@ -39,7 +41,7 @@ const TOPIC: &str = "sluice-bench-peers";
 const SLIDE_MS: i64 = 10_000;
 const DELAY_MS: i64 = 60_000;
 
-/// Options of `sluice bench peers`.
+/// Options of `sluice-bench peers`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PeersBenchArgs {
     /// Events produced.
@@ -70,7 +72,7 @@ pub struct PeersBenchArgs {
     pub bootstrap: Option<String>,
 }
 
-/// Options of `sluice bench ceiling` (hidden): the native ad-clicks over rdkafka.
+/// Options of `sluice-bench ceiling` (hidden): the native ad-clicks over rdkafka.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CeilingArgs {
     /// The topic to read from the beginning.
@@ -229,9 +231,7 @@ fn read_windows(files: &[PathBuf], limit: i64) -> anyhow::Result<Windows> {
 
 fn same(a: &Windows, b: &Windows) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|((ka, (ea, ca, sa, ua)), (kb, (eb, cb, sb, ub)))| {
-            ka == kb && ea == eb && ca == cb && ua == ub && (sa - sb).abs() <= 1e-6 * sa.abs().max(1.0)
-        })
+        && a.iter().zip(b).all(|((ka, (ea, ca, sa, ua)), (kb, (eb, cb, sb, ub)))| ka == kb && ea == eb && ca == cb && ua == ub && (sa - sb).abs() <= 1e-6 * sa.abs().max(1.0))
 }
 
 fn jsonl_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -269,7 +269,7 @@ location = "{}"
 }
 
 /// Run the systems on `broker` (the topic must not exist) and print the table to `out`.
-pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<Vec<PeerResult>> {
+pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<Vec<PeerResult>> {
     anyhow::ensure!(args.records > 0 && args.partitions > 0, "--records and --partitions must be above zero");
     for s in &args.systems {
         anyhow::ensure!(["sluice", "native", "quix", "bytewax"].contains(&s.as_str()), "--systems: `{s}` is not one of sluice, native, quix, bytewax");
@@ -289,13 +289,15 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
         let (name, (wall, rss), files) = match system.as_str() {
             "sluice" => {
                 let file = pipeline_file(dir.path(), &bootstrap)?;
-                let m = measure(Command::new(exe).args(["run", "--available-now"]).arg(&file).env("SLUICE_LOG", "warn"), "sluice run")?;
+                let m = measure(Command::new(&exes.sluice).args(["run", "--available-now"]).arg(&file).env("SLUICE_LOG", "warn"), "sluice run")?;
                 ("sluice (WASM ad-clicks)", m, jsonl_files(&dir.path().join("sluice-out"))?)
             }
             "native" => {
                 let file = dir.path().join("native.jsonl");
                 let m = measure(
-                    Command::new(exe).args(["bench", "ceiling", "--bootstrap", &bootstrap, "--topic", TOPIC, "--partitions", &args.partitions.to_string(), "--records", &n, "--out"]).arg(&file),
+                    Command::new(&exes.bench)
+                        .args(["ceiling", "--bootstrap", &bootstrap, "--topic", TOPIC, "--partitions", &args.partitions.to_string(), "--records", &n, "--out"])
+                        .arg(&file),
                     "the native ceiling",
                 )?;
                 ("native Rust over rdkafka", m, vec![file])
@@ -304,7 +306,12 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
                 let (script, file) = (dir.path().join("quix_app.py"), dir.path().join("quix.jsonl"));
                 std::fs::write(&script, QUIX_APP)?;
                 let m = measure(
-                    Command::new(python.as_ref().expect("python set up")).arg(&script).args([&bootstrap, TOPIC, &n]).arg(&file).arg(dir.path().join("quix-state")).stdout(std::process::Stdio::null()),
+                    Command::new(python.as_ref().expect("python set up"))
+                        .arg(&script)
+                        .args([&bootstrap, TOPIC, &n])
+                        .arg(&file)
+                        .arg(dir.path().join("quix-state"))
+                        .stdout(std::process::Stdio::null()),
                     "Quix Streams",
                 )?;
                 ("Quix Streams", m, vec![file])
@@ -326,7 +333,11 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
             // Set below, once sluice has run, whichever order the systems ran in.
             matches_sluice: None,
         };
-        writeln!(out, "{}: {:.0} records/s, {:.2} s, peak RSS {:.0} MiB, {} closed windows", result.system, result.records_per_sec, result.wall_seconds, result.peak_rss_mib, result.windows)?;
+        writeln!(
+            out,
+            "{}: {:.0} records/s, {:.2} s, peak RSS {:.0} MiB, {} closed windows",
+            result.system, result.records_per_sec, result.wall_seconds, result.peak_rss_mib, result.windows
+        )?;
         if system == "sluice" {
             anyhow::ensure!(!windows.is_empty(), "sluice closed no window: produce more events (--records)");
         }
@@ -355,7 +366,15 @@ pub fn run_on(args: &PeersBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
     if let Some(path) = &args.csv {
         let mut csv = String::from("system,records_per_sec,wall_seconds,peak_rss_mib,closed_windows,matches_sluice\n");
         for r in &results {
-            csv.push_str(&format!("{},{:.0},{:.3},{:.1},{},{}\n", r.system, r.records_per_sec, r.wall_seconds, r.peak_rss_mib, r.windows, r.matches_sluice.map_or(String::new(), |m| m.to_string())));
+            csv.push_str(&format!(
+                "{},{:.0},{:.3},{:.1},{},{}\n",
+                r.system,
+                r.records_per_sec,
+                r.wall_seconds,
+                r.peak_rss_mib,
+                r.windows,
+                r.matches_sluice.map_or(String::new(), |m| m.to_string())
+            ));
         }
         std::fs::write(path, csv)?;
     }
@@ -371,15 +390,14 @@ fn target_of(system: &str) -> &'static str {
     }
 }
 
-/// `sluice bench peers`: start Apache Kafka (unless `--bootstrap` is given), run [`run_on`], stop the broker.
-pub fn run(args: &PeersBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<PeerResult>> {
-    let exe = std::env::current_exe()?;
+/// `sluice-bench peers`: start Apache Kafka (unless `--bootstrap` is given), run [`run_on`], stop the broker.
+pub fn run(args: &PeersBenchArgs, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<Vec<PeerResult>> {
     match &args.bootstrap {
-        Some(bootstrap) => run_on(args, &crate::broker::External(bootstrap.clone()), &exe, out),
+        Some(bootstrap) => run_on(args, &crate::broker::External(bootstrap.clone()), exes, out),
         None => {
             let broker = ApacheKafka::start()?;
             writeln!(out, "broker: {}", broker.describe())?;
-            run_on(args, &broker, &exe, out)
+            run_on(args, &broker, exes, out)
         }
     }
 }

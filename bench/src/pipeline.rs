@@ -1,4 +1,4 @@
-//! `sluice bench pipeline`: whole pipelines on a real broker, in one run. N seed-style
+//! `sluice-bench pipeline`: whole pipelines on a real broker, in one run. N seed-style
 //! events are produced to a topic, then each pipeline reads all of them from the earliest
 //! offset with its own consumer group, through the real micro-batch loop (plan, exact
 //! fetch, Arrow batch, plugins, sink, offset commit), into a sink that discards:
@@ -8,28 +8,29 @@
 //!
 //! Records/s are compared with consume-only and, for each plugin, WebAssembly with native.
 
+use sluice::control::Control;
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use sluice_sdk::testing::{AggregateDriver, TransformDriver};
 
 use super::{per_sec, NativeStage};
-use crate::broker::{ApacheKafka, Broker};
-use crate::chain::{Chain, FailurePolicy, Stage};
-use crate::demo::generator::{EventGenerator, EventSpec};
-use crate::demo::FILTER_CONFIG;
-use crate::examples;
-use crate::kafka::{Loader, Outgoing};
-use crate::pipeline::{run_chain, Until};
-use crate::runtime::{Limits, Runtime};
-use crate::sink::{Sink, SinkError};
+use crate::broker::ApacheKafka;
+use sluice::broker::Broker;
+use sluice::chain::{Chain, FailurePolicy, Stage};
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice::demo::FILTER_CONFIG;
+use sluice::examples;
+use sluice::kafka::{Loader, Outgoing};
+use sluice::pipeline::{run_chain, Until};
+use sluice::runtime::{Limits, Runtime};
+use sluice::sink::{Sink, SinkError};
 
 /// The topic the benchmark produces to and reads.
 pub const TOPIC: &str = "sluice-bench-events";
 
-/// Options of `sluice bench pipeline`.
+/// Options of `sluice-bench pipeline`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineBenchArgs {
     /// Events to produce and read.
@@ -133,14 +134,14 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
     let bootstrap = broker.bootstrap();
     writeln!(
         out,
-        "sluice bench pipeline: {} events produced to {} partitions at {:.0} records/s; batches of at most {} records; best of {}",
+        "sluice-bench pipeline: {} events produced to {} partitions at {:.0} records/s; batches of at most {} records; best of {}",
         args.records,
         args.partitions,
         per_sec(args.records as u64, produced),
         args.batch,
         args.repeat
     )?;
-    let runtime = Runtime::new(crate::runtime::default_cache_dir())?;
+    let runtime = Runtime::new(sluice::runtime::default_cache_dir())?;
     // Repetitions take the pipelines in turn, every other one in reverse order: the broker's
     // speed drifts over a run (the broker's, here), and with a fixed
     // order the WASM pipeline of each pair would always meet the broker after its native
@@ -155,15 +156,16 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
             pipeline.source.max_offsets_per_trigger = Some(args.batch);
             let mut chain = make(&runtime)?;
             let started = Instant::now();
-            let summary = run_chain(&pipeline, &mut chain, Until::AvailableNow, &AtomicBool::new(false), &mut Discard, &mut |_| {})?;
+            let summary = run_chain(&pipeline, &mut chain, Until::AvailableNow, &Control::new(), &mut Discard, &mut |_| {})?;
             let elapsed = started.elapsed();
-            anyhow::ensure!(
-                summary.records == args.records as u64,
-                "{name}: read {} records of the {} produced",
-                summary.records,
-                args.records
-            );
-            let row = PipelineRow { pipeline: name, records: summary.records, output_rows: summary.output_rows, batches: summary.batches, records_per_sec: per_sec(summary.records, elapsed) };
+            anyhow::ensure!(summary.records == args.records as u64, "{name}: read {} records of the {} produced", summary.records, args.records);
+            let row = PipelineRow {
+                pipeline: name,
+                records: summary.records,
+                output_rows: summary.output_rows,
+                batches: summary.batches,
+                records_per_sec: per_sec(summary.records, elapsed),
+            };
             if best[i].as_ref().is_none_or(|b| row.records_per_sec > b.records_per_sec) {
                 best[i] = Some(row);
             }
@@ -180,21 +182,12 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
     writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     for (i, r) in rows_out.iter().enumerate() {
         let vs_native = if i >= 2 && i % 2 == 0 { format!("{:.2}×", r.records_per_sec / rows_out[i - 1].records_per_sec) } else { "".into() };
-        writeln!(
-            out,
-            "| {} | {:.0} | {} | {} | {:.2}× | {} |",
-            r.pipeline,
-            r.records_per_sec,
-            r.output_rows,
-            r.batches,
-            r.records_per_sec / consume,
-            vs_native
-        )?;
+        writeln!(out, "| {} | {:.0} | {} | {} | {:.2}× | {} |", r.pipeline, r.records_per_sec, r.output_rows, r.batches, r.records_per_sec / consume, vs_native)?;
     }
     Ok(rows_out)
 }
 
-/// `sluice bench pipeline`: start Apache Kafka (unless `--bootstrap` is given), run [`run_on`],
+/// `sluice-bench pipeline`: start Apache Kafka (unless `--bootstrap` is given), run [`run_on`],
 /// stop the broker.
 pub fn run(args: &PipelineBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<PipelineRow>> {
     match &args.bootstrap {

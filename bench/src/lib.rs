@@ -1,7 +1,9 @@
-//! The benchmarks: `sluice bench plugins` (WebAssembly vs native on in-memory batches) and
-//! `sluice bench pipeline` (whole pipelines on a real broker). Each measures everything it
-//! compares in one run and reports ratios.
+//! sluice's benchmarks, out of the product: `sluice-bench plugins` (WebAssembly vs native on
+//! in-memory batches), `pipeline`, `checkpoint`, `burst`, `swap`, `latency` and `peers` (on
+//! Apache Kafka, which [`broker`] starts). Each measures everything it compares in one run
+//! and reports ratios.
 
+pub mod broker;
 pub mod burst;
 pub mod checkpoint;
 pub mod latency;
@@ -17,15 +19,45 @@ use arrow_schema::SchemaRef;
 use sluice_sdk::testing::{Driver, Harness};
 use sluice_sdk::{Context, Finished, PluginKind};
 
-use crate::chain::Stage;
-use crate::checkpoint::PluginIdentity;
-use crate::demo::generator::{EventGenerator, EventSpec};
-use crate::runtime::CallError;
+use sluice::chain::Stage;
+use sluice::checkpoint::PluginIdentity;
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice::runtime::CallError;
 
 pub use plugins::{run, BenchArgs, BenchRow};
 
-/// Where a benchmark's helper process reads or writes (the hidden `bench produce` and
-/// `bench ceiling` commands).
+/// The executables a benchmark starts as child processes: `sluice` (the pipelines under
+/// test, `sluice run`) and `sluice-bench` (its hidden `produce` and `ceiling` commands).
+#[derive(Debug, Clone)]
+pub struct Exes {
+    /// The `sluice` executable.
+    pub sluice: std::path::PathBuf,
+    /// The `sluice-bench` executable.
+    pub bench: std::path::PathBuf,
+}
+
+impl Exes {
+    /// This `sluice-bench` and the `sluice` next to it (cargo builds both into the same
+    /// folder), or the one `SLUICE_BIN` names.
+    pub fn beside_this() -> anyhow::Result<Self> {
+        Self::beside(&std::env::current_exe()?)
+    }
+
+    /// `bench` and the `sluice` next to it, or the one `SLUICE_BIN` names.
+    pub fn beside(bench: &std::path::Path) -> anyhow::Result<Self> {
+        let sluice = std::env::var_os("SLUICE_BIN").map_or_else(|| bench.with_file_name("sluice"), std::path::PathBuf::from);
+        if !sluice.is_file() {
+            anyhow::bail!(
+                "the benchmarks run `sluice` as child processes, and there is no {}: build it first (`cargo build --release -p sluice -p sluice-bench`), or set SLUICE_BIN",
+                sluice.display()
+            );
+        }
+        Ok(Self { sluice, bench: bench.to_path_buf() })
+    }
+}
+
+/// Where a benchmark's helper process reads or writes (the hidden `produce` and
+/// `ceiling` commands).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopicArgs {
     /// Bootstrap servers.
@@ -42,8 +74,8 @@ pub struct TopicArgs {
 /// What the benchmarks run: `topic` from the earliest offset (consumer group `group`) on
 /// `bootstrap`, every `interval`, with no steps, no checkpoint, no rate control and a
 /// stdout sink (they pass their own chain and sink); callers change what they measure.
-pub(crate) fn bench_pipeline(group: &str, topic: &str, bootstrap: String, interval: Duration) -> crate::config::Pipeline {
-    use crate::config::{Pipeline, Sink, Source, StartingOffsets};
+pub(crate) fn bench_pipeline(group: &str, topic: &str, bootstrap: String, interval: Duration) -> sluice::config::Pipeline {
+    use sluice::config::{Pipeline, Sink, Source, StartingOffsets};
     Pipeline {
         name: group.into(),
         source: Source {

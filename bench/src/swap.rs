@@ -1,4 +1,4 @@
-//! `sluice bench swap`: the stall a live plugin swap causes.
+//! `sluice-bench swap`: the stall a live plugin swap causes.
 //!
 //! A producer process writes seed-style events to a real broker at a steady rate; the
 //! pipeline runs ad-clicks (WebAssembly) from a plugin directory, and every few seconds a
@@ -9,19 +9,21 @@
 //! duration of the new version's first batch, against the median batch duration; the
 //! stall is the excess, in batch intervals.
 
+use sluice::control::Control;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::burst::Producer;
 use super::pipeline::Discard;
-use crate::broker::{ApacheKafka, Broker};
-use crate::config::{Pipeline, PluginSource, Step};
-use crate::pipeline::{run, Until};
-use crate::runtime::{Limits, Runtime};
+use crate::broker::ApacheKafka;
+use crate::Exes;
+use sluice::broker::Broker;
+use sluice::config::{Pipeline, PluginSource, Step};
+use sluice::pipeline::{run, Until};
+use sluice::runtime::{Limits, Runtime};
 
-/// Options of `sluice bench swap`.
+/// Options of `sluice-bench swap`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SwapBenchArgs {
     /// Records/s the producer writes.
@@ -93,16 +95,16 @@ struct Seen {
     swaps: u64,
 }
 
-/// Run the benchmark on `broker`, with a report to `out`; `exe` is the `sluice` executable
-/// that runs the producer.
-pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<Vec<SwapStall>> {
+/// Run the benchmark on `broker`, with a report to `out`; the producer is
+/// `exes.bench produce`.
+pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<Vec<SwapStall>> {
     if args.rate == 0 || args.swaps == 0 || args.interval.is_zero() || args.every < 2 * args.interval || args.partitions < 1 {
         anyhow::bail!("--rate, --swaps and --partitions must be at least 1, and --every at least two --interval");
     }
     let topic = "sluice-bench-swap";
     broker.create_topic(topic, args.partitions)?;
     let plugins = tempfile::tempdir()?;
-    let v1 = crate::examples::named("ad-clicks").map_err(anyhow::Error::msg)?;
+    let v1 = sluice::examples::named("ad-clicks").map_err(anyhow::Error::msg)?;
     publish(plugins.path(), "ad-clicks.wasm", v1)?;
     let warmup = 3 * args.interval;
     let total = warmup + args.every * (args.swaps as u32 + 1);
@@ -115,8 +117,8 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
     let runtime = Runtime::new(None)?;
     // Slow machines (or debug builds) compile for longer; the run waits for every swap.
     let limit = total + Duration::from_secs(300);
-    let mut producer = Producer::start(exe, &broker.bootstrap(), topic, args.partitions, &[(limit, args.rate as f64)], false)?;
-    let stop = AtomicBool::new(false);
+    let mut producer = Producer::start(&exes.bench, &broker.bootstrap(), topic, args.partitions, &[(limit, args.rate as f64)], false)?;
+    let stop = Control::new();
     let started = Instant::now();
     let mut seen: Vec<Seen> = Vec::new();
     let mut published = 0;
@@ -131,12 +133,12 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
             let next = with_custom_section(v1, "sluice-bench-version", published.to_string().as_bytes());
             if let Err(e) = publish(plugins.path(), "ad-clicks.wasm", &next) {
                 tracing::error!("publishing version {published}: {e}");
-                stop.store(true, Ordering::SeqCst);
+                stop.stop();
             }
         }
         let done = p.swaps == args.swaps as u64 && at >= next_due;
         if done || at > limit || producer.failed() || p.swaps_failed > 0 {
-            stop.store(true, Ordering::SeqCst);
+            stop.stop();
         }
     });
     let summary = result?;
@@ -147,7 +149,13 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
     durations.sort();
     let median = durations.get(durations.len() / 2).copied().unwrap_or_default();
     let mut stalls = Vec::new();
-    writeln!(out, "sluice bench swap: ad-clicks (WebAssembly) at {} records/s, {} ms batches, a new version every {} s (compiled on the watcher thread)", args.rate, args.interval.as_millis(), args.every.as_secs_f64())?;
+    writeln!(
+        out,
+        "sluice-bench swap: ad-clicks (WebAssembly) at {} records/s, {} ms batches, a new version every {} s (compiled on the watcher thread)",
+        args.rate,
+        args.interval.as_millis(),
+        args.every.as_secs_f64()
+    )?;
     writeln!(out, "| swap | at (s) | at the boundary (ms) | first batch (ms) | median batch (ms) | stall (intervals) |")?;
     writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
     for (i, w) in seen.windows(2).enumerate() {
@@ -176,11 +184,11 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut d
     Ok(stalls)
 }
 
-/// `sluice bench swap`: start Apache Kafka, run [`run_on`] with this executable, stop it.
-pub fn run_bench(args: &SwapBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<SwapStall>> {
+/// `sluice-bench swap`: start Apache Kafka, run [`run_on`] with this executable, stop it.
+pub fn run_bench(args: &SwapBenchArgs, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<Vec<SwapStall>> {
     let broker = ApacheKafka::start()?;
     writeln!(out, "broker: {}", broker.describe())?;
-    run_on(args, &broker, &std::env::current_exe()?, out)
+    run_on(args, &broker, exes, out)
 }
 
 #[cfg(test)]
@@ -189,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_custom_section_makes_another_component_that_loads_the_same() {
-        let v1 = crate::examples::named("ad-clicks").unwrap();
+        let v1 = sluice::examples::named("ad-clicks").unwrap();
         let next = with_custom_section(v1, "sluice-bench-version", &[7; 200]);
         assert_ne!(v1, &next[..]);
         let runtime = Runtime::new(None).unwrap();

@@ -1,4 +1,4 @@
-//! `sluice bench plugins`: throughput of the example plugins through WebAssembly vs the
+//! `sluice-bench plugins`: throughput of the example plugins through WebAssembly vs the
 //! same plugin code compiled natively into the host, on the same batches, in one run.
 //!
 //! The native side runs the plugin through the SDK's in-process driver on Arrow batches
@@ -14,11 +14,11 @@ use sluice_sdk::testing::{AggregateDriver, Driver, Harness, TransformDriver};
 use sluice_sdk::{Context, RecordParts, RecordsBuilder};
 
 use super::events;
-use crate::demo::FILTER_CONFIG;
-use crate::examples;
-use crate::runtime::{Limits, LoadedPlugin, Runtime};
+use sluice::demo::FILTER_CONFIG;
+use sluice::examples;
+use sluice::runtime::{Limits, LoadedPlugin, Runtime};
 
-/// Options of `sluice bench plugins`.
+/// Options of `sluice-bench plugins`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Records per measurement.
@@ -59,14 +59,7 @@ fn batches(values: &[Vec<u8>], size: usize) -> Vec<RecordBatch> {
         .map(|(b, chunk)| {
             let mut builder = RecordsBuilder::with_capacity(chunk.len(), chunk.iter().map(Vec::len).sum());
             for (i, v) in chunk.iter().enumerate() {
-                let parts = RecordParts {
-                    topic: "bench",
-                    partition: 0,
-                    offset: (b * size + i) as i64,
-                    timestamp: None,
-                    key: None,
-                    value: Some(v),
-                };
+                let parts = RecordParts { topic: "bench", partition: 0, offset: (b * size + i) as i64, timestamp: None, key: None, value: Some(v) };
                 builder.append(parts, []);
             }
             builder.finish()
@@ -108,17 +101,24 @@ type NativeFn = fn(&str, &[RecordBatch]) -> anyhow::Result<(Duration, u64)>;
 
 /// Run the benchmark, print a table to `out`, and return its rows.
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<BenchRow>> {
-    if args.records == 0 || args.repeat == 0 || args.batch_sizes.iter().any(|&b| b == 0) {
+    if args.records == 0 || args.repeat == 0 || args.batch_sizes.contains(&0) {
         anyhow::bail!("--records, --repeat and every --batch-sizes entry must be at least 1");
     }
-    let runtime = Runtime::new(crate::runtime::default_cache_dir())?;
+    let runtime = Runtime::new(sluice::runtime::default_cache_dir())?;
     let limits = Limits::default();
     let cases: [(&'static str, &[u8], &str, NativeFn); 2] = [
         ("json-filter", examples::JSON_FILTER, FILTER_CONFIG, time_native::<TransformDriver<json_filter::JsonFilter>>),
         ("ad-clicks", examples::AD_CLICKS, "{}", time_native::<AggregateDriver<ad_clicks::AdClicks>>),
     ];
     let values = events(args.records);
-    writeln!(out, "sluice bench plugins: {} seed-style events per run, best of {}, time budget {} ms and memory cap {} MiB on", args.records, args.repeat, limits.call_timeout.as_millis(), limits.memory_bytes >> 20)?;
+    writeln!(
+        out,
+        "sluice-bench plugins: {} seed-style events per run, best of {}, time budget {} ms and memory cap {} MiB on",
+        args.records,
+        args.repeat,
+        limits.call_timeout.as_millis(),
+        limits.memory_bytes >> 20
+    )?;
     writeln!(out, "| plugin | batch size | native records/s | WASM records/s | WASM time / native time |")?;
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     let mut rows = Vec::new();
@@ -134,17 +134,9 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<BenchRow
                 best_native = best_native.min(n);
                 best_wasm = best_wasm.min(w);
             }
-            let row = BenchRow {
-                plugin: name,
-                batch_size: size,
-                native_rps: args.records as f64 / best_native.as_secs_f64(),
-                wasm_rps: args.records as f64 / best_wasm.as_secs_f64(),
-            };
-            writeln!(
-                out,
-                "| {} | {} | {:.0} | {:.0} | {:.2}× |",
-                row.plugin, row.batch_size, row.native_rps, row.wasm_rps, row.time_ratio()
-            )?;
+            let row =
+                BenchRow { plugin: name, batch_size: size, native_rps: args.records as f64 / best_native.as_secs_f64(), wasm_rps: args.records as f64 / best_wasm.as_secs_f64() };
+            writeln!(out, "| {} | {} | {:.0} | {:.0} | {:.2}× |", row.plugin, row.batch_size, row.native_rps, row.wasm_rps, row.time_ratio())?;
             rows.push(row);
         }
     }

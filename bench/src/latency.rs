@@ -1,4 +1,4 @@
-//! `sluice bench latency`: how long an event takes from its producer to the sink, for a
+//! `sluice-bench latency`: how long an event takes from its producer to the sink, for a
 //! stateless pipeline (the WebAssembly json-filter) at a fixed input rate with short
 //! batches, on a real broker.
 //!
@@ -9,23 +9,23 @@
 //! clock minus it when the batch reaches the sink. Events created during the warm-up are
 //! not counted.
 
+use sluice::control::Control;
 use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::RecordBatch;
 
 use super::burst::Producer;
-use crate::broker::{ApacheKafka, Broker};
-use crate::demo::FILTER_CONFIG;
-use crate::pipeline::{now_ms, run_chain, Until};
-use crate::runtime::Runtime;
-use crate::sink::{Sink, SinkError};
+use crate::broker::ApacheKafka;
+use crate::Exes;
+use sluice::broker::Broker;
+use sluice::demo::FILTER_CONFIG;
+use sluice::pipeline::{now_ms, run_chain, Until};
+use sluice::runtime::Runtime;
+use sluice::sink::{Sink, SinkError};
 
-/// Options of `sluice bench latency`.
+/// Options of `sluice-bench latency`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LatencyBenchArgs {
     /// Events per second the producer writes.
@@ -93,9 +93,12 @@ impl Sink for Measuring {
     }
 }
 
-/// One run on `broker`; `exe` runs the producer (`sluice bench produce --wall-clock`).
-pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<LatencyReport> {
-    anyhow::ensure!(args.rate > 0 && !args.interval.is_zero() && !args.duration.is_zero() && args.partitions >= 1, "--rate, --interval, --duration and --partitions must be above zero");
+/// One run on `broker`; the producer is (`sluice-bench produce --wall-clock`).
+pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<LatencyReport> {
+    anyhow::ensure!(
+        args.rate > 0 && !args.interval.is_zero() && !args.duration.is_zero() && args.partitions >= 1,
+        "--rate, --interval, --duration and --partitions must be above zero"
+    );
     let topic = "sluice-bench-latency";
     broker.create_topic(topic, args.partitions)?;
     let pipeline = super::bench_pipeline(topic, topic, broker.bootstrap(), args.interval);
@@ -103,15 +106,15 @@ pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exe: &Path, out: &mu
     let mut chain = super::pipeline::wasm(&runtime, "json-filter", FILTER_CONFIG)?;
     let total = args.warmup + args.duration;
     let mut sink = Measuring { counted_from_ms: now_ms() + args.warmup.as_millis() as i64, latencies_ms: Vec::new(), unreadable: 0 };
-    let mut producer = Producer::start(exe, &broker.bootstrap(), topic, args.partitions, &[(total + Duration::from_secs(1), args.rate as f64)], true)?;
+    let mut producer = Producer::start(&exes.bench, &broker.bootstrap(), topic, args.partitions, &[(total + Duration::from_secs(1), args.rate as f64)], true)?;
     let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Control::new();
     let (mut batches, mut records) = (0, 0);
     let result = run_chain(&pipeline, &mut chain, Until::Stopped, &stop, &mut sink, &mut |p| {
         batches += 1;
         records += p.records;
         if started.elapsed() > total || producer.failed() {
-            stop.store(true, Ordering::SeqCst);
+            stop.stop();
         }
     });
     if producer.failed() {
@@ -125,26 +128,22 @@ pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exe: &Path, out: &mu
     let q = |q: f64| report.quantile(q).map_or("-".to_string(), |v| v.to_string());
     writeln!(out, "| input rate (events/s) | batch interval | events counted | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |")?;
     writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "| {} | {} ms | {} | {} | {} | {} | {} |", args.rate, args.interval.as_millis(), report.latencies_ms.len(), q(0.5), q(0.9), q(0.99), q(1.0))?;
     writeln!(
         out,
-        "| {} | {} ms | {} | {} | {} | {} | {} |",
-        args.rate,
-        args.interval.as_millis(),
-        report.latencies_ms.len(),
-        q(0.5),
-        q(0.9),
-        q(0.99),
-        q(1.0)
+        "{} batches, {} records read; events counted are the clicks json-filter keeps, created after the {} s warm-up",
+        report.batches,
+        report.records,
+        args.warmup.as_secs()
     )?;
-    writeln!(out, "{} batches, {} records read; events counted are the clicks json-filter keeps, created after the {} s warm-up", report.batches, report.records, args.warmup.as_secs())?;
     Ok(report)
 }
 
-/// `sluice bench latency`: start Apache Kafka, run [`run_on`], stop it.
-pub fn run(args: &LatencyBenchArgs, out: &mut dyn Write) -> anyhow::Result<LatencyReport> {
+/// `sluice-bench latency`: start Apache Kafka, run [`run_on`], stop it.
+pub fn run(args: &LatencyBenchArgs, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<LatencyReport> {
     let broker = ApacheKafka::start()?;
     writeln!(out, "broker: {}; json-filter (WebAssembly) from producer to sink", broker.describe())?;
-    run_on(args, &broker, &std::env::current_exe()?, out)
+    run_on(args, &broker, exes, out)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-"""ad-clicks in Quix Streams, for `sluice bench peers`.
+"""ad-clicks in Quix Streams, for `sluice-bench peers`.
 
 Usage: python quix_app.py BOOTSTRAP TOPIC RECORDS OUT_JSONL STATE_DIR
 

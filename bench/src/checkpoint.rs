@@ -1,4 +1,4 @@
-//! `sluice bench checkpoint`: what checkpointing costs, in one run on a real broker.
+//! `sluice-bench checkpoint`: what checkpointing costs, in one run on a real broker.
 //!
 //! 1. Throughput of the seed's pipeline (json-filter → ad-clicks, WebAssembly, Parquet
 //!    sink) over the same records with checkpointing off and on (one checkpoint per batch,
@@ -7,24 +7,26 @@
 //!    once it has committed batches, then restarted; the time from the restart to its first
 //!    committed batch.
 
+use sluice::control::Control;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use super::per_sec;
 use super::pipeline::{produce, TOPIC};
-use crate::broker::{ApacheKafka, Broker};
-use crate::chain::FailurePolicy;
-use crate::checkpoint::CheckpointStore;
-use crate::config::{Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step, DEFAULT_RETAIN};
-use crate::demo::FILTER_CONFIG;
-use crate::pipeline::{run, Until};
-use crate::runtime::{Limits, Runtime};
+use crate::broker::ApacheKafka;
+use crate::Exes;
+use sluice::broker::Broker;
+use sluice::chain::FailurePolicy;
+use sluice::checkpoint::CheckpointStore;
+use sluice::config::{Checkpointing, ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step, DEFAULT_RETAIN};
+use sluice::demo::FILTER_CONFIG;
+use sluice::pipeline::{run, Until};
+use sluice::runtime::{Limits, Runtime};
 
-/// Options of `sluice bench checkpoint`.
+/// Options of `sluice-bench checkpoint`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckpointBenchArgs {
     /// Events to produce and read.
@@ -58,10 +60,17 @@ pub struct CheckpointBench {
 }
 
 fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: bool) -> Pipeline {
-    let step = |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default(), failure: FailurePolicy::STOP_AT_ONCE };
+    let step =
+        |plugin: &str, config: &str| Step { source: PluginSource::Builtin(plugin.into()), config: config.into(), limits: Limits::default(), failure: FailurePolicy::STOP_AT_ONCE };
     Pipeline {
         name: name.into(),
-        source: Source { topics: vec![TOPIC.into()], starting_offsets: StartingOffsets::Earliest, max_offsets_per_trigger: Some(batch), partition_rates: Default::default(), group_id: name.into() },
+        source: Source {
+            topics: vec![TOPIC.into()],
+            starting_offsets: StartingOffsets::Earliest,
+            max_offsets_per_trigger: Some(batch),
+            partition_rates: Default::default(),
+            group_id: name.into(),
+        },
         trigger_interval: Duration::from_secs(1),
         adaptive_interval: None,
         kafka: BTreeMap::from([("bootstrap.servers".to_string(), bootstrap.to_string())]),
@@ -91,7 +100,6 @@ fn pipeline_file(dir: &Path, bootstrap: &str, batch: u64) -> anyhow::Result<Path
     Ok(file)
 }
 
-
 fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let started = Instant::now();
     while started.elapsed() < limit {
@@ -106,13 +114,13 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 /// Kill `sluice run` once it has committed a batch (the next one is then in flight), restart
 /// it, and time the restart to its first committed batch; `rounds` times. Each round uses
 /// two batches of the backlog.
-fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) -> anyhow::Result<Vec<Duration>> {
+fn restarts(sluice: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) -> anyhow::Result<Vec<Duration>> {
     let file = pipeline_file(dir, bootstrap, batch)?;
     let checkpoint = CheckpointStore::open(&Checkpointing { location: dir.join("checkpoint").display().to_string(), options: BTreeMap::new(), retain: DEFAULT_RETAIN })?;
     let last_committed = || checkpoint.last_committed().ok().flatten();
     let log = dir.join("restart.log");
     let spawn = || -> anyhow::Result<std::process::Child> {
-        Ok(Command::new(exe)
+        Ok(Command::new(sluice)
             .arg("run")
             .arg(&file)
             .env("SLUICE_LOG", "warn")
@@ -144,9 +152,9 @@ fn restarts(exe: &Path, dir: &Path, bootstrap: &str, batch: u64, rounds: usize) 
     Ok(times)
 }
 
-/// Produce the events to `broker`, measure, and print a table to `out`. `exe` is the
-/// `sluice` binary the recovery part starts.
-pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<CheckpointBench> {
+/// Produce the events to `broker`, measure, and print a table to `out`; the recovery part
+/// starts `exes.sluice run`.
+pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<CheckpointBench> {
     if args.records == 0 || args.repeat == 0 || args.batch == 0 || args.partitions < 1 || args.restarts == 0 {
         anyhow::bail!("--records, --repeat, --batch, --partitions and --restarts must be at least 1");
     }
@@ -156,16 +164,16 @@ pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exe: &Path, out: 
     broker.create_topic(TOPIC, args.partitions)?;
     produce(broker, args.partitions, args.records)?;
     let bootstrap = broker.bootstrap();
-    let runtime = Runtime::new(crate::runtime::default_cache_dir())?;
+    let runtime = Runtime::new(sluice::runtime::default_cache_dir())?;
     let (mut off, mut on, mut batches) = (0.0_f64, 0.0_f64, 0);
     for rep in 0..args.repeat {
         for checkpoint in [false, true] {
             let dir = tempfile::tempdir()?;
             let name = format!("sluice-bench-checkpoint-{}-{rep}", if checkpoint { "on" } else { "off" });
             let p = pipeline(&name, &bootstrap, args.batch, dir.path(), checkpoint);
-            let mut sink = crate::sink::open(&p.sink, &p.kafka)?;
+            let mut sink = sluice::sink::open(&p.sink, &p.kafka)?;
             let started = Instant::now();
-            let summary = run(&p, &runtime, Until::AvailableNow, &AtomicBool::new(false), sink.as_mut(), &mut |_| {})?;
+            let summary = run(&p, &runtime, Until::AvailableNow, &Control::new(), sink.as_mut(), &mut |_| {})?;
             let rate = per_sec(summary.records, started.elapsed());
             anyhow::ensure!(summary.records == args.records as u64, "{name}: read {} of {} records", summary.records, args.records);
             batches = summary.batches;
@@ -177,8 +185,12 @@ pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exe: &Path, out: 
         }
     }
     let dir = tempfile::tempdir()?;
-    let times = restarts(exe, dir.path(), &bootstrap, args.batch, args.restarts)?;
-    writeln!(out, "sluice bench checkpoint: json-filter -> ad-clicks (WebAssembly) -> Parquet, {} events, {} partitions, batches of at most {} records ({batches} batches), best of {}", args.records, args.partitions, args.batch, args.repeat)?;
+    let times = restarts(&exes.sluice, dir.path(), &bootstrap, args.batch, args.restarts)?;
+    writeln!(
+        out,
+        "sluice-bench checkpoint: json-filter -> ad-clicks (WebAssembly) -> Parquet, {} events, {} partitions, batches of at most {} records ({batches} batches), best of {}",
+        args.records, args.partitions, args.batch, args.repeat
+    )?;
     writeln!(out, "| checkpointing | records/s | vs off |")?;
     writeln!(out, "|---|---:|---:|")?;
     writeln!(out, "| off | {off:.0} | 1.00× |")?;
@@ -188,9 +200,9 @@ pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exe: &Path, out: 
     Ok(CheckpointBench { off_per_sec: off, on_per_sec: on, batches, restarts: times })
 }
 
-/// `sluice bench checkpoint`: start Apache Kafka, run [`run_on`] with this executable, stop it.
-pub fn run_bench(args: &CheckpointBenchArgs, out: &mut dyn Write) -> anyhow::Result<CheckpointBench> {
+/// `sluice-bench checkpoint`: start Apache Kafka, run [`run_on`] with this executable, stop it.
+pub fn run_bench(args: &CheckpointBenchArgs, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<CheckpointBench> {
     let broker = ApacheKafka::start()?;
     writeln!(out, "broker: {}", broker.describe())?;
-    run_on(args, &broker, &std::env::current_exe()?, out)
+    run_on(args, &broker, exes, out)
 }

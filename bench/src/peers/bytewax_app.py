@@ -1,4 +1,4 @@
-"""ad-clicks in Bytewax, for `sluice bench peers`.
+"""ad-clicks in Bytewax, for `sluice-bench peers`.
 
 Usage: python bytewax_app.py BOOTSTRAP TOPIC OUT_JSONL
 

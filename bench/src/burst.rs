@@ -1,4 +1,4 @@
-//! `sluice bench burst`: the seed's lesson — a 10× traffic burst must not sink the job.
+//! `sluice-bench burst`: the seed's lesson — a 10× traffic burst must not sink the job.
 //!
 //! A chain step with a known cost per record caps the pipeline's capacity at C records/s.
 //! A producer process writes to a real broker at 0.5 C, steps up to 10 C for a few seconds,
@@ -6,27 +6,28 @@
 //! on and off, and reports per batch: processing time / interval, records, lag and the
 //! process's resident memory. An SVG plot of both runs can be written.
 
+use sluice::control::Control;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use sluice_sdk::{record_schema, Context, Finished, PluginKind};
 
-use crate::broker::{ApacheKafka, Broker};
-use crate::chain::{Chain, Stage};
-use crate::checkpoint::PluginIdentity;
-use crate::config::Backpressure;
-use crate::demo::generator::{EventGenerator, EventSpec};
-use crate::kafka::{Loader, Outgoing};
 use super::pipeline::Discard;
-use crate::pipeline::{run_chain, Until};
-use crate::runtime::CallError;
+use crate::broker::ApacheKafka;
+use crate::Exes;
+use sluice::broker::Broker;
+use sluice::chain::{Chain, Stage};
+use sluice::checkpoint::PluginIdentity;
+use sluice::config::Backpressure;
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice::kafka::{Loader, Outgoing};
+use sluice::pipeline::{run_chain, Until};
+use sluice::runtime::CallError;
 
-/// Options of `sluice bench burst`.
+/// Options of `sluice-bench burst`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BurstBenchArgs {
     /// Capacity C of the pipeline, records/s (the test step costs 1/C s per record).
@@ -155,7 +156,7 @@ fn rss_mib() -> f64 {
     pages * 4096.0 / (1024.0 * 1024.0)
 }
 
-/// Options of `sluice bench produce` (hidden): the burst benchmark's producer, run as a
+/// Options of `sluice-bench produce` (hidden): the burst benchmark's producer, run as a
 /// child process so that the pipeline's resident memory is measured alone.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProduceArgs {
@@ -206,7 +207,7 @@ pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
         while owed >= 1.0 {
             let mut e = gen.next_event();
             if args.wall_clock {
-                e.timestamp = crate::pipeline::now_ms();
+                e.timestamp = sluice::pipeline::now_ms();
             }
             let value = serde_json::to_vec(&e)?;
             let out = Outgoing { partition: Some((sent % target.partitions as u64) as i32), key: Some(e.campaign_id.as_bytes()), value: Some(&value), headers: &[] };
@@ -220,21 +221,18 @@ pub fn produce(args: &ProduceArgs) -> anyhow::Result<u64> {
     Ok(sent)
 }
 
-/// A child process running `exe bench produce`; killed (by its PID) when dropped.
+/// A child process running `sluice-bench produce`; killed (by its PID) when dropped.
 pub(crate) struct Producer(std::process::Child);
 
 impl Producer {
     pub(crate) fn start(exe: &Path, bootstrap: &str, topic: &str, partitions: i32, phases: &[(Duration, f64)], wall_clock: bool) -> anyhow::Result<Self> {
         let mut command = std::process::Command::new(exe);
-        command.args(["bench", "produce", "--bootstrap", bootstrap, "--topic", topic, "--partitions", &partitions.to_string()]);
+        command.args(["produce", "--bootstrap", bootstrap, "--topic", topic, "--partitions", &partitions.to_string()]);
         if wall_clock {
             command.arg("--wall-clock");
         }
         command.args(phases.iter().map(|(d, r)| format!("{}ms@{r}", d.as_millis())));
-        let child = command
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting the producer `{} bench produce`: {e}", exe.display()))?;
+        let child = command.stdout(std::process::Stdio::null()).spawn().map_err(|e| anyhow::anyhow!("starting the producer `{} produce`: {e}", exe.display()))?;
         Ok(Self(child))
     }
 }
@@ -253,7 +251,7 @@ impl Drop for Producer {
     }
 }
 
-fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure: bool) -> anyhow::Result<BurstRun> {
+fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exes: &Exes, backpressure: bool) -> anyhow::Result<BurstRun> {
     let topic = format!("sluice-bench-burst-{}", if backpressure { "on" } else { "off" });
     broker.create_topic(&topic, args.partitions)?;
     let c = args.capacity as f64;
@@ -265,8 +263,8 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
     pipeline.backpressure = backpressure.then(|| Backpressure { initial_rate: None, pid: Default::default() });
     let stage = CostStage { per_record: Duration::from_secs_f64(1.0 / c), schema: record_schema() };
     let mut chain = Chain::of_stages(vec![Box::new(stage)])?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut producer = Producer::start(exe, &broker.bootstrap(), &topic, args.partitions, &phases, false)?;
+    let stop = Control::new();
+    let mut producer = Producer::start(&exes.bench, &broker.bootstrap(), &topic, args.partitions, &phases, false)?;
     let started = Instant::now();
     let burst = (args.before.as_secs_f64(), (args.before + args.burst).as_secs_f64());
     let mut batches = Vec::new();
@@ -280,7 +278,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
         // again, or at the time limit.
         let drained = at > burst.1 + 2.0 * interval && batches.iter().rev().take(3).all(|b| b.lag <= 2 * args.capacity && b.load <= 1.2);
         if drained || producer.failed() || started.elapsed() > limit {
-            stop.store(true, Ordering::SeqCst);
+            stop.stop();
         }
     });
     if producer.failed() {
@@ -290,15 +288,15 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, backpressure:
     Ok(BurstRun { backpressure, batches, burst })
 }
 
-/// Both runs on `broker`, with a report to `out`. `exe` is the `sluice` executable that
-/// runs the producer (`sluice bench produce`) as a child process.
-pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
+/// Both runs on `broker`, with a report to `out`; the producer is `exes.bench produce`, a
+/// child process.
+pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
     if args.capacity == 0 || args.interval.is_zero() || args.partitions < 1 {
         anyhow::bail!("--capacity, --interval and --partitions must be above zero");
     }
     let mut runs = Vec::new();
     for backpressure in [true, false] {
-        let run = run_one(args, broker, exe, backpressure)?;
+        let run = run_one(args, broker, exes, backpressure)?;
         writeln!(out, "backpressure {}: burst from {:.1} s to {:.1} s", if backpressure { "on" } else { "off" }, run.burst.0, run.burst.1)?;
         writeln!(out, "| t (s) | records | processing / interval | lag | RSS (MiB) |")?;
         writeln!(out, "|---:|---:|---:|---:|---:|")?;
@@ -333,11 +331,11 @@ pub fn run_on(args: &BurstBenchArgs, broker: &dyn Broker, exe: &Path, out: &mut 
     Ok(runs)
 }
 
-/// `sluice bench burst`: start Apache Kafka, run [`run_on`], stop it.
-pub fn run(args: &BurstBenchArgs, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
+/// `sluice-bench burst`: start Apache Kafka, run [`run_on`], stop it.
+pub fn run(args: &BurstBenchArgs, exes: &Exes, out: &mut dyn Write) -> anyhow::Result<Vec<BurstRun>> {
     let broker = ApacheKafka::start()?;
     writeln!(out, "broker: {}; capacity {} records/s, interval {} ms", broker.describe(), args.capacity, args.interval.as_millis())?;
-    run_on(args, &broker, &std::env::current_exe()?, out)
+    run_on(args, &broker, exes, out)
 }
 
 /// Three panels per run: processing time / interval, lag and resident memory; the burst
@@ -372,7 +370,12 @@ fn svg(runs: &[BurstRun], args: &BurstBenchArgs) -> String {
                 x(run.burst.1) - x(run.burst.0),
                 h - 2.0 * pad
             );
-            doc += &format!("<text x=\"{pad}\" y=\"{:.1}\" font-weight=\"bold\">{name}: {title} (capacity {} records/s, interval {} ms; shaded: 10× burst)</text>\n", top + pad - 12.0, args.capacity, args.interval.as_millis());
+            doc += &format!(
+                "<text x=\"{pad}\" y=\"{:.1}\" font-weight=\"bold\">{name}: {title} (capacity {} records/s, interval {} ms; shaded: 10× burst)</text>\n",
+                top + pad - 12.0,
+                args.capacity,
+                args.interval.as_millis()
+            );
             doc += &format!("<line x1=\"{pad}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n", y(0.0), w - pad, y(0.0));
             doc += &format!("<line x1=\"{pad}\" y1=\"{:.1}\" x2=\"{pad}\" y2=\"{:.1}\" stroke=\"black\"/>\n", y(0.0), y(max));
             doc += &format!("<text x=\"5\" y=\"{:.1}\">{max:.0}</text><text x=\"5\" y=\"{:.1}\">0</text>\n", y(max) + 4.0, y(0.0) + 4.0);

@@ -1,0 +1,178 @@
+use super::*;
+
+fn store(location: &str, retain: usize) -> CheckpointStore {
+    CheckpointStore::open(&Checkpointing { location: location.into(), options: BTreeMap::new(), retain }).unwrap()
+}
+
+fn identity(name: &str) -> PluginIdentity {
+    PluginIdentity { name: name.into(), version: "1.0.0".into(), content_hash: "ab".repeat(32), state_version: 2 }
+}
+
+fn planned(id: u64) -> PlannedBatch {
+    PlannedBatch {
+        batch_id: id,
+        processing_time_ms: 1_000 + id as i64,
+        tasks: vec![TaskPlan { task: 0, ranges: vec![SavedRange { topic: "t".into(), partition: 0, from: id as i64 * 10, until: id as i64 * 10 + 10 }], watermark_ms: Some(5) }],
+    }
+}
+
+fn checkpoint(id: u64) -> Checkpoint {
+    Checkpoint {
+        batch_id: id,
+        created_ms: 7,
+        tasks: vec![TaskState {
+            task: 0,
+            positions: vec![Position { topic: "t".into(), partition: 0, next: id as i64 * 10 + 10 }],
+            plugins: vec![SavedPlugin { identity: identity("filter"), state: None }, SavedPlugin { identity: identity("agg"), state: Some(vec![id as u8; 100]) }],
+            watermark_ms: Some(id as i64),
+        }],
+        rate_controller: None,
+    }
+}
+
+fn metadata() -> Metadata {
+    Metadata { format_version: FORMAT_VERSION, pipeline: "p".into(), topics: vec!["t".into()], first_batch_id: 0 }
+}
+
+/// Run batches `0..n` through the store the way the pipeline loop does.
+fn run(store: &CheckpointStore, n: u64) {
+    store.create(&metadata()).unwrap();
+    for id in 0..n {
+        store.plan(&planned(id)).unwrap();
+        store.commit(&checkpoint(id)).unwrap();
+    }
+}
+
+#[test]
+fn the_writer_commits_checkpoints_in_order_while_the_caller_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(store(dir.path().to_str().unwrap(), 3));
+    s.create(&metadata()).unwrap();
+    let mut writer = CheckpointWriter::start(s.clone());
+    for id in 0..5 {
+        s.plan(&planned(id)).unwrap();
+        writer.commit(checkpoint(id)).unwrap();
+    }
+    writer.flush().unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(r.checkpoint, Some(checkpoint(4)));
+    assert!(r.replay.is_empty() && r.warnings.is_empty());
+    assert_eq!(s.ids(CHECKPOINTS).unwrap(), vec![2, 3, 4], "retention pruned on the writer's thread");
+}
+
+#[test]
+fn a_checkpoint_the_writer_cannot_write_fails_the_next_commit_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(store(dir.path().to_str().unwrap(), 10));
+    s.create(&metadata()).unwrap();
+    // A file where the checkpoints directory belongs: no checkpoint can be written.
+    std::fs::write(dir.path().join(CHECKPOINTS), b"in the way").unwrap();
+    let mut writer = CheckpointWriter::start(s.clone());
+    s.plan(&planned(0)).unwrap();
+    writer.commit(checkpoint(0)).unwrap();
+    let e = writer.commit(checkpoint(1)).unwrap_err().to_string();
+    assert!(e.contains("cannot write checkpoints/"), "{e}");
+    assert!(writer.flush().is_ok() && writer.commit(checkpoint(2)).is_err(), "the writer takes no checkpoint after a failed one");
+    let r = s.recover().unwrap();
+    assert_eq!((r.checkpoint, r.replay), (None, vec![planned(0)]), "the batch whose checkpoint failed is replayed");
+}
+
+#[test]
+fn seal_detects_every_truncation_and_every_flipped_byte() {
+    let sealed = encode_checkpoint(&checkpoint(3));
+    assert_eq!(decode_checkpoint(&sealed).unwrap(), checkpoint(3));
+    for cut in 0..sealed.len() {
+        assert!(decode_checkpoint(&sealed[..cut]).is_err(), "a cut at {cut} went unnoticed");
+    }
+    for at in 0..sealed.len() {
+        let mut bad = sealed.clone();
+        bad[at] ^= 0x20;
+        assert!(decode_checkpoint(&bad).is_err(), "a flipped byte at {at} went unnoticed");
+    }
+}
+
+#[test]
+fn a_new_location_recovers_nothing_and_a_committed_run_resumes_after_its_last_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 10);
+    let r = s.recover().unwrap();
+    assert!(r.metadata.is_none() && r.checkpoint.is_none() && r.replay.is_empty());
+    assert_eq!(r.next_batch_id(), None);
+    run(&s, 3);
+    let r = s.recover().unwrap();
+    assert_eq!(r.checkpoint, Some(checkpoint(2)));
+    assert!(r.replay.is_empty() && r.warnings.is_empty());
+    assert_eq!(r.next_batch_id(), Some(3));
+}
+
+#[test]
+fn a_planned_batch_without_a_commit_is_replayed_with_its_recorded_plan() {
+    let s = store("memory://", 10);
+    run(&s, 2);
+    s.plan(&planned(2)).unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(r.checkpoint.unwrap().batch_id, 1);
+    assert_eq!(r.replay, vec![planned(2)]);
+    // A checkpoint written without its commit entry does not count either.
+    s.location.put(&name(CHECKPOINTS, 2), encode_checkpoint(&checkpoint(2))).unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!((r.checkpoint.unwrap().batch_id, r.replay.len()), (1, 1));
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_one_before_and_says_which_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 10);
+    run(&s, 4);
+    let file = dir.path().join(name(CHECKPOINTS, 3));
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(r.checkpoint.unwrap().batch_id, 2);
+    assert_eq!(r.replay, vec![planned(3)], "the batch of the damaged checkpoint is replayed");
+    assert_eq!(r.warnings.len(), 1);
+    let w = &r.warnings[0];
+    assert!(w.contains("checkpoint of batch 3") && w.contains("truncated") && w.contains("resuming from the checkpoint of batch 2"), "{w}");
+}
+
+#[test]
+fn retention_keeps_the_newest_checkpoints_and_the_log_they_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 3);
+    run(&s, 8);
+    assert_eq!(s.ids(CHECKPOINTS).unwrap(), vec![5, 6, 7]);
+    assert_eq!(s.ids(COMMITS).unwrap(), vec![5, 6, 7]);
+    assert_eq!(s.ids(OFFSETS).unwrap(), vec![5, 6, 7]);
+    // With every kept checkpoint damaged, the state cannot be rebuilt: a clear error.
+    for id in 5..8 {
+        std::fs::write(dir.path().join(name(CHECKPOINTS, id)), b"garbage").unwrap();
+    }
+    let error = s.recover().unwrap_err().to_string();
+    assert!(error.contains("no usable checkpoint is left") && error.contains("checkpoint of batch 7 is unusable"), "{error}");
+}
+
+#[test]
+fn an_unreadable_plan_of_an_uncommitted_batch_is_planned_again_but_a_needed_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 10);
+    run(&s, 2);
+    std::fs::write(dir.path().join(name(OFFSETS, 2)), b"half").unwrap();
+    let r = s.recover().unwrap();
+    assert!(r.replay.is_empty());
+    assert!(r.warnings[0].contains("batch 2") && r.warnings[0].contains("planned again"), "{:?}", r.warnings);
+    assert_eq!(r.next_batch_id(), Some(2));
+    std::fs::write(dir.path().join(name(CHECKPOINTS, 1)), b"bad").unwrap();
+    std::fs::write(dir.path().join(name(OFFSETS, 1)), b"bad").unwrap();
+    let error = s.recover().unwrap_err().to_string();
+    assert!(error.contains("offset log entry of batch 1 is unusable"), "{error}");
+}
+
+#[test]
+fn a_location_without_metadata_but_with_batches_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 10);
+    run(&s, 1);
+    std::fs::remove_file(dir.path().join(METADATA)).unwrap();
+    let error = s.recover().unwrap_err().to_string();
+    assert!(error.contains("`metadata` is missing"), "{error}");
+}
