@@ -543,6 +543,21 @@ fn progress_counts_the_records_read_not_the_offsets_a_range_spans() {
     assert_eq!((summary.records, summary.output_rows), (100, 100));
 }
 
+/// A thread that stops the run on `control` `after` once `ready` holds, and returns when
+/// it asked.
+fn stop_later(control: &Control, ready: impl Fn() -> bool + Send + 'static, after: Duration) -> std::thread::JoinHandle<std::time::Instant> {
+    let control = control.clone();
+    std::thread::spawn(move || {
+        while !ready() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(after);
+        let asked = std::time::Instant::now();
+        control.stop();
+        asked
+    })
+}
+
 #[test]
 fn a_stop_while_a_failed_batch_waits_for_its_retry_ends_the_run_within_a_second() {
     let events = events(11, 50);
@@ -562,16 +577,8 @@ fn a_stop_while_a_failed_batch_waits_for_its_retry_ends_the_run_within_a_second(
     // The chain's plugins stay on this thread; another one stops the run once the batch
     // has failed and the run waits 10 s for the first retry.
     let stopper = {
-        let (control, steps) = (control.clone(), steps.clone());
-        std::thread::spawn(move || {
-            while !steps.dead.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            let asked = std::time::Instant::now();
-            control.stop();
-            asked
-        })
+        let steps = steps.clone();
+        stop_later(&control, move || steps.dead.load(Ordering::SeqCst), Duration::from_millis(300))
     };
     let io = Io {
         connect: Box::new(move |resume| Ok(Box::new(MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest)) as Box<dyn Source>)),
@@ -606,16 +613,8 @@ fn a_stop_while_a_batch_waits_for_its_records_ends_the_run_within_a_second_and_l
     // Records from offset 40 on never come; the run would wait for them for the stall
     // limit (two minutes) before failing.
     let stopper = {
-        let (control, batches) = (control.clone(), batches.clone());
-        std::thread::spawn(move || {
-            while batches.load(Ordering::SeqCst) == 0 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            std::thread::sleep(Duration::from_millis(700));
-            let asked = std::time::Instant::now();
-            control.stop();
-            asked
-        })
+        let batches = batches.clone();
+        stop_later(&control, move || batches.load(Ordering::SeqCst) > 0, Duration::from_millis(700))
     };
     let io = Io {
         connect: Box::new(move |resume| {
