@@ -244,7 +244,9 @@ impl Runner<'_> {
         loop {
             // Short waits, so that a stop is seen within a second; a warning every fetch
             // timeout. A wait that times out takes nothing from the source.
-            match self.source.fetch(ranges, self.fetch_timeout.min(FETCH_SLICE)) {
+            let slice = self.fetch_timeout.min(FETCH_SLICE);
+            let asked = Instant::now();
+            match self.source.fetch(ranges, slice) {
                 Err(e @ (SourceError::FetchTimeout { .. } | SourceError::Kafka { .. })) if is_waiting_error(&e) => {
                     if self.control.is_stopped() {
                         return Err(RunError::Stopped { batch_id, waiting: waiting_for(&e) });
@@ -259,7 +261,11 @@ impl Runner<'_> {
                         tracing::warn!("batch {batch_id}: waiting for its records for {} s ({})", waited.as_secs(), waiting_for(&e));
                         next_warning = waited + self.fetch_timeout;
                     }
-                    self.control.sleep(Duration::from_millis(200));
+                    // A source that gave up before the slice was over (an error, an in-memory
+                    // source) is asked again after a pause; one that waited the whole slice at once.
+                    if asked.elapsed() < slice {
+                        self.control.sleep(Duration::from_millis(200));
+                    }
                 }
                 other => return Ok(other?),
             }
