@@ -221,10 +221,7 @@ struct Plugins {
 
 impl Plugins {
     fn load(runtime: &Runtime, chain: &[(&str, &str)]) -> Self {
-        let loaded = chain
-            .iter()
-            .map(|(name, config)| (runtime.load(sluice::examples::named(name).unwrap(), &format!("builtin:{name}"), Limits::default()).unwrap(), config.to_string()))
-            .collect();
+        let loaded = chain.iter().map(|(name, config)| (runtime.load_builtin(name, Limits::default()).unwrap(), config.to_string())).collect();
         Self { loaded }
     }
 
@@ -491,14 +488,11 @@ fn update_mode_ends_with_every_window_complete() {
     );
 }
 
-/// A pipeline over `log` (json-filter forwarding everything) into a JSON-lines sink on
-/// `sink`, with checkpoints on `checkpoints`.
-fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory>, withhold: Option<i64>, stall: Duration) -> Result<pipeline::RunSummary, pipeline::RunError> {
-    let runtime = Runtime::new(None).unwrap();
-    let plugins = Plugins::load(&runtime, &[("json-filter", "{}")]);
-    let steps = Steps::new(Stop::Never);
-    let mut out = FileSink::at(Location::shared(sink.clone(), "memory://sink", None).unwrap(), FileFormat::Jsonl).unwrap();
-    let io = Io {
+/// What a run reads from and writes to in the tests below: `log` from the earliest offset
+/// (partition 0 delivering nothing from offset `withhold` on), checkpoints on `checkpoints`
+/// if given, output to `out`, no dead letters.
+fn memory_io<'a>(log: Arc<MemoryLog>, withhold: Option<i64>, checkpoints: Option<&Arc<InMemory>>, out: &'a mut FileSink) -> Io<'a> {
+    Io {
         connect: Box::new(move |resume| {
             let source = MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest);
             Ok(Box::new(match withhold {
@@ -506,11 +500,21 @@ fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory
                 None => source,
             }) as Box<dyn Source>)
         }),
-        checkpoints: Some(Arc::new(CheckpointStore::at(Location::shared(checkpoints.clone(), "memory://checkpoints", None).unwrap(), 3))),
+        checkpoints: checkpoints.map(|c| Arc::new(CheckpointStore::at(Location::shared(c.clone(), "memory://checkpoints", None).unwrap(), 3))),
         checkpoint_writes: WriteMode::Background,
-        sink: &mut out,
+        sink: out,
         dead_letters: None,
-    };
+    }
+}
+
+/// A pipeline over `log` (json-filter forwarding everything) into a JSON-lines sink on
+/// `sink`, with checkpoints on `checkpoints`.
+fn forward(log: Arc<MemoryLog>, sink: &Arc<InMemory>, checkpoints: &Arc<InMemory>, withhold: Option<i64>, stall: Duration) -> Result<pipeline::RunSummary, pipeline::RunError> {
+    let runtime = Runtime::new(None).unwrap();
+    let plugins = Plugins::load(&runtime, &[("json-filter", "{}")]);
+    let steps = Steps::new(Stop::Never);
+    let mut out = FileSink::at(Location::shared(sink.clone(), "memory://sink", None).unwrap(), FileFormat::Jsonl).unwrap();
+    let io = memory_io(log, withhold, Some(checkpoints), &mut out);
     let options = pipeline::RunOptions { until: Until::AvailableNow, stall_limit: Some(stall), ..Default::default() };
     pipeline::run_with(&pipeline(30), &mut plugins.chain(&steps), io, options, &Control::new(), &mut |_| {})
 }
@@ -580,13 +584,7 @@ fn a_stop_while_a_failed_batch_waits_for_its_retry_ends_the_run_within_a_second(
         let steps = steps.clone();
         stop_later(&control, move || steps.dead.load(Ordering::SeqCst), Duration::from_millis(300))
     };
-    let io = Io {
-        connect: Box::new(move |resume| Ok(Box::new(MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest)) as Box<dyn Source>)),
-        checkpoints: None,
-        checkpoint_writes: WriteMode::Background,
-        sink: &mut out,
-        dead_letters: None,
-    };
+    let io = memory_io(log, None, None, &mut out);
     let result = pipeline::run_with(&pipeline(30), &mut chain, io, Until::Stopped, &control, &mut |_| {});
     let asked = stopper.join().unwrap();
     let took = asked.elapsed();
@@ -616,15 +614,7 @@ fn a_stop_while_a_batch_waits_for_its_records_ends_the_run_within_a_second_and_l
         let batches = batches.clone();
         stop_later(&control, move || batches.load(Ordering::SeqCst) > 0, Duration::from_millis(700))
     };
-    let io = Io {
-        connect: Box::new(move |resume| {
-            Ok(Box::new(MemorySource::connect(log, MemoryGroup::default(), resume, StartingOffsets::Earliest).withhold("clicks", 0, 40)) as Box<dyn Source>)
-        }),
-        checkpoints: Some(Arc::new(CheckpointStore::at(Location::shared(checkpoints.clone(), "memory://checkpoints", None).unwrap(), 3))),
-        checkpoint_writes: WriteMode::Background,
-        sink: &mut out,
-        dead_letters: None,
-    };
+    let io = memory_io(log, Some(40), Some(&checkpoints), &mut out);
     let options = pipeline::RunOptions { until: Until::Stopped, stall_limit: Some(Duration::from_secs(120)), ..Default::default() };
     let result = pipeline::run_with(&pipeline(30), &mut plugins.chain(&steps), io, options, &control, &mut |_| {
         batches.fetch_add(1, Ordering::SeqCst);

@@ -21,7 +21,6 @@ use sluice::broker::Broker;
 use sluice::chain::{Chain, FailurePolicy, Stage};
 use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::demo::FILTER_CONFIG;
-use sluice::examples;
 use sluice::kafka::{Loader, Outgoing};
 use sluice::pipeline::{run_chain, Until};
 use sluice::runtime::{Limits, Runtime};
@@ -78,7 +77,7 @@ impl Sink for Discard {
 type ChainFn = fn(&Runtime) -> anyhow::Result<Chain>;
 
 pub(crate) fn wasm(runtime: &Runtime, name: &str, config: &str) -> anyhow::Result<Chain> {
-    let plugin = runtime.load(examples::named(name).map_err(anyhow::Error::msg)?, &format!("builtin:{name}"), Limits::default())?;
+    let plugin = runtime.load_builtin(name, Limits::default())?;
     let mut chain = Chain::new(vec![plugin.instantiate(config)?])?;
     chain.set_policies([FailurePolicy::STOP_AT_ONCE]);
     Ok(chain)

@@ -87,43 +87,43 @@ impl Control {
         std::mem::take(&mut self.pending().retune)
     }
 
-    /// Wait until `deadline`, or until a stop, a retune or a swap notice arrives. A stop
-    /// wins over the others; a retune or swap notice is taken by the wait that returns it.
-    pub fn wait_until(&self, deadline: Instant) -> Wake {
+    /// Wait until `deadline`, or until `woken` finds (and may take) what ends the wait:
+    /// `None` when the deadline passed first.
+    fn wait<T>(&self, deadline: Instant, mut woken: impl FnMut(&mut Pending) -> Option<T>) -> Option<T> {
         let mut pending = self.pending();
         loop {
-            if pending.stop {
-                return Wake::Stop;
-            }
-            if std::mem::take(&mut pending.retune) {
-                return Wake::Retune;
-            }
-            if std::mem::take(&mut pending.swap) {
-                return Wake::Swap;
+            if let Some(wake) = woken(&mut pending) {
+                return Some(wake);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Wake::Deadline;
+                return None;
             }
             pending = self.0.changed.wait_timeout(pending, deadline - now).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
 
+    /// Wait until `deadline`, or until a stop, a retune or a swap notice arrives. A stop
+    /// wins over the others; a retune or swap notice is taken by the wait that returns it.
+    pub fn wait_until(&self, deadline: Instant) -> Wake {
+        self.wait(deadline, |pending| {
+            if pending.stop {
+                Some(Wake::Stop)
+            } else if std::mem::take(&mut pending.retune) {
+                Some(Wake::Retune)
+            } else if std::mem::take(&mut pending.swap) {
+                Some(Wake::Swap)
+            } else {
+                None
+            }
+        })
+        .unwrap_or(Wake::Deadline)
+    }
+
     /// Sleep for `duration` unless a stop arrives first; whether it did. Retune and swap
     /// notices do not end this wait (they stay pending for the loop).
     pub fn sleep(&self, duration: Duration) -> bool {
-        let deadline = Instant::now() + duration;
-        let mut pending = self.pending();
-        loop {
-            if pending.stop {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            pending = self.0.changed.wait_timeout(pending, deadline - now).unwrap_or_else(std::sync::PoisonError::into_inner).0;
-        }
+        self.wait(Instant::now() + duration, |pending| pending.stop.then_some(())).is_some()
     }
 
     /// SIGINT and SIGTERM ask for a stop, SIGHUP for a retune, from a thread that lives as

@@ -9,7 +9,7 @@ use crate::chain::{Rejected, StepId};
 /// Something that follows a run batch by batch. The loop calls every observer of
 /// [`RunOptions::observers`](crate::pipeline::RunOptions::observers) after each batch, with
 /// the batch's progress and its JSON record (the form logged and served).
-pub trait Observer: Send + Sync {
+pub trait Observer: Send + Sync + std::fmt::Debug {
     /// Batch `progress` is done.
     fn batch(&self, progress: &BatchProgress, record: &serde_json::Value);
 }

@@ -7,6 +7,8 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use sluice_sdk::{is_record_schema, record_schema, Context, Finished, PluginKind};
 
+pub use crate::config::{FailurePolicy, OnFailure};
+
 use crate::checkpoint::{PluginIdentity, SavedPlugin};
 use crate::control::Control;
 use crate::runtime::{CallError, PluginInstance};
@@ -41,8 +43,6 @@ pub trait Stage {
         Err(CallError::Plugin { plugin: self.name().to_string(), call: "rebuild", kind: sluice_sdk::ErrorKind::BatchFailed, message: "this step cannot be rebuilt".into() })
     }
 }
-
-pub use crate::config::{FailurePolicy, OnFailure};
 
 impl Stage for PluginInstance {
     fn name(&self) -> &str {

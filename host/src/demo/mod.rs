@@ -152,8 +152,8 @@ pub fn run(options: &DemoOptions, stop: Control, out: &mut dyn Write, progress: 
 
     // Compile the plugins before the clock starts (the runtime keeps them for the run).
     let runtime = Runtime::with_default_cache()?;
-    for (name, bytes) in [("json-filter", crate::examples::JSON_FILTER), ("ad-clicks", crate::examples::AD_CLICKS)] {
-        runtime.load(bytes, &format!("builtin:{name}"), Limits::default())?;
+    for name in ["json-filter", "ad-clicks"] {
+        runtime.load_builtin(name, Limits::default())?;
     }
 
     let observed = crate::http::Observed::new(&pipeline.name);

@@ -12,7 +12,7 @@ use crate::config::{Pipeline, PluginSource};
 use crate::control::Control;
 use crate::kafka::KafkaSource;
 use crate::rate::{RateController, RateState};
-use crate::recovery::{self};
+use crate::recovery;
 use crate::runtime::Runtime;
 use crate::sink::Sink;
 use crate::source::{Source, SourceError};
@@ -66,7 +66,7 @@ fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> Result<(Chain, Vec<Watc
     for (i, step) in pipeline.steps.iter().enumerate() {
         type Failure = Box<dyn std::error::Error + Send + Sync + 'static>;
         let instance: Result<_, Failure> = match &step.source {
-            PluginSource::Builtin(name) => runtime.load_spec(&format!("builtin:{name}"), step.limits).map_err(Failure::from).and_then(|p| Ok(p.instantiate(&step.config)?)),
+            PluginSource::Builtin(name) => runtime.load_builtin(name, step.limits).map_err(Failure::from).and_then(|p| Ok(p.instantiate(&step.config)?)),
             PluginSource::File(path) => runtime.load_file(path, step.limits).map_err(Failure::from).and_then(|p| Ok(p.instantiate(&step.config)?)),
             PluginSource::Dir(name) => {
                 let dir = pipeline.plugin_dir.as_ref().ok_or_else(|| RunError::NoPluginDir { step: i, name: name.clone() })?;
@@ -89,7 +89,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// How to run.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// When to stop.
     pub until: Until,
@@ -105,18 +105,6 @@ pub struct RunOptions {
     /// How long a batch may wait for offsets the brokers report as written before it fails
     /// (default [`crate::source::STALL_LIMIT`]).
     pub stall_limit: Option<Duration>,
-}
-
-impl std::fmt::Debug for RunOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunOptions")
-            .field("until", &self.until)
-            .field("ignore_state", &self.ignore_state)
-            .field("retune_from", &self.retune_from)
-            .field("observers", &self.observers.len())
-            .field("stall_limit", &self.stall_limit)
-            .finish()
-    }
 }
 
 impl From<Until> for RunOptions {

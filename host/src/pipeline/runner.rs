@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use sluice_sdk::{record_schema, Context, OffsetRange};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, StepId};
 use crate::checkpoint::{Checkpoint, CheckpointStore, CheckpointWriter, PlannedBatch, Position, SavedRange, TaskPlan, TaskState};
 use crate::config::Pipeline;
 use crate::control::{Control, Wake};
@@ -168,7 +168,7 @@ impl Runner<'_> {
         for found in found {
             match found {
                 Found::Ready { step, instance, file } => {
-                    let new = format!("{} {}", instance.info().name, instance.info().version);
+                    let new = StepId::of(instance.as_ref());
                     match self.chain.swap(step, instance) {
                         Ok(()) => tracing::info!("plugin step {step}: {new} from {} takes over from the next batch on", file.display()),
                         Err(e) => {

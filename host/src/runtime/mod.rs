@@ -150,9 +150,14 @@ impl Runtime {
     /// load the bytes with [`Runtime::load`].
     pub fn load_spec(&self, spec: &str, limits: Limits) -> Result<LoadedPlugin, LoadError> {
         match spec.strip_prefix("builtin:") {
-            Some(name) => self.load(crate::examples::named(name).map_err(LoadError::NoBuiltin)?, spec, limits),
+            Some(name) => self.load_builtin(name, limits),
             None => self.load_file(spec, limits),
         }
+    }
+
+    /// Load the example plugin embedded in sluice as `name` (`builtin:NAME` in messages).
+    pub fn load_builtin(&self, name: &str, limits: Limits) -> Result<LoadedPlugin, LoadError> {
+        self.load(crate::examples::named(name).map_err(LoadError::NoBuiltin)?, &format!("builtin:{name}"), limits)
     }
 
     /// Load and check a plugin from bytes; `origin` names it in messages (a path, say).
