@@ -113,7 +113,7 @@ fn windows(out: &Path) -> Vec<WindowRow> {
         if path.extension().is_some_and(|e| e == "parquet") {
             let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap();
             for batch in reader {
-                rows.extend(sluice::offline::json_lines(&batch.unwrap()).iter().map(|l| WindowRow::from_json(&serde_json::from_str(l).unwrap())));
+                rows.extend(sluice_sdk::json::batch_to_rows(&batch.unwrap()).into_iter().map(|row| WindowRow::from_json(&Value::Object(row))));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The pipeline file: every example in tests/pipelines/good loads, and every file in
-//! tests/pipelines/bad fails with the message its first line (`# error: ...`) names.
+//! tests/pipelines/bad fails with the message its first line (`# error: ...`) names, and
+//! where a second line says `# at: line L, column C`, points there.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,9 @@ fn every_bad_example_fails_with_its_message() {
                 let message = e.to_string();
                 assert!(message.contains(expected), "{}:\n expected `{expected}`\n got      `{message}`", file.display());
                 assert!(message.starts_with(&file.display().to_string()), "the message names the file: {message}");
+                if let Some(at) = text.lines().nth(1).and_then(|l| l.strip_prefix("# at: ")) {
+                    assert!(message.contains(at), "{}: the message points at {at}: {message}", file.display());
+                }
             }
         }
     }

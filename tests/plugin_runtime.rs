@@ -10,6 +10,7 @@ use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::examples;
 use sluice::offline::{self, Sink, Summary};
 use sluice::runtime::{CallError, Limits, LoadError, LoadedPlugin, PluginInstance, Runtime, TrapKind};
+use sluice_sdk::json::JsonRows;
 use sluice_sdk::{Context, ErrorKind, PluginKind, RecordParts, RecordsBuilder};
 use sluice_tests::reference::{self, AdClicksParams, WindowRow};
 
@@ -33,10 +34,8 @@ struct Collect {
 }
 
 impl Sink for Collect {
-    fn rows(&mut self, batch: &arrow_array::RecordBatch) {
-        for line in offline::json_lines(batch) {
-            self.rows.push(serde_json::from_str(&line).unwrap());
-        }
+    fn rows(&mut self, rows: &JsonRows) {
+        self.rows.extend(rows.iter().map(|row| serde_json::from_slice::<Value>(row).unwrap()));
     }
     fn rejected(&mut self, line: u64, reason: &str) {
         self.rejected.push((line, reason.to_string()));
@@ -163,7 +162,7 @@ fn ad_clicks_survives_snapshot_and_restore_into_a_fresh_instance_between_every_b
         watermark = out.watermark_ms.or(watermark);
         late += out.late_records;
         for b in &out.batches {
-            rows.extend(offline::json_lines(b).iter().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+            rows.extend(sluice::sink::json_lines(b).unwrap().iter().map(|l| serde_json::from_slice::<Value>(l).unwrap()));
         }
         state = Some(instance.snapshot().unwrap());
     }
@@ -171,7 +170,7 @@ fn ad_clicks_survives_snapshot_and_restore_into_a_fresh_instance_between_every_b
     instance.restore(state.as_ref().unwrap(), state_version).unwrap();
     let out = instance.process(&batch(&[], 0), &ctx(chunks.len() as u64, Some(i64::MAX))).unwrap();
     for b in &out.batches {
-        rows.extend(offline::json_lines(b).iter().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+        rows.extend(sluice::sink::json_lines(b).unwrap().iter().map(|l| serde_json::from_slice::<Value>(l).unwrap()));
     }
     let expected = reference::ad_clicks(&data, AdClicksParams::default(), Some(300));
     assert_same_windows(&rows, &expected);

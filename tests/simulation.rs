@@ -26,7 +26,7 @@ use object_store::memory::InMemory;
 use serde_json::{json, Value};
 use sluice::chain::{Chain, FailurePolicy, OnFailure, Stage};
 use sluice::checkpoint::{CheckpointStore, PluginIdentity, WriteMode};
-use sluice::config::{Pipeline, Sink as SinkConfig, Source as SourceConfig, StartingOffsets};
+use sluice::config::{CheckedPipeline, Pipeline, Sink as SinkConfig, Source as SourceConfig, StartingOffsets};
 use sluice::control::Control;
 use sluice::pipeline::{self, Io, Until};
 use sluice::runtime::{CallError, Limits, LoadedPlugin, Runtime};
@@ -234,7 +234,7 @@ impl Plugins {
     }
 }
 
-fn pipeline(max_records: u64) -> Pipeline {
+fn pipeline(max_records: u64) -> CheckedPipeline {
     Pipeline {
         name: "simulation".into(),
         source: SourceConfig {
@@ -254,6 +254,8 @@ fn pipeline(max_records: u64) -> Pipeline {
         checkpoint: None,
         backpressure: None,
     }
+    .check()
+    .expect("the simulation's pipeline is valid")
 }
 
 /// One process's life: recover, run until available-now is done or the schedule stops it.

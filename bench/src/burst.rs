@@ -261,6 +261,7 @@ fn run_one(args: &BurstBenchArgs, broker: &dyn Broker, exes: &Exes, backpressure
         pipeline.kafka.entry(k.clone()).or_insert_with(|| v.clone());
     }
     pipeline.backpressure = backpressure.then(|| Backpressure { initial_rate: None, pid: Default::default() });
+    let pipeline = pipeline.check()?;
     let stage = CostStage { per_record: Duration::from_secs_f64(1.0 / c), schema: record_schema() };
     let mut chain = Chain::of_stages(vec![Box::new(stage)])?;
     let stop = Control::new();

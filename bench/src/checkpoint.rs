@@ -170,7 +170,7 @@ pub fn run_on(args: &CheckpointBenchArgs, broker: &dyn Broker, exes: &Exes, out:
         for checkpoint in [false, true] {
             let dir = tempfile::tempdir()?;
             let name = format!("sluice-bench-checkpoint-{}-{rep}", if checkpoint { "on" } else { "off" });
-            let p = pipeline(&name, &bootstrap, args.batch, dir.path(), checkpoint);
+            let p = pipeline(&name, &bootstrap, args.batch, dir.path(), checkpoint).check()?;
             let mut sink = sluice::sink::open(&p.sink, &p.kafka)?;
             let started = Instant::now();
             let summary = run(&p, &runtime, Until::AvailableNow, &Control::new(), sink.as_mut(), &mut |_| {})?;

@@ -101,7 +101,7 @@ pub fn run_on(args: &LatencyBenchArgs, broker: &dyn Broker, exes: &Exes, out: &m
     );
     let topic = "sluice-bench-latency";
     broker.create_topic(topic, args.partitions)?;
-    let pipeline = super::bench_pipeline(topic, topic, broker.bootstrap(), args.interval);
+    let pipeline = super::bench_pipeline(topic, topic, broker.bootstrap(), args.interval).check()?;
     let runtime = Runtime::with_default_cache()?;
     let mut chain = super::pipeline::wasm(&runtime, "json-filter", FILTER_CONFIG)?;
     let total = args.warmup + args.duration;

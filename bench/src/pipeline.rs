@@ -153,6 +153,7 @@ pub fn run_on(args: &PipelineBenchArgs, broker: &dyn Broker, out: &mut dyn Write
             let group = format!("sluice-bench-{}-{rep}", name.replace(' ', "-"));
             let mut pipeline = super::bench_pipeline(&group, TOPIC, bootstrap.clone(), Duration::ZERO);
             pipeline.source.max_offsets_per_trigger = Some(args.batch);
+            let pipeline = pipeline.check()?;
             let mut chain = make(&runtime)?;
             let started = Instant::now();
             let summary = run_chain(&pipeline, &mut chain, Until::AvailableNow, &Control::new(), &mut Discard, &mut |_| {})?;

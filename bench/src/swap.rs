@@ -112,7 +112,8 @@ pub fn run_on(args: &SwapBenchArgs, broker: &dyn Broker, exes: &Exes, out: &mut 
         steps: vec![Step { source: PluginSource::Dir("ad-clicks".into()), config: "{}".into(), limits: Limits::default(), failure: Default::default() }],
         plugin_dir: Some(plugins.path().to_path_buf()),
         ..super::bench_pipeline(topic, topic, broker.bootstrap(), args.interval)
-    };
+    }
+    .check()?;
     // No disk cache, so that every new version is compiled.
     let runtime = Runtime::new(None)?;
     // Slow machines (or debug builds) compile for longer; the run waits for every swap.

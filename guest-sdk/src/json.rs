@@ -1,16 +1,17 @@
-//! JSON helpers: parsing record values, looking up dotted paths, and turning Arrow rows
-//! into JSON objects (used by `sluice plugin test` and by the native test harness).
+//! JSON helpers: parsing record values, looking up dotted paths, and (natively) turning Arrow
+//! rows into JSON objects — the one conversion `sluice plugin test`, the JSON-lines and Kafka
+//! sinks and the native test harness share.
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::*;
-use arrow_array::{Array, RecordBatch};
-use arrow_schema::DataType;
 use serde::Deserialize;
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 mod members;
+#[cfg(not(target_arch = "wasm32"))]
+mod rows;
 
 pub use members::Members;
+#[cfg(not(target_arch = "wasm32"))]
+pub use rows::{batch_to_rows, bytes_value, encode_rows, JsonRows};
 
 /// Parse JSON bytes into `T`. The error says what is wrong and where, e.g.
 /// `invalid JSON: expected value at line 1 column 5`.
@@ -65,61 +66,6 @@ pub fn insert_path(target: &mut Map<String, Value>, path: &str, leaf: Value) {
             *slot = Value::Object(Map::new());
         }
         map = slot.as_object_mut().expect("just made an object");
-    }
-}
-
-/// Convert every row of `batch` into a JSON object keyed by column name.
-///
-/// Integers, floats, booleans and strings map to their JSON kinds; binary values that are
-/// valid UTF-8 become strings, others arrays of byte values; lists become arrays and
-/// structs objects. Float NaN and infinities, which JSON cannot hold, become strings.
-pub fn batch_to_rows(batch: &RecordBatch) -> Vec<Map<String, Value>> {
-    let schema = batch.schema();
-    (0..batch.num_rows()).map(|row| schema.fields().iter().zip(batch.columns()).map(|(field, col)| (field.name().clone(), cell(col.as_ref(), row))).collect()).collect()
-}
-
-fn float(v: f64) -> Value {
-    Number::from_f64(v).map(Value::Number).unwrap_or_else(|| Value::String(v.to_string()))
-}
-
-fn bytes(b: &[u8]) -> Value {
-    match std::str::from_utf8(b) {
-        Ok(s) => Value::String(s.to_string()),
-        Err(_) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
-    }
-}
-
-/// One cell of an Arrow array as JSON.
-pub fn cell(col: &dyn Array, row: usize) -> Value {
-    if col.is_null(row) {
-        return Value::Null;
-    }
-    match col.data_type() {
-        DataType::Boolean => Value::Bool(col.as_boolean().value(row)),
-        DataType::Int8 => col.as_primitive::<Int8Type>().value(row).into(),
-        DataType::Int16 => col.as_primitive::<Int16Type>().value(row).into(),
-        DataType::Int32 => col.as_primitive::<Int32Type>().value(row).into(),
-        DataType::Int64 => col.as_primitive::<Int64Type>().value(row).into(),
-        DataType::UInt8 => col.as_primitive::<UInt8Type>().value(row).into(),
-        DataType::UInt16 => col.as_primitive::<UInt16Type>().value(row).into(),
-        DataType::UInt32 => col.as_primitive::<UInt32Type>().value(row).into(),
-        DataType::UInt64 => col.as_primitive::<UInt64Type>().value(row).into(),
-        DataType::Float32 => float(col.as_primitive::<Float32Type>().value(row) as f64),
-        DataType::Float64 => float(col.as_primitive::<Float64Type>().value(row)),
-        DataType::Timestamp(arrow_schema::TimeUnit::Millisecond, _) => col.as_primitive::<TimestampMillisecondType>().value(row).into(),
-        DataType::Utf8 => col.as_string::<i32>().value(row).into(),
-        DataType::LargeUtf8 => col.as_string::<i64>().value(row).into(),
-        DataType::Binary => bytes(col.as_binary::<i32>().value(row)),
-        DataType::LargeBinary => bytes(col.as_binary::<i64>().value(row)),
-        DataType::List(_) => {
-            let items = col.as_list::<i32>().value(row);
-            Value::Array((0..items.len()).map(|i| cell(items.as_ref(), i)).collect())
-        }
-        DataType::Struct(fields) => {
-            let s = col.as_struct();
-            Value::Object(fields.iter().zip(s.columns()).map(|(f, c)| (f.name().clone(), cell(c.as_ref(), row))).collect())
-        }
-        other => Value::String(format!("<{other} not shown>")),
     }
 }
 

@@ -88,6 +88,7 @@ mod plugin;
 mod schema;
 #[cfg(test)]
 mod test_rng;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 pub mod window;
 

@@ -167,7 +167,7 @@ fn handle(mut stream: TcpStream, observed: &Observed) -> std::io::Result<()> {
     let path = target.split('?').next().unwrap_or_default();
     let response = match (method, path) {
         ("GET" | "HEAD", "/" | "/index.html") => Response { status: "200 OK", content_type: "text/html; charset=utf-8", body: DASHBOARD.as_bytes().to_vec() },
-        ("GET" | "HEAD", "/metrics") => Response { status: "200 OK", content_type: "text/plain; version=0.0.4; charset=utf-8", body: observed.metrics.render().into_bytes() },
+        ("GET" | "HEAD", "/metrics") => Response { status: "200 OK", content_type: crate::metrics::CONTENT_TYPE, body: observed.metrics.render().into_bytes() },
         ("GET" | "HEAD", "/progress") => {
             let body = serde_json::json!({"pipeline": observed.pipeline, "progress": observed.history.recent()});
             Response { status: "200 OK", content_type: "application/json", body: body.to_string().into_bytes() }

@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use sluice::runtime::{Limits, LoadedPlugin, Runtime};
 use sluice::{demo, offline};
+use sluice_sdk::json::JsonRows;
 
 /// glibc's allocator returns large buffers to the OS and faults them in again batch after
 /// batch; mimalloc keeps them, which makes batch timings steady. Built without transparent
@@ -273,11 +274,9 @@ struct PrintSink<W: Write> {
 }
 
 impl<W: Write> offline::Sink for PrintSink<W> {
-    fn rows(&mut self, batch: &arrow_array::RecordBatch) {
-        for line in offline::json_lines(batch) {
-            if let Err(e) = writeln!(self.out, "{line}") {
-                self.error.get_or_insert(e);
-            }
+    fn rows(&mut self, rows: &JsonRows) {
+        if let Err(e) = self.out.write_all(rows.text()) {
+            self.error.get_or_insert(e);
         }
     }
 
@@ -320,12 +319,12 @@ fn test(args: TestArgs) -> anyhow::Result<()> {
 }
 
 /// Load a pipeline file, with the plugin directory given on the command line if any.
-fn load_pipeline(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<sluice::config::Pipeline> {
-    let mut pipeline = sluice::config::Pipeline::load(path)?;
-    if plugin_dir.is_some() {
-        pipeline.plugin_dir = plugin_dir;
-    }
-    Ok(pipeline)
+fn load_pipeline(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<sluice::config::CheckedPipeline> {
+    let pipeline = sluice::config::Pipeline::load(path)?;
+    Ok(match plugin_dir {
+        Some(dir) => pipeline.change(|p| p.plugin_dir = Some(dir))?,
+        None => pipeline,
+    })
 }
 
 fn check(path: &std::path::Path, plugin_dir: Option<PathBuf>) -> anyhow::Result<()> {

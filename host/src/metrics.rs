@@ -1,10 +1,16 @@
-//! Prometheus metrics of a run, kept up to date from each batch's progress record and
-//! rendered in the text exposition format (version 0.0.4) for `/metrics`.
+//! Prometheus metrics of a run, kept up to date from each batch's progress record with
+//! `prometheus-client` and rendered in the text exposition format (version 0.0.4) for
+//! `/metrics`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, Once};
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::chain::StepId;
 use crate::progress::BatchProgress;
@@ -15,74 +21,102 @@ const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 /// The batch phases reported as `sluice_batch_phase_seconds_total{phase=...}`.
 const PHASES: [&str; 7] = ["plan", "fetch", "plugins", "sink", "checkpoint", "commit", "swap"];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
-            self.counts[i] += 1;
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, "histogram", help);
-        let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(self.counts) {
-            cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
-}
-
-/// Per plugin version (`name`, `version`).
-#[derive(Debug, Default, Clone)]
-struct PluginTotals {
-    seconds: f64,
-    rejected: u64,
-    failures: u64,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    batches: u64,
-    records: u64,
-    output_rows: u64,
-    rejected: u64,
-    dead_letters: u64,
-    swaps: u64,
-    swaps_failed: u64,
-    last_batch_id: Option<u64>,
-    input_per_sec: f64,
-    processed_per_sec: f64,
-    interval: Duration,
-    watermark_ms: Option<i64>,
-    lag: u64,
-    partition_lag: BTreeMap<(String, i32), u64>,
-    phases: [f64; PHASES.len()],
-    batch_duration: Histogram,
-    checkpoint_duration: Histogram,
-    plugins: BTreeMap<(String, String), PluginTotals>,
-}
+type Seconds = Counter<f64, AtomicU64>;
+type Real = Gauge<f64, AtomicU64>;
+/// `plugin` and `version` of a plugin step.
+type PluginLabels = [(&'static str, String); 2];
+/// `topic` and `partition` of a source partition.
+type PartitionLabels = [(&'static str, String); 2];
 
 /// The metrics of one run; share it between the batch loop and the HTTP server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    registry: Mutex<Registry>,
+    batches: Counter,
+    records: Counter,
+    output_rows: Counter,
+    rejected: Counter,
+    dead_letters: Counter,
+    swaps: Counter,
+    swaps_failed: Counter,
+    input_per_sec: Real,
+    processed_per_sec: Real,
+    interval: Real,
+    lag: Gauge,
+    /// Registered with the first batch: before it there is no batch id.
+    last_batch_id: Gauge,
+    first_batch: Once,
+    /// Registered with the first watermark a plugin reports.
+    watermark: Real,
+    first_watermark: Once,
+    partition_lag: Family<PartitionLabels, Gauge>,
+    phases: Family<[(&'static str, &'static str); 1], Seconds>,
+    batch_duration: Histogram,
+    checkpoint_duration: Histogram,
+    plugin_seconds: Family<PluginLabels, Seconds>,
+    plugin_rejected: Family<PluginLabels, Counter>,
+    plugin_failures: Family<PluginLabels, Counter>,
 }
 
-/// A step → its (`name`, `version`) labels.
-fn plugin_labels(step: &StepId) -> (String, String) {
-    (step.name.clone(), step.version.clone())
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            registry: Mutex::default(),
+            batches: Counter::default(),
+            records: Counter::default(),
+            output_rows: Counter::default(),
+            rejected: Counter::default(),
+            dead_letters: Counter::default(),
+            swaps: Counter::default(),
+            swaps_failed: Counter::default(),
+            input_per_sec: Real::default(),
+            processed_per_sec: Real::default(),
+            interval: Real::default(),
+            lag: Gauge::default(),
+            last_batch_id: Gauge::default(),
+            first_batch: Once::new(),
+            watermark: Real::default(),
+            first_watermark: Once::new(),
+            partition_lag: Family::default(),
+            phases: Family::default(),
+            batch_duration: Histogram::new(BUCKETS),
+            checkpoint_duration: Histogram::new(BUCKETS),
+            plugin_seconds: Family::default(),
+            plugin_rejected: Family::default(),
+            plugin_failures: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().expect("not shared yet");
+            r.register("sluice_batches", "Batches processed", m.batches.clone());
+            r.register("sluice_input_records", "Records read from Kafka", m.records.clone());
+            r.register("sluice_output_rows", "Rows written to the sink", m.output_rows.clone());
+            r.register("sluice_rejected_records", "Records rejected by plugins", m.rejected.clone());
+            r.register("sluice_dead_letters", "Records written to the dead-letter sink", m.dead_letters.clone());
+            r.register("sluice_plugin_swaps", "New plugin versions swapped in that processed a batch", m.swaps.clone());
+            r.register("sluice_plugin_swaps_failed", "New plugin versions rejected (preparation, swap or first batch)", m.swaps_failed.clone());
+            r.register("sluice_input_rows_per_second", "Input rate of the last batch (records per second since the batch before started)", m.input_per_sec.clone());
+            r.register("sluice_processed_rows_per_second", "Processing rate of the last batch (records per second of its duration)", m.processed_per_sec.clone());
+            r.register("sluice_batch_interval_seconds", "Trigger interval of the last batch", m.interval.clone());
+            r.register("sluice_consumer_lag_records", "Records left on the brokers after the last batch, all partitions", m.lag.clone());
+            r.register("sluice_partition_lag_records", "Records left on the brokers after the last batch, per partition", m.partition_lag.clone());
+            r.register("sluice_batch_phase_seconds", "Time spent in each phase of the batches", m.phases.clone());
+            r.register("sluice_batch_duration_seconds", "Time from planning a batch to committing it", m.batch_duration.clone());
+            r.register("sluice_checkpoint_duration_seconds", "Time writing a batch's checkpoint", m.checkpoint_duration.clone());
+            r.register("sluice_plugin_seconds", "Time spent in each plugin version, retries included", m.plugin_seconds.clone());
+            r.register("sluice_plugin_rejected_records", "Records each plugin version rejected", m.plugin_rejected.clone());
+            r.register(
+                "sluice_plugin_failures",
+                "Failed plugin calls (traps, timeouts, errors) that were retried, rolled back or sent to the dead letters",
+                m.plugin_failures.clone(),
+            );
+        }
+        m
+    }
+}
+
+/// A step → its `plugin` and `version` labels.
+fn plugin_labels(name: &str, version: &str) -> PluginLabels {
+    [("plugin", name.to_string()), ("version", version.to_string())]
 }
 
 impl crate::progress::Observer for Metrics {
@@ -94,108 +128,70 @@ impl crate::progress::Observer for Metrics {
 impl Metrics {
     /// Count one batch.
     pub fn record(&self, p: &BatchProgress) {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.batches += 1;
-        m.records += p.records;
-        m.output_rows += p.output_rows;
-        m.rejected += p.rejected.len() as u64;
-        m.dead_letters += p.dead_letters;
-        m.swaps = p.swaps;
-        m.swaps_failed = p.swaps_failed;
-        m.last_batch_id = Some(p.batch_id);
-        m.input_per_sec = p.input_per_sec;
-        m.processed_per_sec = p.processed_per_sec;
-        m.interval = p.interval;
-        m.watermark_ms = p.watermark_ms.or(m.watermark_ms);
-        m.lag = p.lag;
+        self.first_batch.call_once(|| self.register("sluice_last_batch_id", "Id of the last batch processed", self.last_batch_id.clone()));
+        self.batches.inc();
+        self.records.inc_by(p.records);
+        self.output_rows.inc_by(p.output_rows);
+        self.rejected.inc_by(p.rejected.len() as u64);
+        self.dead_letters.inc_by(p.dead_letters);
+        // The progress record carries the run's totals of swaps.
+        self.swaps.inc_by(p.swaps.saturating_sub(self.swaps.get()));
+        self.swaps_failed.inc_by(p.swaps_failed.saturating_sub(self.swaps_failed.get()));
+        self.last_batch_id.set(p.batch_id as i64);
+        self.input_per_sec.set(p.input_per_sec);
+        self.processed_per_sec.set(p.processed_per_sec);
+        self.interval.set(p.interval.as_secs_f64());
+        if let Some(wm) = p.watermark_ms {
+            self.first_watermark.call_once(|| self.register("sluice_watermark_seconds", "Event-time watermark reported by the plugins (Unix time)", self.watermark.clone()));
+            self.watermark.set(wm as f64 / 1000.0);
+        }
+        self.lag.set(p.lag as i64);
         for part in &p.partitions {
-            m.partition_lag.insert((part.topic.clone(), part.partition), (part.high - part.until).max(0) as u64);
+            let labels = [("topic", part.topic.clone()), ("partition", part.partition.to_string())];
+            self.partition_lag.get_or_create(&labels).set((part.high - part.until).max(0));
         }
         let d = &p.durations;
-        for (total, t) in m.phases.iter_mut().zip([d.plan, d.fetch, d.plugins, d.sink, d.checkpoint, d.commit, p.swap_time]) {
-            *total += t.as_secs_f64();
+        for (phase, t) in PHASES.iter().zip([d.plan, d.fetch, d.plugins, d.sink, d.checkpoint, d.commit, p.swap_time]) {
+            self.phases.get_or_create(&[("phase", *phase)]).inc_by(t.as_secs_f64());
         }
-        m.batch_duration.observe(p.duration.as_secs_f64());
-        m.checkpoint_duration.observe(d.checkpoint.as_secs_f64());
+        self.batch_duration.observe(p.duration.as_secs_f64());
+        self.checkpoint_duration.observe(d.checkpoint.as_secs_f64());
+        let plugin = |step: &StepId| plugin_labels(&step.name, &step.version);
         for (step, t) in &p.step_times {
-            m.plugins.entry(plugin_labels(step)).or_default().seconds += t.as_secs_f64();
+            let labels = plugin(step);
+            self.plugin_seconds.get_or_create(&labels).inc_by(t.as_secs_f64());
+            // Every plugin that ran has all three series, zeros included.
+            let _ = self.plugin_rejected.get_or_create(&labels);
+            let _ = self.plugin_failures.get_or_create(&labels);
         }
         for r in &p.rejected {
-            m.plugins.entry((r.plugin.clone(), r.version.clone())).or_default().rejected += 1;
+            self.plugin_rejected.get_or_create(&plugin_labels(&r.plugin, &r.version)).inc();
         }
         for step in &p.failures {
-            m.plugins.entry(plugin_labels(step)).or_default().failures += 1;
+            self.plugin_failures.get_or_create(&plugin(step)).inc();
         }
     }
 
-    /// The metrics in Prometheus' text format.
+    fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register(name, help, metric);
+    }
+
+    /// The metrics in Prometheus' text format (version 0.0.4).
     pub fn render(&self) -> String {
-        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
-        let mut single = |name: &str, kind: &str, help: &str, value: String| {
-            header(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {value}");
-        };
-        single("sluice_batches_total", "counter", "Batches processed.", m.batches.to_string());
-        single("sluice_input_records_total", "counter", "Records read from Kafka.", m.records.to_string());
-        single("sluice_output_rows_total", "counter", "Rows written to the sink.", m.output_rows.to_string());
-        single("sluice_rejected_records_total", "counter", "Records rejected by plugins.", m.rejected.to_string());
-        single("sluice_dead_letters_total", "counter", "Records written to the dead-letter sink.", m.dead_letters.to_string());
-        single("sluice_plugin_swaps_total", "counter", "New plugin versions swapped in that processed a batch.", m.swaps.to_string());
-        single("sluice_plugin_swaps_failed_total", "counter", "New plugin versions rejected (preparation, swap or first batch).", m.swaps_failed.to_string());
-        single("sluice_input_rows_per_second", "gauge", "Input rate of the last batch (records per second since the batch before started).", m.input_per_sec.to_string());
-        single("sluice_processed_rows_per_second", "gauge", "Processing rate of the last batch (records per second of its duration).", m.processed_per_sec.to_string());
-        single("sluice_batch_interval_seconds", "gauge", "Trigger interval of the last batch.", m.interval.as_secs_f64().to_string());
-        single("sluice_consumer_lag_records", "gauge", "Records left on the brokers after the last batch, all partitions.", m.lag.to_string());
-        if let Some(id) = m.last_batch_id {
-            single("sluice_last_batch_id", "gauge", "Id of the last batch processed.", id.to_string());
-        }
-        if let Some(wm) = m.watermark_ms {
-            single("sluice_watermark_seconds", "gauge", "Event-time watermark reported by the plugins (Unix time).", (wm as f64 / 1000.0).to_string());
-        }
-
-        header(&mut out, "sluice_partition_lag_records", "gauge", "Records left on the brokers after the last batch, per partition.");
-        for ((topic, partition), lag) in &m.partition_lag {
-            let _ = writeln!(out, "sluice_partition_lag_records{{topic=\"{}\",partition=\"{partition}\"}} {lag}", escape(topic));
-        }
-        header(&mut out, "sluice_batch_phase_seconds_total", "counter", "Time spent in each phase of the batches.");
-        for (phase, seconds) in PHASES.iter().zip(m.phases) {
-            let _ = writeln!(out, "sluice_batch_phase_seconds_total{{phase=\"{phase}\"}} {seconds}");
-        }
-        m.batch_duration.render(&mut out, "sluice_batch_duration_seconds", "Time from planning a batch to committing it.");
-        m.checkpoint_duration.render(&mut out, "sluice_checkpoint_duration_seconds", "Time writing a batch's checkpoint.");
-
-        let plugin_series = |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&PluginTotals) -> String| {
-            header(out, name, kind, help);
-            for ((plugin, version), totals) in &m.plugins {
-                let _ = writeln!(out, "{name}{{plugin=\"{}\",version=\"{}\"}} {}", escape(plugin), escape(version), value(totals));
-            }
-        };
-        plugin_series(&mut out, "sluice_plugin_seconds_total", "counter", "Time spent in each plugin version, retries included.", &|t| t.seconds.to_string());
-        plugin_series(&mut out, "sluice_plugin_rejected_records_total", "counter", "Records each plugin version rejected.", &|t| t.rejected.to_string());
-        plugin_series(
-            &mut out,
-            "sluice_plugin_failures_total",
-            "counter",
-            "Failed plugin calls (traps, timeouts, errors) that were retried, rolled back or sent to the dead letters.",
-            &|t| t.failures.to_string(),
-        );
+        prometheus_text::encode(&mut out, &registry).expect("writing to a String cannot fail");
         out
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// A label value with `\`, `"` and newlines escaped.
-fn escape(value: &str) -> String {
-    value.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
-}
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::chain::Rejected;
     use crate::progress::{BatchDurations, PartitionProgress};
@@ -264,9 +260,24 @@ mod tests {
         assert_eq!(value(&text, "sluice_plugin_rejected_records_total{plugin=\"ad-clicks\",version=\"1.0.0\"}"), "1");
         assert_eq!(value(&text, "sluice_plugin_failures_total{plugin=\"ad-clicks\",version=\"1.0.0\"}"), "1");
         assert_eq!(value(&text, "sluice_dead_letters_total"), "1");
-        assert_eq!(value(&text, "sluice_watermark_seconds"), "60");
+        assert_eq!(value(&text, "sluice_watermark_seconds").parse::<f64>().unwrap(), 60.0);
+        assert_eq!(value(&text, "sluice_last_batch_id"), "1");
         let fetch: f64 = value(&text, "sluice_batch_phase_seconds_total{phase=\"fetch\"}").parse().unwrap();
         assert!((fetch - 0.004).abs() < 1e-9, "{fetch}");
+    }
+
+    #[test]
+    fn before_the_first_batch_there_is_no_batch_id_and_no_watermark() {
+        let metrics = Metrics::default();
+        let text = metrics.render();
+        assert_eq!(value(&text, "sluice_batches_total"), "0");
+        assert!(!text.contains("sluice_last_batch_id") && !text.contains("sluice_watermark_seconds"), "{text}");
+        let mut first = batch(0, 10, 10, 0);
+        first.watermark_ms = None;
+        metrics.record(&first);
+        let text = metrics.render();
+        assert_eq!(value(&text, "sluice_last_batch_id"), "0");
+        assert!(!text.contains("sluice_watermark_seconds"), "no plugin reported a watermark yet: {text}");
     }
 
     #[test]

@@ -3,11 +3,12 @@
 
 use std::io::BufRead;
 
-use arrow_array::RecordBatch;
-use serde_json::Value;
-use sluice_sdk::{is_record_schema, json, Context, OffsetRange, RecordParts, RecordsBuilder};
+use arrow_schema::ArrowError;
+use sluice_sdk::json::JsonRows;
+use sluice_sdk::{Context, OffsetRange, RecordParts, RecordsBuilder};
 
 use crate::runtime::{CallError, PluginInstance};
+use crate::sink::json_lines;
 
 /// Topic name given to records read from a file.
 pub const TOPIC: &str = "input";
@@ -48,12 +49,20 @@ pub enum OfflineError {
         /// The failure.
         error: CallError,
     },
+    /// The plugin's output has a column JSON cannot hold.
+    #[error("{what}: the output cannot be shown as JSON lines: {error}; cast the column to a type JSON can hold in the plugin")]
+    Output {
+        /// Which batch.
+        what: String,
+        /// What arrow-json said (it names the type).
+        error: ArrowError,
+    },
 }
 
 /// What the run reports as it goes.
 pub trait Sink {
-    /// Output rows of one batch.
-    fn rows(&mut self, batch: &RecordBatch);
+    /// Output rows of one batch, as JSON lines.
+    fn rows(&mut self, rows: &JsonRows);
     /// A record the plugin rejected: its 1-based line number and the reason.
     fn rejected(&mut self, line: u64, reason: &str);
 }
@@ -116,7 +125,7 @@ fn feed(instance: &mut PluginInstance, lines: &[(u64, Vec<u8>)], watermark: Opti
         (Some((a, _)), Some((b, _))) => format!("batch {} (lines {a}-{b})", summary.batches),
         _ => "final flush".to_string(),
     };
-    let out = instance.process(&batch, &ctx).map_err(|error| OfflineError::Call { what, error })?;
+    let out = instance.process(&batch, &ctx).map_err(|error| OfflineError::Call { what: what.clone(), error })?;
     if !flush {
         summary.batches += 1;
         summary.records += lines.len() as u64;
@@ -128,26 +137,7 @@ fn feed(instance: &mut PluginInstance, lines: &[(u64, Vec<u8>)], watermark: Opti
     summary.late += out.late_records;
     for b in &out.batches {
         summary.output_rows += b.num_rows() as u64;
-        sink.rows(b);
+        sink.rows(&json_lines(b).map_err(|error| OfflineError::Output { what: what.clone(), error })?);
     }
     Ok(out.watermark_ms.or(watermark))
-}
-
-/// Output rows as JSON lines. For record-schema output each line is the record's value
-/// (as JSON when it parses, else as a string); otherwise each line is the row's columns.
-pub fn json_lines(batch: &RecordBatch) -> Vec<String> {
-    if is_record_schema(batch.schema_ref()) {
-        let values = batch.column(5);
-        (0..batch.num_rows())
-            .map(|i| match json::cell(values.as_ref(), i) {
-                Value::String(s) => match serde_json::from_str::<Value>(&s) {
-                    Ok(v) => v.to_string(),
-                    Err(_) => Value::String(s).to_string(),
-                },
-                other => other.to_string(),
-            })
-            .collect()
-    } else {
-        json::batch_to_rows(batch).into_iter().map(|r| Value::Object(r).to_string()).collect()
-    }
 }

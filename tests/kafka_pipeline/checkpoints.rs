@@ -46,7 +46,7 @@ fn sorted_rows(dir: &Path) -> Vec<String> {
 fn run_with_checkpoint(p: &Pipeline, sink: &mut dyn Sink, stop_after: Option<usize>) -> Vec<u64> {
     let stop = Control::new();
     let mut ids = Vec::new();
-    pipeline::run(p, &runtime(), Until::AvailableNow, &stop, sink, &mut |b| {
+    pipeline::run(&checked(p), &runtime(), Until::AvailableNow, &stop, sink, &mut |b| {
         ids.push(b.batch_id);
         if Some(ids.len()) == stop_after {
             stop.stop();
@@ -105,7 +105,7 @@ pub(super) fn a_batch_that_failed_after_it_was_planned_is_replayed_with_its_reco
     let p = with_checkpoint(pipeline(&broker.bootstrap(), &["events"], StartingOffsets::Earliest, Some(100), vec![builtin("json-filter", "{}")]), ck.path());
     let mut sink = Recording::new(out.path());
     sink.fail_commit_of = Some(2);
-    let error = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
+    let error = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
     assert!(error.to_string().contains("the process died"), "{error}");
     assert_eq!(batch_files(out.path()).len(), 2, "the failed batch's file is not visible");
     let store = CheckpointStore::open(p.checkpoint.as_ref().unwrap()).unwrap();
@@ -159,9 +159,9 @@ fn state_a_plugin_cannot_read_is_refused_with_the_way_out_and_ignore_state_start
     store.commit(&newest).unwrap();
 
     produce(&broker, &[("clicks", 1)], 10);
-    let error = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap_err().to_string();
+    let error = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap_err().to_string();
     assert!(error.contains("state version 99") && error.contains("--ignore-state"), "{error}");
     let options = RunOptions { until: Until::AvailableNow, ignore_state: true, ..Default::default() };
-    let summary = pipeline::run(&p, &runtime(), options, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+    let summary = pipeline::run(&checked(&p), &runtime(), options, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
     assert_eq!(summary.records, 10, "fresh state, resumed at the checkpoint's offsets");
 }

@@ -9,7 +9,7 @@ pub(super) fn a_sink_that_cannot_write_stops_the_run_and_offsets_stay_at_the_las
     produce(broker, &[("events", 1)], 500);
     let p = pipeline(&bootstrap, &["events"], StartingOffsets::Earliest, Some(100), vec![builtin("json-filter", "{}")]);
     let mut sink = FailingSink { ok: 2, written: Vec::new() };
-    let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
+    let err = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("sink test-sink: cannot write batch 2: disk full"), "{err}");
     assert_eq!(sink.written, vec![0, 1]);
     assert_eq!(committed(&bootstrap, "sluice-test", &[("events", 0)])[&("events".to_string(), 0)], 200, "only the two written batches are committed");
@@ -19,12 +19,12 @@ pub(super) fn a_missing_topic_or_unreachable_broker_is_reported_clearly(broker: 
     broker.create_topic("events", 1).unwrap();
     let p = pipeline(&broker.bootstrap(), &["nope"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
     let mut sink = FailingSink { ok: 0, written: Vec::new() };
-    let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
+    let err = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("topic `nope` does not exist on the brokers; create it or fix source.topics"), "{err}");
 
     // Nothing listens on port 1 of the loopback address.
     let p = pipeline("127.0.0.1:1", &["events"], StartingOffsets::Earliest, None, vec![builtin("json-filter", "{}")]);
-    let err = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
+    let err = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("reading metadata of topic `events`") && text.contains("check that the brokers in kafka.\"bootstrap.servers\" are reachable"), "{text}");
     assert!(sink.written.is_empty());
@@ -83,7 +83,7 @@ pub(super) fn bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same
     p.dead_letter = Some(SinkConfig::Jsonl { path: dead.path().display().to_string() });
     let history = std::sync::Arc::new(pipeline::ProgressHistory::new(100));
     let options = RunOptions { until: Until::AvailableNow, observers: vec![history.clone()], ..RunOptions::default() };
-    let summary = pipeline::run(&p, &runtime(), options, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+    let summary = pipeline::run(&checked(&p), &runtime(), options, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
     assert_eq!((summary.records, summary.rejected), (2_000, bad.len() as u64));
 
     // Each batch's progress record: what it read, where the time went, per plugin and
@@ -132,6 +132,7 @@ pub(super) fn bad_records_go_to_the_dead_letter_sink_and_good_ones_give_the_same
 
 pub(super) fn a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_nothing_lost(broker: &dyn Broker) {
     use std::sync::Mutex;
+    logs();
     broker.create_topic("outage", 2).unwrap();
     let (out, ck) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let json_windows = r#"{"window_ms": 10000, "slide_ms": 5000, "watermark_delay_ms": 15000}"#;
@@ -139,18 +140,20 @@ pub(super) fn a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_no
     let mut events = EventStream::new(broker, "outage", 2);
     let read = Mutex::new(0u64);
     let stop = Control::new();
-    let wait_until_read = |n: usize, read: &Mutex<u64>| {
+    // Waits until `n` records were read, or the run ended (its error is then reported).
+    let wait_until_read = |n: usize, read: &Mutex<u64>, run: &std::thread::ScopedJoinHandle<'_, _>| {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while *read.lock().unwrap() < n as u64 {
+        while *read.lock().unwrap() < n as u64 && !run.is_finished() {
             assert!(std::time::Instant::now() < deadline, "read {} of {n}", read.lock().unwrap());
             std::thread::sleep(Duration::from_millis(50));
         }
     };
     let summary = std::thread::scope(|scope| {
-        let run = scope.spawn(|| pipeline::run(&p, &runtime(), Until::Stopped, &stop, &mut jsonl_dir(out.path()), &mut |b| *read.lock().unwrap() += b.records));
+        let _stop_on_failure = StopOnDrop(&stop);
+        let run = scope.spawn(|| pipeline::run(&checked(&p), &runtime(), Until::Stopped, &stop, &mut jsonl_dir(out.path()), &mut |b| *read.lock().unwrap() += b.records));
         for _ in 0..2 {
             events.send(700);
-            wait_until_read(events.sent.len(), &read);
+            wait_until_read(events.sent.len(), &read, &run);
         }
         // The broker goes away for longer than a batch interval and a request timeout.
         broker.set_available(false).unwrap();
@@ -159,7 +162,7 @@ pub(super) fn a_broker_outage_mid_run_makes_the_pipeline_wait_and_resume_with_no
         broker.set_available(true).unwrap();
         for _ in 0..4 {
             events.send(700);
-            wait_until_read(events.sent.len(), &read);
+            wait_until_read(events.sent.len(), &read, &run);
         }
         stop.stop();
         run.join().unwrap().unwrap()
@@ -196,7 +199,7 @@ fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_
             let out = tempfile::tempdir().unwrap();
             let mut p = pipeline(&bootstrap, &["calm"], StartingOffsets::Earliest, Some(100), vec![builtin("ad-clicks", "{}")]);
             p.source.group_id = "calm".into();
-            let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
+            let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut jsonl_dir(out.path()), &mut |_| {}).unwrap();
             assert_same_windows(&read_dir_rows(out.path()), &events);
             summary.batches
         });
@@ -213,7 +216,7 @@ fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_
             let mut p = pipeline(&bootstrap, &["target"], StartingOffsets::Earliest, Some(10), vec![hostile(mode, tight, OnFailure::DeadLetter)]);
             p.source.group_id = format!("hostile-{mode}");
             p.dead_letter = Some(SinkConfig::Jsonl { path: dead.path().display().to_string() });
-            let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut Discarding, &mut |_| {}).unwrap();
+            let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut Discarding, &mut |_| {}).unwrap();
             assert_eq!((summary.records, summary.rejected), (30, 30), "{mode}");
             let letters = read_dir_rows(dead.path());
             assert_eq!(letters.len(), 30, "{mode}");
@@ -222,7 +225,7 @@ fn hostile_plugins_are_contained_by_their_failure_policy_while_another_pipeline_
             // Stopped (the default): the run ends with the trap, named.
             let mut p = pipeline(&bootstrap, &["target"], StartingOffsets::Earliest, Some(10), vec![hostile(mode, tight, OnFailure::Stop)]);
             p.source.group_id = format!("hostile-stop-{mode}");
-            let e = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut Discarding, &mut |_| {}).unwrap_err();
+            let e = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut Discarding, &mut |_| {}).unwrap_err();
             assert!(e.to_string().contains("plugin hostile ") && e.to_string().contains(expected), "{mode}: {e}");
         }
         assert!(calm.join().unwrap() >= 20, "the healthy pipeline ran its batches");

@@ -19,7 +19,7 @@ use serde_json::Value;
 use sluice::broker::{Broker, Mock};
 use sluice::checkpoint::CheckpointStore;
 use sluice::config::Checkpointing;
-use sluice::config::{ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
+use sluice::config::{CheckedPipeline, ParquetCompression, Pipeline, PluginSource, Sink as SinkConfig, Source, StartingOffsets, Step};
 use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::kafka::{Loader, Outgoing};
 use sluice::pipeline::RunOptions;
@@ -34,6 +34,14 @@ mod failures;
 mod rates;
 mod results;
 mod swaps;
+
+/// The pipeline's logs in the test's captured output (shown when it fails) when `SLUICE_LOG`
+/// is set, e.g. `SLUICE_LOG=sluice=debug`.
+fn logs() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
 
 fn runtime() -> Runtime {
     Runtime::new(None).unwrap()
@@ -156,6 +164,21 @@ impl Sink for FailingSink {
         self.written.push(batch_id);
         Ok(())
     }
+}
+
+/// Stops a run when dropped: a failed assertion in a test's thread scope then ends the run
+/// it started instead of waiting for it forever.
+struct StopOnDrop<'a>(&'a Control);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// `p`, checked as every run needs it.
+fn checked(p: &Pipeline) -> CheckedPipeline {
+    p.clone().check().expect("the test's pipeline is valid")
 }
 
 fn with_checkpoint(mut p: Pipeline, dir: &Path) -> Pipeline {

@@ -13,7 +13,7 @@ pub(super) fn ad_clicks_over_two_topics_and_five_partitions_equals_the_independe
     let mut sink = jsonl_dir(out.path());
     let p = pipeline(&bootstrap, &["clicks-a", "clicks-b"], StartingOffsets::Earliest, Some(1_000), vec![builtin("ad-clicks", "{}")]);
     let mut batches = Vec::new();
-    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |b| batches.push(b.clone())).unwrap();
+    let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |b| batches.push(b.clone())).unwrap();
     assert_eq!(summary.records, 6_000);
     assert!(batches.len() >= 6, "maxOffsetsPerTrigger 1000 splits 6000 records into at least 6 batches, got {}", batches.len());
     assert!(batches.iter().all(|b| b.records <= 1_000));
@@ -33,7 +33,7 @@ pub(super) fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_
         p.source.group_id = group.into();
         let out = tempfile::tempdir().unwrap();
         let mut sink = jsonl_dir(out.path());
-        let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap();
+        let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap();
         assert_eq!(summary.records, expected, "{start:?}");
         assert_eq!(read_dir_rows(out.path()).len() as u64, expected, "{start:?}");
     }
@@ -46,18 +46,18 @@ pub(super) fn earliest_reads_what_is_there_and_latest_only_what_comes_after_the_
     };
     let out = tempfile::tempdir().unwrap();
     let mut sink = jsonl_dir(out.path());
-    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap();
+    let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |_| {}).unwrap();
     assert_eq!(summary.records, 0);
     produce(broker, &[("events", 2)], 10);
     let mut batches = Vec::new();
     let mut sink = jsonl_dir(out.path());
-    pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |b| batches.push(b.batch_id)).unwrap();
+    pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |b| batches.push(b.batch_id)).unwrap();
     let first_run_files = batch_files(out.path()).len();
     assert_eq!(read_dir_rows(out.path()).len(), 10);
     let mut sink = jsonl_dir(out.path());
     produce(broker, &[("events", 2)], 10);
     let mut later = Vec::new();
-    pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |b| later.push(b.batch_id)).unwrap();
+    pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), &mut sink, &mut |b| later.push(b.batch_id)).unwrap();
     assert!(later[0] > batches[0], "batch ids continue after the files already there: {batches:?} then {later:?}");
     assert!(batch_files(out.path()).len() > first_run_files);
     assert_eq!(read_dir_rows(out.path()).len(), 20, "nothing written by the earlier run was replaced");
@@ -96,7 +96,7 @@ pub(super) fn the_kafka_sink_writes_transformed_records_with_their_keys_and_head
     p.sink = SinkConfig::Kafka { topic: "out".into(), delivery: Default::default() };
     p.dead_letter = Some(SinkConfig::Kafka { topic: "dead".into(), delivery: Default::default() });
     let mut sink = sluice::sink::open(&p.sink, &p.kafka).unwrap();
-    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), sink.as_mut(), &mut |_| {}).unwrap();
+    let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), sink.as_mut(), &mut |_| {}).unwrap();
     assert_eq!((summary.records, summary.output_rows, summary.rejected), (51, 25, 1));
 
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "reader").create().unwrap();
@@ -152,7 +152,7 @@ pub(super) fn the_parquet_sink_holds_one_file_per_batch_with_the_windows_of_the_
     p.sink = SinkConfig::Parquet { path: format!("file://{}", out.path().display()), compression: ParquetCompression::Zstd, options: BTreeMap::new() };
     let mut sink = sluice::sink::open(&p.sink, &p.kafka).unwrap();
     let mut batches = Vec::new();
-    let summary = pipeline::run(&p, &runtime(), Until::AvailableNow, &Control::new(), sink.as_mut(), &mut |b| batches.push((b.batch_id, b.output_rows))).unwrap();
+    let summary = pipeline::run(&checked(&p), &runtime(), Until::AvailableNow, &Control::new(), sink.as_mut(), &mut |b| batches.push((b.batch_id, b.output_rows))).unwrap();
     assert_eq!(summary.records, 4_000);
 
     let files: Vec<String> = batch_files(out.path()).iter().map(|f| f.file_name().unwrap().to_str().unwrap().to_string()).collect();
@@ -166,7 +166,7 @@ pub(super) fn the_parquet_sink_holds_one_file_per_batch_with_the_windows_of_the_
             let b = b.unwrap();
             let names: Vec<_> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
             assert_eq!(names, ["window_start", "window_end", "campaign_id", "clicks", "total_cost", "unique_users"], "typed columns of the plugin's schema");
-            rows.extend(sluice::offline::json_lines(&b).iter().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+            rows.extend(sluice::sink::json_lines(&b).unwrap().iter().map(|l| serde_json::from_slice::<Value>(l).unwrap()));
         }
     }
     assert_same_windows(&rows, &events);

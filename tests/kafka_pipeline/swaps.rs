@@ -38,9 +38,10 @@ pub(super) fn plugins_are_swapped_live_without_losing_or_repeating_a_record(brok
     let stop = Control::new();
     let mut events = EventStream::new(broker, "swap-clicks", 2);
     let summary = std::thread::scope(|scope| {
+        let _stop_on_failure = StopOnDrop(&stop);
         let run = scope.spawn(|| {
             let mut sink = jsonl_dir(out.path());
-            pipeline::run(&p, &runtime(), Until::Stopped, &stop, &mut sink, &mut |b| {
+            pipeline::run(&checked(&p), &runtime(), Until::Stopped, &stop, &mut sink, &mut |b| {
                 reports.lock().unwrap().push(Reported { batch_id: b.batch_id, records: b.records, swaps: b.swaps, swaps_failed: b.swaps_failed });
             })
         });

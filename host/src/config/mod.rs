@@ -1,14 +1,17 @@
-//! The pipeline file (TOML), read in two stages: [`raw`] structs that reject unknown keys,
-//! then [`Pipeline::from_raw`], which checks values and their combinations and says which
+//! The pipeline file (TOML), read in three stages: [`raw`] structs that reject unknown keys,
+//! [`Pipeline::from_raw`], which converts them, and [`Pipeline::check`], which checks values
+//! and their combinations for every pipeline (a file's, or one built in code) and says which
 //! key is wrong and how to fix it. Names follow Spark (`startingOffsets`,
 //! `maxOffsetsPerTrigger`, `processingTime`) and librdkafka (the `[kafka]` table is passed
 //! to librdkafka as-is).
 //!
 //! This module only describes a pipeline; it must not open connections or load plugins.
 
+mod check;
 mod failure;
 mod raw;
 
+pub use check::CheckedPipeline;
 pub use failure::{FailurePolicy, OnFailure};
 
 use std::collections::BTreeMap;
@@ -112,11 +115,6 @@ pub enum Delivery {
     },
 }
 
-impl Delivery {
-    /// The names accepted in a pipeline file.
-    pub const NAMES: &'static str = "\"at-least-once\" (default) or \"exactly-once\"";
-}
-
 impl Sink {
     /// The path or topic it writes to.
     pub fn target(&self) -> &str {
@@ -128,7 +126,8 @@ impl Sink {
 }
 
 /// Compression of Parquet column chunks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ParquetCompression {
     /// Snappy (Spark's default): fast, moderate ratio.
     #[default]
@@ -136,21 +135,8 @@ pub enum ParquetCompression {
     /// Zstandard at its default level: smaller files, a little slower.
     Zstd,
     /// No compression.
+    #[serde(alias = "uncompressed")]
     None,
-}
-
-impl ParquetCompression {
-    /// The names accepted in a pipeline file.
-    pub const NAMES: &'static str = "\"snappy\" (default), \"zstd\" or \"none\"";
-
-    fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "snappy" => Some(Self::Snappy),
-            "zstd" => Some(Self::Zstd),
-            "none" | "uncompressed" => Some(Self::None),
-            _ => None,
-        }
-    }
 }
 
 /// Where checkpoints go and how many are kept.
@@ -176,7 +162,8 @@ pub struct Backpressure {
 /// Checkpoints kept when `checkpoint.retain` is not given.
 pub const DEFAULT_RETAIN: usize = 10;
 
-/// A checked pipeline, ready to run.
+/// A pipeline: what to read, the plugin steps, where output and checkpoints go. Runs take
+/// it [checked](Pipeline::check).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
     /// Pipeline name.
@@ -248,111 +235,56 @@ const MANAGED_KAFKA_KEYS: [(&str, &str); 5] = [
 /// Default batch interval when `[trigger]` gives none.
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(1);
 
-fn valid_topic(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 249 && name != "." && name != ".." && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Check a `[sink]`-shaped table; `key` names it in messages.
+/// Convert a `[sink]`-shaped table; `key` names it in messages.
 /// `pipeline` is the pipeline's name (part of a default transactional id).
-fn check_sink(raw: raw::RawSink, key: &str, pipeline: &str, source_topics: &[String], invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<Sink, ConfigError> {
-    let at = |k: &str| format!("{key}.{k}");
+fn convert_sink(raw: raw::RawSink, key: &str, pipeline: &str, invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<Sink, ConfigError> {
     Ok(match raw {
-        raw::RawSink::Parquet { path, .. } if path.trim().is_empty() => return Err(invalid(&at("path"), "must not be empty".into())),
-        raw::RawSink::Jsonl { path } if path.trim().is_empty() => return Err(invalid(&at("path"), "must not be empty; use `-` for stdout".into())),
-        raw::RawSink::Kafka { topic, .. } if !valid_topic(&topic) => return Err(invalid(&at("topic"), format!("`{topic}` is not a Kafka topic name"))),
-        raw::RawSink::Kafka { topic, .. } if source_topics.contains(&topic) => {
-            return Err(invalid(&at("topic"), format!("`{topic}` is also a source topic: the pipeline would read its own output")))
-        }
-        raw::RawSink::Parquet { path, compression, options } => {
-            crate::store::check_location(&path).map_err(|message| invalid(&at("path"), message))?;
-            let compression = match compression {
-                None => ParquetCompression::default(),
-                Some(name) => ParquetCompression::parse(&name)
-                    .ok_or_else(|| invalid(&at("compression"), format!("`{name}` is not a Parquet compression; use {}", ParquetCompression::NAMES)))?,
-            };
-            if !options.is_empty() && !path.contains("://") {
-                return Err(invalid(&at("options"), "object-store options apply to URLs like `s3://bucket/prefix`; remove them for a local directory".into()));
-            }
-            Sink::Parquet { path, compression, options }
-        }
+        raw::RawSink::Parquet { path, compression, options } => Sink::Parquet { path, compression: compression.unwrap_or_default(), options },
         raw::RawSink::Jsonl { path } => Sink::Jsonl { path },
         raw::RawSink::Kafka { topic, delivery_guarantee, transactional_id } => {
-            let delivery = match delivery_guarantee.as_deref() {
-                None | Some("at-least-once") => {
+            let delivery = match delivery_guarantee {
+                None | Some(raw::RawDelivery::AtLeastOnce) => {
                     if transactional_id.is_some() {
-                        return Err(invalid(&at("transactionalId"), "applies only with `deliveryGuarantee = \"exactly-once\"`; add that or remove it".into()));
+                        return Err(invalid(&format!("{key}.transactionalId"), "applies only with `deliveryGuarantee = \"exactly-once\"`; add that or remove it".into()));
                     }
                     Delivery::AtLeastOnce
                 }
-                Some("exactly-once") => match transactional_id {
-                    Some(id) if id.trim().is_empty() => return Err(invalid(&at("transactionalId"), "must not be empty; leave it out for the default".into())),
-                    Some(id) => Delivery::ExactlyOnce { transactional_id: id },
-                    // One producer per pipeline, output and task (one task today).
-                    None => Delivery::ExactlyOnce { transactional_id: format!("sluice-{pipeline}-{key}-0") },
-                },
-                Some(other) => return Err(invalid(&at("deliveryGuarantee"), format!("`{other}` is not a delivery guarantee; use {}", Delivery::NAMES))),
+                // One producer per pipeline, output and task (one task today).
+                Some(raw::RawDelivery::ExactlyOnce) => Delivery::ExactlyOnce { transactional_id: transactional_id.unwrap_or_else(|| format!("sluice-{pipeline}-{key}-0")) },
             };
             Sink::Kafka { topic, delivery }
         }
     })
 }
 
-/// A plugin name usable as a file name in the plugin directory.
-fn valid_plugin_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
-}
-
 impl Pipeline {
     /// Read and check a pipeline file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path) -> Result<CheckedPipeline, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
         Self::parse(&text, path)
     }
 
     /// Check pipeline text; `path` names it in messages and anchors relative plugin paths.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+    pub fn parse(text: &str, path: &Path) -> Result<CheckedPipeline, ConfigError> {
         let shown = path.display().to_string();
-        let raw: raw::RawPipeline = toml::from_str(text).map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string().trim_end().to_string() })?;
+        let raw: raw::RawPipeline = toml::from_str(text).map_err(|e| {
+            // humantime-serde says only "expected a duration": say what one looks like.
+            let message = e.to_string().trim_end().replace("expected a duration", "expected a duration like `500ms`, `10s` or `1m 30s`");
+            ConfigError::Syntax { path: shown.clone(), message }
+        })?;
         Self::from_raw(raw, path)
     }
 
-    fn from_raw(raw: raw::RawPipeline, path: &Path) -> Result<Self, ConfigError> {
+    /// Convert what was read, refuse what only a file can get wrong, then [`Pipeline::check`].
+    fn from_raw(raw: raw::RawPipeline, path: &Path) -> Result<CheckedPipeline, ConfigError> {
         let shown = path.display().to_string();
         let invalid = |key: &str, message: String| ConfigError::Invalid { path: shown.clone(), key: key.to_string(), message };
 
         let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()));
-        if name.trim().is_empty() {
-            return Err(invalid("name", "must not be empty".into()));
-        }
-
-        if raw.source.topics.is_empty() {
-            return Err(invalid("source.topics", "list at least one topic to read, e.g. `topics = [\"ad-events\"]`".into()));
-        }
-        if let Some(bad) = raw.source.topics.iter().find(|t| !valid_topic(t)) {
-            return Err(invalid("source.topics", format!("`{bad}` is not a Kafka topic name (1-249 characters of a-z, A-Z, 0-9, `.`, `_`, `-`)")));
-        }
         let max_offsets_per_trigger = match raw.source.max_offsets_per_trigger {
             None => None,
-            Some(n) if n > 0 => Some(n as u64),
-            Some(n) => return Err(invalid("source.maxOffsetsPerTrigger", format!("must be a positive number of records, got {n}"))),
+            Some(n) => Some(u64::try_from(n).map_err(|_| invalid("source.maxOffsetsPerTrigger", format!("must be a positive number of records, got {n}")))?),
         };
-        let positive_rate = |key: &str, value: Option<f64>| match value {
-            Some(r) if !(r.is_finite() && r > 0.0) => Err(invalid(key, format!("must be a positive number of records per second, got {r}"))),
-            other => Ok(other),
-        };
-        let partition_rates = PartitionRates {
-            max: positive_rate("source.maxRatePerPartition", raw.source.max_rate_per_partition)?,
-            min: positive_rate("source.minRatePerPartition", raw.source.min_rate_per_partition)?,
-        };
-        if let (Some(max), Some(min)) = (partition_rates.max, partition_rates.min) {
-            if min > max {
-                return Err(invalid("source.minRatePerPartition", format!("{min} is above source.maxRatePerPartition {max}")));
-            }
-        }
-        let group_id = raw.source.group_id.unwrap_or_else(|| format!("sluice-{name}"));
-        if group_id.trim().is_empty() {
-            return Err(invalid("source.groupId", "must not be empty".into()));
-        }
         let source = Source {
             topics: raw.source.topics,
             starting_offsets: match raw.source.starting_offsets {
@@ -360,44 +292,19 @@ impl Pipeline {
                 Some(raw::RawStartingOffsets::Earliest) => StartingOffsets::Earliest,
             },
             max_offsets_per_trigger,
-            partition_rates,
-            group_id,
+            partition_rates: PartitionRates { max: raw.source.max_rate_per_partition, min: raw.source.min_rate_per_partition },
+            group_id: raw.source.group_id.unwrap_or_else(|| format!("sluice-{name}")),
         };
 
-        let trigger_interval = match raw.trigger.processing_time {
-            None => DEFAULT_TRIGGER_INTERVAL,
-            Some(text) => match humantime::parse_duration(&text) {
-                Ok(d) if !d.is_zero() => d,
-                Ok(_) => return Err(invalid("trigger.processingTime", "must be longer than zero".into())),
-                Err(e) => return Err(invalid("trigger.processingTime", format!("`{text}` is not a duration like `500ms` or `10s`: {e}"))),
-            },
-        };
-
-        let interval = |key: &str, text: &str| match humantime::parse_duration(text) {
-            Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(invalid(key, format!("`{text}` is not a positive duration like `500ms` or `10s`"))),
-        };
+        let trigger_interval = raw.trigger.processing_time.unwrap_or(DEFAULT_TRIGGER_INTERVAL);
+        if trigger_interval.is_zero() {
+            return Err(invalid("trigger.processingTime", "must be longer than zero".into()));
+        }
         let adaptive_interval = if raw.trigger.adaptive == Some(true) {
-            let min = match &raw.trigger.min_interval {
-                Some(t) => interval("trigger.minInterval", t)?,
-                None => trigger_interval.min(Duration::from_secs(1)),
-            };
-            let max = match &raw.trigger.max_interval {
-                Some(t) => interval("trigger.maxInterval", t)?,
-                None => trigger_interval.max(Duration::from_secs(60)),
-            };
-            if !(min <= trigger_interval && trigger_interval <= max) {
-                return Err(invalid(
-                    "trigger",
-                    format!(
-                        "processingTime {} must lie between minInterval {} and maxInterval {}",
-                        humantime::format_duration(trigger_interval),
-                        humantime::format_duration(min),
-                        humantime::format_duration(max)
-                    ),
-                ));
-            }
-            Some(AdaptiveInterval { min, max })
+            Some(AdaptiveInterval {
+                min: raw.trigger.min_interval.unwrap_or(trigger_interval.min(Duration::from_secs(1))),
+                max: raw.trigger.max_interval.unwrap_or(trigger_interval.max(Duration::from_secs(60))),
+            })
         } else {
             if raw.trigger.min_interval.is_some() || raw.trigger.max_interval.is_some() {
                 return Err(invalid("trigger.adaptive", "minInterval and maxInterval apply only with `adaptive = true`; add it or remove them".into()));
@@ -407,9 +314,6 @@ impl Pipeline {
 
         let mut kafka = BTreeMap::new();
         for (key, value) in raw.kafka {
-            if let Some((_, why)) = MANAGED_KAFKA_KEYS.iter().find(|(k, _)| *k == key) {
-                return Err(invalid(&format!("kafka.\"{key}\""), format!("is managed by sluice: {why}")));
-            }
             let text = match value {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
@@ -427,7 +331,6 @@ impl Pipeline {
             return Err(invalid("plugin", "add at least one [[plugin]] step with `path` or `builtin`".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let has_dead_letter = raw.dead_letter.is_some();
         let steps = raw
             .plugin
             .into_iter()
@@ -437,13 +340,7 @@ impl Pipeline {
                 let source = match (p.path, p.builtin, p.name) {
                     (Some(file), None, None) => PluginSource::File(base.join(file)),
                     (None, Some(name), None) => PluginSource::Builtin(name),
-                    (None, None, Some(name)) if valid_plugin_name(&name) => PluginSource::Dir(name),
-                    (None, None, Some(name)) => {
-                        return Err(invalid(
-                            &key("name"),
-                            format!("`{name}` is not a plugin name: use letters, digits, `-` and `_` (the plugin is `<name>.wasm` in the plugin directory)"),
-                        ))
-                    }
+                    (None, None, Some(name)) => PluginSource::Dir(name),
                     _ => {
                         return Err(invalid(
                             &format!("plugin[{i}]"),
@@ -455,49 +352,31 @@ impl Pipeline {
                     None => "{}".to_string(),
                     Some(table) => serde_json::to_string(&table).map_err(|e| invalid(&key("config"), e.to_string()))?,
                 };
-                let mut limits = Limits::default();
-                if let Some(mb) = p.memory_mb {
-                    if mb <= 0 {
-                        return Err(invalid(&key("memoryMb"), format!("must be a positive number of MiB, got {mb}")));
-                    }
-                    limits.memory_bytes = (mb as usize) << 20;
-                }
-                if let Some(mb) = p.max_output_mb {
-                    if mb <= 0 {
-                        return Err(invalid(&key("maxOutputMb"), format!("must be a positive number of MiB, got {mb}")));
-                    }
-                    limits.max_output_bytes = (mb as usize) << 20;
-                }
-                if let Some(text) = p.call_timeout {
-                    limits.call_timeout = match humantime::parse_duration(&text) {
-                        Ok(d) if !d.is_zero() => d,
-                        _ => return Err(invalid(&key("callTimeout"), format!("`{text}` is not a positive duration like `500ms` or `10s`"))),
-                    };
-                }
+                let mib = |k: &str, mb: Option<i64>, default: usize| match mb {
+                    None => Ok(default),
+                    Some(mb) if mb > 0 => Ok((mb as usize) << 20),
+                    Some(mb) => Err(invalid(&key(k), format!("must be a positive number of MiB, got {mb}"))),
+                };
+                let defaults = Limits::default();
+                let limits = Limits {
+                    memory_bytes: mib("memoryMb", p.memory_mb, defaults.memory_bytes)?,
+                    max_output_bytes: mib("maxOutputMb", p.max_output_mb, defaults.max_output_bytes)?,
+                    call_timeout: p.call_timeout.unwrap_or(defaults.call_timeout),
+                };
                 let mut failure = FailurePolicy::default();
                 if let Some(n) = p.retries {
-                    failure.retries = u32::try_from(n).ok().filter(|n| *n <= 100).ok_or_else(|| invalid(&key("retries"), format!("must be 0 to 100, got {n}")))?;
+                    failure.retries = u32::try_from(n).map_err(|_| invalid(&key("retries"), format!("must be 0 to 100, got {n}")))?;
                 }
-                if let Some(text) = p.retry_backoff {
-                    failure.backoff = humantime::parse_duration(&text).map_err(|_| invalid(&key("retryBackoff"), format!("`{text}` is not a duration like `500ms` or `1s`")))?;
-                }
-                match p.on_failure.as_deref() {
-                    None | Some("stop") => {}
-                    Some("dead-letter") if has_dead_letter => failure.then = OnFailure::DeadLetter,
-                    Some("dead-letter") => {
-                        return Err(invalid(&key("onFailure"), "`dead-letter` needs a [deadLetter] sink to send the batch's records to; add one, or use `stop`".into()))
-                    }
-                    Some(other) => return Err(invalid(&key("onFailure"), format!("`{other}` is not a failure action; use `stop` or `dead-letter`"))),
+                failure.backoff = p.retry_backoff.unwrap_or(failure.backoff);
+                if let Some(raw::RawOnFailure::DeadLetter) = p.on_failure {
+                    failure.then = OnFailure::DeadLetter;
                 }
                 Ok(Step { source, config, limits, failure })
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let sink = check_sink(raw.sink, "sink", &name, &source.topics, &invalid)?;
-        let dead_letter = raw.dead_letter.map(|d| check_sink(d, "deadLetter", &name, &source.topics, &invalid)).transpose()?;
-        if dead_letter.as_ref().is_some_and(|d| d.target() == sink.target()) {
-            return Err(invalid("deadLetter", "is the same place as [sink]; give dead letters a path or topic of their own".into()));
-        }
+        let sink = convert_sink(raw.sink, "sink", &name, &invalid)?;
+        let dead_letter = raw.dead_letter.map(|d| convert_sink(d, "deadLetter", &name, &invalid)).transpose()?;
 
         let raw_checkpoint = raw.checkpoint.unwrap_or_default();
         let checkpoint = if raw_checkpoint.enabled == Some(false) {
@@ -506,61 +385,28 @@ impl Pipeline {
             }
             None
         } else {
-            let location = match raw_checkpoint.location {
-                Some(l) if l.trim().is_empty() => return Err(invalid("checkpoint.location", "must not be empty; leave it out for the default".into())),
-                Some(l) if l.contains("://") => {
-                    crate::store::check_location(&l).map_err(|message| invalid("checkpoint.location", message))?;
-                    l
-                }
-                // Like the sink path, a relative location is relative to the working directory.
-                Some(l) => l,
-                None => {
-                    let dir: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
-                    format!("checkpoints/{dir}")
-                }
-            };
-            if !raw_checkpoint.options.is_empty() && !location.contains("://") {
-                return Err(invalid("checkpoint.options", "object-store options apply to URLs like `s3://bucket/prefix`; remove them for a local directory".into()));
-            }
+            // Like the sink path, a relative location is relative to the working directory.
+            let location = raw_checkpoint.location.unwrap_or_else(|| {
+                let dir: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
+                format!("checkpoints/{dir}")
+            });
             let retain = match raw_checkpoint.retain {
                 None => DEFAULT_RETAIN,
-                Some(n) if n >= 1 => n as usize,
-                Some(n) => return Err(invalid("checkpoint.retain", format!("keep at least 1 checkpoint, got {n}"))),
+                Some(n) => usize::try_from(n).map_err(|_| invalid("checkpoint.retain", format!("keep at least 1 checkpoint, got {n}")))?,
             };
             Some(Checkpointing { location, options: raw_checkpoint.options, retain })
         };
 
-        for (key, sink) in [("sink", Some(&sink)), ("deadLetter", dead_letter.as_ref())] {
-            if let (Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { .. }, .. }), None) = (sink, &checkpoint) {
-                return Err(invalid(
-                    &format!("{key}.deliveryGuarantee"),
-                    "`exactly-once` needs checkpointing: a restart decides from the checkpoint which batches to replay; remove `enabled = false` from [checkpoint] or use `at-least-once`".into(),
-                ));
-            }
-        }
-        if let (Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: a }, .. }, Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { transactional_id: b }, .. })) =
-            (&sink, &dead_letter)
-        {
-            if a == b {
-                return Err(invalid("deadLetter.transactionalId", format!("`{b}` is also the sink's: the two producers would fence each other; give each its own id")));
-            }
-        }
-
         let raw_bp = raw.backpressure.unwrap_or_default();
         let backpressure = if raw_bp.enabled == Some(true) {
             let defaults = PidSettings::default();
-            let gain = |key: &str, value: Option<f64>, default: f64| match value {
-                Some(g) if !(g.is_finite() && g >= 0.0) => Err(invalid(key, format!("must be zero or a positive number, got {g}"))),
-                Some(g) => Ok(g),
-                None => Ok(default),
-            };
             let pid = PidSettings {
-                proportional: gain("backpressure.pid.proportional", raw_bp.pid.proportional, defaults.proportional)?,
-                integral: gain("backpressure.pid.integral", raw_bp.pid.integral, defaults.integral)?,
-                derived: gain("backpressure.pid.derived", raw_bp.pid.derived, defaults.derived)?,
-                min_rate: positive_rate("backpressure.pid.minRate", raw_bp.pid.min_rate)?.unwrap_or(defaults.min_rate),
+                proportional: raw_bp.pid.proportional.unwrap_or(defaults.proportional),
+                integral: raw_bp.pid.integral.unwrap_or(defaults.integral),
+                derived: raw_bp.pid.derived.unwrap_or(defaults.derived),
+                min_rate: raw_bp.pid.min_rate.unwrap_or(defaults.min_rate),
             };
-            Some(Backpressure { initial_rate: positive_rate("backpressure.initialRate", raw_bp.initial_rate)?, pid })
+            Some(Backpressure { initial_rate: raw_bp.initial_rate, pid })
         } else {
             let set = raw_bp.initial_rate.is_some()
                 || raw_bp.pid.proportional.is_some()
@@ -573,11 +419,7 @@ impl Pipeline {
             None
         };
 
-        let plugin_dir = match raw.plugin_dir {
-            Some(dir) if dir.trim().is_empty() => return Err(invalid("pluginDir", "must not be empty".into())),
-            Some(dir) => Some(base.join(dir)),
-            None => None,
-        };
-        Ok(Self { name, source, trigger_interval, adaptive_interval, kafka, steps, plugin_dir, sink, dead_letter, checkpoint, backpressure })
+        let plugin_dir = raw.plugin_dir.map(|dir| if dir.trim().is_empty() { PathBuf::new() } else { base.join(dir) });
+        Self { name, source, trigger_interval, adaptive_interval, kafka, steps, plugin_dir, sink, dead_letter, checkpoint, backpressure }.check_as(&shown)
     }
 }

@@ -1,9 +1,13 @@
-//! The pipeline file as written: serde structs that reject unknown keys. Nothing here is
-//! checked beyond types; see [`super::Pipeline::from_raw`].
+//! The pipeline file as written: serde structs that reject unknown keys, with names as serde
+//! enums and durations read by `humantime-serde`. Nothing here is checked beyond types; see
+//! [`super::Pipeline::from_raw`].
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::ParquetCompression;
 
 /// A whole pipeline file.
 #[derive(Debug, Deserialize)]
@@ -81,10 +85,13 @@ pub enum RawStartingOffsets {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawTrigger {
-    pub processing_time: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub processing_time: Option<Duration>,
     pub adaptive: Option<bool>,
-    pub min_interval: Option<String>,
-    pub max_interval: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub min_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_interval: Option<Duration>,
 }
 
 /// One `[[plugin]]` step.
@@ -97,10 +104,28 @@ pub struct RawPlugin {
     pub config: Option<toml::Table>,
     pub memory_mb: Option<i64>,
     pub max_output_mb: Option<i64>,
-    pub call_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub call_timeout: Option<Duration>,
     pub retries: Option<i64>,
-    pub retry_backoff: Option<String>,
-    pub on_failure: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_backoff: Option<Duration>,
+    pub on_failure: Option<RawOnFailure>,
+}
+
+/// `onFailure` of a step.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawOnFailure {
+    Stop,
+    DeadLetter,
+}
+
+/// `deliveryGuarantee` of a Kafka sink.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawDelivery {
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 /// `[sink]`.
@@ -109,7 +134,7 @@ pub struct RawPlugin {
 pub enum RawSink {
     Parquet {
         path: String,
-        compression: Option<String>,
+        compression: Option<ParquetCompression>,
         #[serde(default)]
         options: BTreeMap<String, String>,
     },
@@ -119,7 +144,7 @@ pub enum RawSink {
     Kafka {
         topic: String,
         #[serde(rename = "deliveryGuarantee")]
-        delivery_guarantee: Option<String>,
+        delivery_guarantee: Option<RawDelivery>,
         #[serde(rename = "transactionalId")]
         transactional_id: Option<String>,
     },

@@ -140,7 +140,8 @@ pub fn run(options: &DemoOptions, stop: Control, out: &mut dyn Write, progress: 
         dead_letter: None,
         checkpoint: Some(crate::config::Checkpointing { location: "memory://".into(), options: Default::default(), retain: crate::config::DEFAULT_RETAIN }),
         backpressure: None,
-    };
+    }
+    .check()?;
     writeln!(
         progress,
         "sluice demo: mock Kafka cluster at {bootstrap}, topic {TOPIC} ({PARTITIONS} partitions), {} events/s, batches every {} ms, for {} s (event time ×{}); json-filter -> ad-clicks",

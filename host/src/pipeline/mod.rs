@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::chain::Chain;
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, WriteMode};
-use crate::config::{Pipeline, PluginSource};
+use crate::config::{CheckedPipeline, Pipeline, PluginSource};
 use crate::control::Control;
 use crate::kafka::KafkaSource;
 use crate::rate::{RateController, RateState};
@@ -55,7 +55,7 @@ pub struct RunSummary {
 }
 
 /// Load the pipeline's plugins and build the chain.
-pub fn build_chain(pipeline: &Pipeline, runtime: &Runtime) -> Result<Chain, RunError> {
+pub fn build_chain(pipeline: &CheckedPipeline, runtime: &Runtime) -> Result<Chain, RunError> {
     load_chain(pipeline, runtime).map(|(chain, _)| chain)
 }
 
@@ -115,7 +115,7 @@ impl From<Until> for RunOptions {
 
 /// Run `pipeline` until `options.until`, writing to `sink` and reporting each batch.
 pub fn run(
-    pipeline: &Pipeline,
+    pipeline: &CheckedPipeline,
     runtime: &Runtime,
     options: impl Into<RunOptions>,
     control: &Control,
@@ -154,7 +154,7 @@ pub struct Io<'a> {
 
 impl<'a> Io<'a> {
     /// Kafka, the checkpoint location and the dead-letter sink of `pipeline`, and `sink`.
-    pub fn of_pipeline(pipeline: &'a Pipeline, sink: &'a mut dyn Sink) -> Result<Self, RunError> {
+    pub fn of_pipeline(pipeline: &'a CheckedPipeline, sink: &'a mut dyn Sink) -> Result<Self, RunError> {
         let checkpoints = pipeline.checkpoint.as_ref().map(CheckpointStore::open).transpose()?.map(Arc::new);
         let dead_letters = match &pipeline.dead_letter {
             Some(config) => Some(crate::sink::open(config, &pipeline.kafka).map_err(RunError::DeadLetters)?),
@@ -172,7 +172,7 @@ impl<'a> Io<'a> {
 /// batches that were planned after it with their recorded plans (a batch the sink already
 /// committed is replayed for plugin state only, and not written again).
 pub fn run_chain(
-    pipeline: &Pipeline,
+    pipeline: &CheckedPipeline,
     chain: &mut Chain,
     options: impl Into<RunOptions>,
     control: &Control,
@@ -183,7 +183,7 @@ pub fn run_chain(
 }
 
 fn run_watched(
-    pipeline: &Pipeline,
+    pipeline: &CheckedPipeline,
     chain: &mut Chain,
     watcher: Option<Watcher>,
     options: RunOptions,
@@ -199,7 +199,7 @@ fn run_watched(
 /// connection, `sink`, `deadLetter` and `checkpoint` location; its name, topics, rate,
 /// trigger and `maxOffsetsPerTrigger` settings still apply.
 pub fn run_with(
-    pipeline: &Pipeline,
+    pipeline: &CheckedPipeline,
     chain: &mut Chain,
     io: Io<'_>,
     options: impl Into<RunOptions>,

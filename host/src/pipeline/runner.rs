@@ -210,7 +210,7 @@ impl Runner<'_> {
             changed.push(format!("maxOffsetsPerTrigger {:?} -> {:?}", self.running.source.max_offsets_per_trigger, new.source.max_offsets_per_trigger));
         }
         // Everything else needs a restart: compare with the tunable parts made equal.
-        let mut rest = new.clone();
+        let mut rest = (*new).clone();
         rest.backpressure = self.running.backpressure;
         rest.source.partition_rates = self.running.source.partition_rates;
         rest.source.max_offsets_per_trigger = self.running.source.max_offsets_per_trigger;

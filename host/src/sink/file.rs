@@ -149,7 +149,7 @@ impl Sink for FileSink {
         }
         let bytes = match self.format {
             FileFormat::Parquet(compression) => Self::encode_parquet(&batches, compression).map_err(fail)?,
-            FileFormat::Jsonl => jsonl_bytes(&batches),
+            FileFormat::Jsonl => jsonl_bytes(self.location.shown(), batch_id, &batches)?,
         };
         let staged = format!("{STAGING_DIR}/{}", self.batch_file(batch_id));
         self.location.put(&staged, bytes).map_err(|e| SinkError::storing(batch_id, e))

@@ -11,10 +11,9 @@ use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_sdk::is_record_schema;
 
-use super::{Sink, SinkError, ACK_TIMEOUT};
+use super::{json_lines, Sink, SinkError, ACK_TIMEOUT};
 use crate::config::Delivery;
 use crate::kafka::{DeliveryTracker, Loader, Outgoing, SourceError, TUNED_DEFAULTS};
-use crate::offline::json_lines;
 
 /// Writes output rows to a Kafka topic. Record-schema output keeps its key, value and
 /// headers; other output is written one JSON row per record, without a key.
@@ -217,8 +216,9 @@ impl Sink for KafkaSink {
                     self.loader.send(&self.topic, out).map_err(fail)?;
                 }
             } else {
-                for line in json_lines(b) {
-                    let out = Outgoing { partition: None, key: None, value: Some(line.as_bytes()), headers: &[] };
+                let rows = json_lines(b).map_err(|error| SinkError::Json { target: format!("kafka topic `{}`", self.topic), batch_id, error })?;
+                for line in rows.iter() {
+                    let out = Outgoing { partition: None, key: None, value: Some(line), headers: &[] };
                     self.loader.send(&self.topic, out).map_err(fail)?;
                 }
             }

@@ -6,11 +6,15 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
+use arrow_array::cast::AsArray;
 use arrow_array::RecordBatch;
+use arrow_schema::ArrowError;
+use serde_json::Value;
+use sluice_sdk::json::{self, JsonRows};
+use sluice_sdk::{columns, is_record_schema};
 
 use crate::config::Sink as SinkConfig;
 use crate::kafka::SourceError;
-use crate::offline::json_lines;
 use crate::store::StoreError;
 
 mod file;
@@ -67,6 +71,16 @@ pub enum SinkError {
         /// What the store or the encoder said.
         error: String,
     },
+    /// The output has a column of a type JSON cannot hold (a JSON-lines or Kafka sink).
+    #[error("sink {target}: cannot write batch {batch_id} as JSON: {error}; write it with the parquet sink, or cast the column to a type JSON can hold in the plugin")]
+    Json {
+        /// Where.
+        target: String,
+        /// Which batch.
+        batch_id: u64,
+        /// What arrow-json said (it names the type).
+        error: ArrowError,
+    },
     /// The sink cannot be opened.
     #[error("sink {target}: {error}")]
     Open {
@@ -122,22 +136,40 @@ pub struct StdoutSink;
 
 impl Sink for StdoutSink {
     fn write(&mut self, batch_id: u64, batches: &[RecordBatch]) -> Result<(), SinkError> {
-        let text = jsonl_bytes(batches);
+        let text = jsonl_bytes("stdout", batch_id, batches)?;
         let mut out = std::io::stdout().lock();
         out.write_all(&text).and_then(|()| out.flush()).map_err(|error| SinkError::Write { target: "stdout".into(), batch_id, error })
     }
 }
 
-/// Rows as JSON lines.
-fn jsonl_bytes(batches: &[RecordBatch]) -> Vec<u8> {
+/// Output rows as JSON lines, the form of the JSON-lines and Kafka sinks and of `sluice plugin
+/// test`. For record-schema output each line is the record's value (as JSON when it parses,
+/// else as text, else as bytes); otherwise each line is the row's columns (see
+/// [`json::encode_rows`]). Fails, naming the type, for a column JSON cannot hold.
+pub fn json_lines(batch: &RecordBatch) -> Result<JsonRows, ArrowError> {
+    if !is_record_schema(batch.schema_ref()) {
+        return json::encode_rows(batch);
+    }
+    let values = batch.column_by_name(columns::VALUE).expect("the record schema has a value column").as_binary::<i32>();
+    let mut rows = JsonRows::default();
+    for value in values {
+        let line = match value {
+            None => Value::Null,
+            Some(bytes) => json::utf8(bytes).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_else(|| json::bytes_value(bytes)),
+        };
+        rows.push(&serde_json::to_vec(&line).expect("a JSON value serializes"));
+    }
+    Ok(rows)
+}
+
+/// Every row of `batches` as one JSON-lines document.
+fn jsonl_bytes(target: &str, batch_id: u64, batches: &[RecordBatch]) -> Result<Vec<u8>, SinkError> {
     let mut text = Vec::new();
     for b in batches {
-        for line in json_lines(b) {
-            text.extend_from_slice(line.as_bytes());
-            text.push(b'\n');
-        }
+        let rows = json_lines(b).map_err(|error| SinkError::Json { target: target.to_string(), batch_id, error })?;
+        text.extend_from_slice(rows.text());
     }
-    text
+    Ok(text)
 }
 /// Open the sink a pipeline names; `kafka` is the pipeline's librdkafka table.
 pub fn open(config: &SinkConfig, kafka: &BTreeMap<String, String>) -> Result<Box<dyn Sink>, SinkError> {

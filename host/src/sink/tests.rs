@@ -96,3 +96,39 @@ fn a_directory_that_cannot_be_created_is_a_clear_error() {
 fn parquet_err(location: &str) -> String {
     FileSink::open(location, FileFormat::Parquet(ParquetCompression::Snappy), &BTreeMap::new()).err().unwrap().to_string()
 }
+
+#[test]
+fn a_jsonl_sink_writes_every_column_type_json_can_hold_and_refuses_others_without_committing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = FileSink::open(dir.path().to_str().unwrap(), FileFormat::Jsonl, &BTreeMap::new()).unwrap();
+    let dated = RecordBatch::try_from_iter(vec![
+        ("day", Arc::new(arrow_array::Date32Array::from(vec![19_700])) as arrow_array::ArrayRef),
+        ("amount", Arc::new(arrow_array::Decimal128Array::from(vec![12_345]).with_precision_and_scale(10, 2).unwrap()) as _),
+    ])
+    .unwrap();
+    sink.write(0, std::slice::from_ref(&dated)).unwrap();
+    sink.commit(0).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("batch-000000000000.jsonl")).unwrap();
+    assert_eq!(text, "{\"day\":\"2023-12-09\",\"amount\":123.45}\n");
+
+    let fields = arrow_schema::UnionFields::try_new(vec![0], vec![Field::new("i", DataType::Int32, false)]).unwrap();
+    let union = arrow_array::UnionArray::try_new(fields, vec![0].into(), None, vec![Arc::new(arrow_array::Int32Array::from(vec![1])) as _]).unwrap();
+    let odd = RecordBatch::try_from_iter(vec![("u", Arc::new(union) as arrow_array::ArrayRef)]).unwrap();
+    let error = sink.write(1, &[odd]).unwrap_err();
+    assert!(matches!(error, SinkError::Json { batch_id: 1, .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("Union") && message.contains("parquet sink"), "says which type and what to do: {message}");
+    assert!(!sink.is_committed(1));
+    assert_eq!(names(&dir.path().join(STAGING_DIR)), Vec::<String>::new(), "nothing staged for the refused batch");
+}
+
+#[test]
+fn record_schema_output_is_one_line_per_record_value() {
+    let mut records = sluice_sdk::RecordsBuilder::with_capacity(3, 16);
+    for value in [&b"{\"a\":  [1, 2.5]}"[..], b"not json", &[0xff, 0x01]] {
+        records.append(sluice_sdk::RecordParts { topic: "t", partition: 0, offset: 0, timestamp: None, key: None, value: Some(value) }, []);
+    }
+    records.append(sluice_sdk::RecordParts { topic: "t", partition: 0, offset: 0, timestamp: None, key: None, value: None }, []);
+    let rows = json_lines(&records.finish()).unwrap();
+    assert_eq!(std::str::from_utf8(rows.text()).unwrap(), "{\"a\":[1,2.5]}\n\"not json\"\n[255,1]\nnull\n");
+}
