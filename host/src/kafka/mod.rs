@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{record_schema, OffsetRange};
 
@@ -78,9 +79,27 @@ fn failed(what: impl Into<String>) -> impl FnOnce(KafkaError) -> SourceError {
     move |error| SourceError::Kafka { what, error }
 }
 
+/// The source consumer's context: it reports consumer-group offset commits that failed
+/// (they are asynchronous, see [`KafkaSource::commit`](Source::commit)).
+#[derive(Debug, Default)]
+pub struct SourceContext;
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!("committing the consumer group's offsets failed ({e}); they serve lag tools only, the checkpoint keeps the pipeline's position");
+        }
+    }
+}
+
+/// The consumer of the source.
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
 /// Reads exact offset ranges from Kafka.
 pub struct KafkaSource {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<SourceConsumer>,
     prefetcher: Option<Prefetcher>,
     /// Next offset to plan, per (topic, partition), in a stable order.
     next: BTreeMap<(String, i32), i64>,
@@ -110,7 +129,7 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = config.create().map_err(SourceError::Config)?;
+        let consumer: SourceConsumer = config.create_with_context(SourceContext).map_err(SourceError::Config)?;
 
         let mut partitions = TopicPartitionList::new();
         for topic in &source.topics {
@@ -261,14 +280,17 @@ impl Source for KafkaSource {
     }
 
     /// Mark `ranges` as done: the next plan starts after them, and the consumer group's
-    /// offsets (for lag tools) move to their ends.
+    /// offsets (for lag tools) move to their ends. That commit is asynchronous: a
+    /// synchronous one waits without a time limit, and after a broker was paused it was
+    /// seen to wait forever, holding the batch loop and a stop with it. A failed commit is
+    /// logged by [`SourceContext`]; closing the consumer waits for commits in flight.
     fn commit(&mut self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
         let mut tpl = TopicPartitionList::new();
         for r in ranges.iter().filter(|r| r.until > r.from) {
             tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until)).map_err(failed("building the commit"))?;
         }
         if tpl.count() > 0 {
-            self.consumer.commit(&tpl, CommitMode::Sync).map_err(failed("committing consumer group offsets"))?;
+            self.consumer.commit(&tpl, CommitMode::Async).map_err(failed("committing consumer group offsets"))?;
         }
         for r in ranges {
             if let Some(next) = self.next.get_mut(&(r.topic.clone(), r.partition)) {
@@ -295,7 +317,7 @@ impl Source for KafkaSource {
 }
 
 /// The high watermark of a partition as the last fetch response reported it, if one came.
-fn fetched_high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
+fn fetched_high_watermark(consumer: &SourceConsumer, topic: &str, partition: i32) -> Option<i64> {
     use rdkafka::bindings::{rd_kafka_get_watermark_offsets, rd_kafka_resp_err_t};
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1_i64, -1_i64);
@@ -326,7 +348,7 @@ pub struct DeliveryTracker {
     first_error: std::sync::Mutex<Option<String>>,
 }
 
-impl rdkafka::ClientContext for DeliveryTracker {}
+impl ClientContext for DeliveryTracker {}
 
 impl rdkafka::producer::ProducerContext for DeliveryTracker {
     type DeliveryOpaque = ();

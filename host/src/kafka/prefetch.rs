@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::RecordBatch;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_sdk::{OffsetRange, RecordParts, RecordsBuilder};
 
+use super::SourceConsumer;
 use crate::source::{Arrivals, Pending};
 
 /// Records read ahead, over all partitions, before the consumer thread waits (the largest
@@ -122,7 +123,7 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// Assign every partition in `positions` at its offset and start reading.
-    pub fn start(consumer: Arc<BaseConsumer>, positions: &[(Key, i64)]) -> Result<Self, KafkaError> {
+    pub fn start(consumer: Arc<SourceConsumer>, positions: &[(Key, i64)]) -> Result<Self, KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in positions {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
@@ -212,7 +213,7 @@ impl Drop for Prefetcher {
 /// enough is buffered. Each partition takes only records after what it took before and
 /// not before its assigned start ([`Arrivals`]): a client may deliver records again after
 /// an assignment.
-fn read_ahead(consumer: &BaseConsumer, shared: &Shared, starts: &[(Key, i64)]) {
+fn read_ahead(consumer: &SourceConsumer, shared: &Shared, starts: &[(Key, i64)]) {
     // Per partition: its builder and what it admitted. Few partitions: a list, searched
     // without allocating a key per record.
     let mut local: Vec<(Key, RecordsBuilder, Arrivals)> = starts.iter().map(|(k, start)| (k.clone(), RecordsBuilder::default(), Arrivals::starting_at(*start))).collect();
@@ -292,7 +293,7 @@ fn read_ahead(consumer: &BaseConsumer, shared: &Shared, starts: &[(Key, i64)]) {
 /// records), so a range ending in such offsets completes without a record after it.
 /// Called with nothing polled and not handed over, so every record below the position is
 /// in the buffer already.
-fn cover_to_positions(consumer: &BaseConsumer, shared: &Shared) {
+fn cover_to_positions(consumer: &SourceConsumer, shared: &Shared) {
     let waiting: Vec<Key> = shared.lock().parts.iter().filter(|(_, b)| b.covered < b.demand).map(|(k, _)| k.clone()).collect();
     if waiting.is_empty() {
         return;
