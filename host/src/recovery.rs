@@ -79,6 +79,7 @@ pub fn recover(pipeline: &Pipeline, checkpoints: Option<&CheckpointStore>, chain
             pipeline: pipeline.name.clone(),
             topics: pipeline.source.topics.clone(),
             first_batch_id: next_batch_id,
+            assignment: crate::config::Assignment::All,
         })?;
     }
     if let Some(last) = sink.last_batch_id()?.filter(|&last| last >= next_batch_id) {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 /// URL schemes a location can have; anything without `://` is a local directory.
 pub const SCHEMES: [&str; 10] = ["file", "memory", "s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss"];
@@ -45,7 +45,7 @@ pub struct Location {
     store: std::sync::Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     shown: String,
-    io: tokio::runtime::Runtime,
+    io: std::sync::Arc<tokio::runtime::Runtime>,
     hook: Option<Hook>,
 }
 
@@ -97,7 +97,12 @@ impl Location {
             what: "cannot start I/O".into(),
             reason: e.to_string(),
         })?;
-        Ok(Self { store, prefix, shown: shown.to_string(), io, hook })
+        Ok(Self { store, prefix, shown: shown.to_string(), io: std::sync::Arc::new(io), hook })
+    }
+
+    /// The directory `dir` of this location as a location of its own (same store, same hook).
+    pub fn sub(&self, dir: &str) -> Self {
+        Self { store: self.store.clone(), prefix: self.path(dir), shown: format!("{}/{dir}", self.shown.trim_end_matches('/')), io: self.io.clone(), hook: self.hook.clone() }
     }
 
     /// Call the hook, if any, with `what`.
@@ -129,6 +134,23 @@ impl Location {
         self.hook(format_args!("after put {name}"), &failing)
     }
 
+    /// Write `bytes` as `name` only if nothing is there yet (object_store's
+    /// `PutMode::Create`; local disk, S3, GCS, Azure and memory stores make it atomic):
+    /// `false`, and nothing written, when `name` exists. Of two writers racing for one name,
+    /// exactly one creates it: what fences an old owner of a task off its checkpoints.
+    pub fn create(&self, name: &str, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        let failing = format!("cannot create {name}");
+        self.hook(format_args!("before create {name}"), &failing)?;
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        let created = match self.io.block_on(self.store.put_opts(&self.path(name), PutPayload::from(bytes), options)) {
+            Ok(_) => true,
+            Err(object_store::Error::AlreadyExists { .. }) => false,
+            Err(e) => return Err(self.fail(failing, e)),
+        };
+        self.hook(format_args!("after create {name}"), &failing)?;
+        Ok(created)
+    }
+
     /// Read `name`; `None` when it does not exist.
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.hook(format_args!("before get {name}"), &format!("cannot read {name}"))?;
@@ -143,6 +165,16 @@ impl Location {
         result.map(|b| b.map(|b| b.to_vec())).map_err(|e| self.fail(format!("cannot read {name}"), e))
     }
 
+    /// Whether `name` exists (its metadata is read, not its content).
+    pub fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        self.hook(format_args!("before get {name}"), &format!("cannot read {name}"))?;
+        match self.io.block_on(self.store.head(&self.path(name))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.fail(format!("cannot read {name}"), e)),
+        }
+    }
+
     /// Names (without the directory) and sizes of the objects directly in `dir` (`""` for
     /// the top), sorted by name; empty when the directory does not exist.
     pub fn list(&self, dir: &str) -> Result<Vec<(String, u64)>, StoreError> {
@@ -153,6 +185,16 @@ impl Location {
             .block_on(self.store.list_with_delimiter(Some(&prefix)))
             .map_err(|e| self.fail(format!("cannot list {}", if dir.is_empty() { "the location" } else { dir }), e))?;
         let mut names: Vec<(String, u64)> = listing.objects.iter().filter_map(|o| o.location.filename().map(|n| (n.to_string(), o.size))).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Names of the directories directly in `dir` (`""` for the top), sorted.
+    pub fn dirs(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        self.hook(format_args!("before list {dir}"), &format!("cannot list {dir}"))?;
+        let prefix = if dir.is_empty() { self.prefix.clone() } else { self.path(dir) };
+        let listing = self.io.block_on(self.store.list_with_delimiter(Some(&prefix))).map_err(|e| self.fail(format!("cannot list {dir}"), e))?;
+        let mut names: Vec<String> = listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
         names.sort();
         Ok(names)
     }
@@ -244,6 +286,37 @@ mod tests {
             loc.delete("sub/y").unwrap();
             loc.delete("sub/y").unwrap();
             assert_eq!(loc.list("sub").unwrap(), vec![]);
+        }
+    }
+
+    #[test]
+    fn create_writes_only_what_is_not_there_and_of_racing_writers_exactly_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        for shown in [dir.path().to_str().unwrap().to_string(), "memory://".to_string()] {
+            let loc = std::sync::Arc::new(Location::open(&shown, &BTreeMap::new()).unwrap());
+            assert!(loc.create("a/x", b"first".to_vec()).unwrap());
+            assert!(!loc.create("a/x", b"second".to_vec()).unwrap());
+            assert_eq!(loc.get("a/x").unwrap().as_deref(), Some(&b"first"[..]), "a refused create changes nothing");
+            for round in 0..20 {
+                let name = format!("race/{round}");
+                let won: Vec<bool> = std::thread::scope(|s| {
+                    let racers: Vec<_> = (0..4u8)
+                        .map(|i| {
+                            let (loc, name) = (loc.clone(), name.clone());
+                            s.spawn(move || loc.create(&name, vec![i]).unwrap())
+                        })
+                        .collect();
+                    racers.into_iter().map(|r| r.join().unwrap()).collect()
+                });
+                assert_eq!(won.iter().filter(|&&w| w).count(), 1, "{shown}, round {round}: {won:?}");
+                let winner = won.iter().position(|&w| w).unwrap() as u8;
+                assert_eq!(loc.get(&name).unwrap(), Some(vec![winner]), "the winner's bytes are what is there");
+            }
+            let sub = loc.sub("tasks/t");
+            sub.put("p/x", b"1".to_vec()).unwrap();
+            assert_eq!(loc.get("tasks/t/p/x").unwrap().as_deref(), Some(&b"1"[..]), "a sub-location writes under its directory");
+            assert_eq!(loc.dirs("tasks").unwrap(), vec!["t".to_string()]);
+            assert_eq!(sub.dirs("").unwrap(), vec!["p".to_string()]);
         }
     }
 

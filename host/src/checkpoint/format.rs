@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::Assignment;
+
 /// Layout version of the objects; a reader refuses others.
 pub const FORMAT_VERSION: u32 = 1;
 pub(super) const MAGIC: &[u8; 8] = b"SLUICE\x00\x01";
@@ -57,6 +59,24 @@ pub struct PlannedBatch {
     pub processing_time_ms: i64,
     /// Per task.
     pub tasks: Vec<TaskPlan>,
+    /// The owner's epoch: 0 for a run over all partitions; in a consumer group each new
+    /// owner of a task writes above every epoch before it (see [`super::CheckpointStore::claim`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+    /// A claim: the entry a new owner takes a task with. It plans nothing and is not run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub claim: bool,
+}
+
+impl PlannedBatch {
+    /// A batch of `tasks` planned now-ish (epoch 0: the store stamps its own).
+    pub fn new(batch_id: u64, processing_time_ms: i64, tasks: Vec<TaskPlan>) -> Self {
+        Self { batch_id, processing_time_ms, tasks, epoch: 0, claim: false }
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Which plugin wrote a state.
@@ -129,12 +149,22 @@ pub struct Metadata {
     pub topics: Vec<String>,
     /// The id of the first batch planned here.
     pub first_batch_id: u64,
+    /// How partitions are assigned; a location written in one mode is refused in the other.
+    #[serde(default, skip_serializing_if = "is_all")]
+    pub assignment: Assignment,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+fn is_all(a: &Assignment) -> bool {
+    *a == Assignment::All
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct CommitEntry {
     pub(super) batch_id: u64,
     pub(super) checkpoint_sha256: String,
+    /// The epoch of the owner that committed (0 outside a consumer group).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) epoch: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -265,4 +295,18 @@ pub(super) fn decode_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<
 
 pub(super) fn name(dir: &str, batch_id: u64) -> String {
     format!("{dir}/{batch_id:020}")
+}
+
+/// The name of batch N's checkpoint object written by an owner in `epoch`: owners of one
+/// task in different epochs never write the same object (epoch 0 keeps the plain name).
+pub(super) fn checkpoint_name(batch_id: u64, epoch: u64) -> String {
+    match epoch {
+        0 => name(CHECKPOINTS, batch_id),
+        e => format!("{}.{e}", name(CHECKPOINTS, batch_id)),
+    }
+}
+
+/// The batch id in an object name of the logs (`<id>` or `<id>.<epoch>`).
+pub(super) fn batch_of(object: &str) -> Option<u64> {
+    object.split('.').next()?.parse().ok()
 }

@@ -9,11 +9,11 @@ fn identity(name: &str) -> PluginIdentity {
 }
 
 fn planned(id: u64) -> PlannedBatch {
-    PlannedBatch {
-        batch_id: id,
-        processing_time_ms: 1_000 + id as i64,
-        tasks: vec![TaskPlan { task: 0, ranges: vec![SavedRange { topic: "t".into(), partition: 0, from: id as i64 * 10, until: id as i64 * 10 + 10 }], watermark_ms: Some(5) }],
-    }
+    PlannedBatch::new(
+        id,
+        1_000 + id as i64,
+        vec![TaskPlan { task: 0, ranges: vec![SavedRange { topic: "t".into(), partition: 0, from: id as i64 * 10, until: id as i64 * 10 + 10 }], watermark_ms: Some(5) }],
+    )
 }
 
 fn checkpoint(id: u64) -> Checkpoint {
@@ -31,7 +31,7 @@ fn checkpoint(id: u64) -> Checkpoint {
 }
 
 fn metadata() -> Metadata {
-    Metadata { format_version: FORMAT_VERSION, pipeline: "p".into(), topics: vec!["t".into()], first_batch_id: 0 }
+    Metadata { format_version: FORMAT_VERSION, pipeline: "p".into(), topics: vec!["t".into()], first_batch_id: 0, assignment: Assignment::All }
 }
 
 /// Run batches `0..n` through the store the way the pipeline loop does.
@@ -133,6 +133,9 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_one_before_and_says_which_and_w
     assert_eq!(r.warnings.len(), 1);
     let w = &r.warnings[0];
     assert!(w.contains("checkpoint of batch 3") && w.contains("truncated") && w.contains("resuming from the checkpoint of batch 2"), "{w}");
+    // The replayed batch's checkpoint replaces the damaged one and its commit entry.
+    s.commit(&checkpoint(3)).unwrap();
+    assert_eq!(s.recover().unwrap().checkpoint, Some(checkpoint(3)));
 }
 
 #[test]
@@ -161,6 +164,9 @@ fn an_unreadable_plan_of_an_uncommitted_batch_is_planned_again_but_a_needed_one_
     assert!(r.replay.is_empty());
     assert!(r.warnings[0].contains("batch 2") && r.warnings[0].contains("planned again"), "{:?}", r.warnings);
     assert_eq!(r.next_batch_id(), Some(2));
+    s.plan(&planned(2)).unwrap();
+    assert_eq!(s.recover().unwrap().replay, vec![planned(2)], "the damaged entry of a batch that never committed is replaced");
+    std::fs::write(dir.path().join(name(OFFSETS, 2)), b"half").unwrap();
     std::fs::write(dir.path().join(name(CHECKPOINTS, 1)), b"bad").unwrap();
     std::fs::write(dir.path().join(name(OFFSETS, 1)), b"bad").unwrap();
     let error = s.recover().unwrap_err().to_string();
@@ -175,4 +181,125 @@ fn a_location_without_metadata_but_with_batches_is_refused() {
     std::fs::remove_file(dir.path().join(METADATA)).unwrap();
     let error = s.recover().unwrap_err().to_string();
     assert!(error.contains("`metadata` is missing"), "{error}");
+}
+
+/// A task location of a consumer-group run, claimed by a new owner.
+fn owner(root: &str) -> CheckpointStore {
+    let mut task = store(root, 10).task("t", 0);
+    task.claim("p", &["t".into()]).unwrap();
+    task
+}
+
+fn is_fenced(result: Result<(), CheckpointError>) -> bool {
+    matches!(result, Err(CheckpointError::Fenced { .. }))
+}
+
+#[test]
+fn two_runs_on_one_location_outside_a_group_are_refused_at_the_first_batch_both_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (store(dir.path().to_str().unwrap(), 10), store(dir.path().to_str().unwrap(), 10));
+    run(&first, 2);
+    let mut other = planned(2);
+    first.plan(&planned(2)).unwrap();
+    first.plan(&planned(2)).unwrap(); // the same plan again (a retried call) is no conflict
+    other.processing_time_ms += 1;
+    let error = second.plan(&other).unwrap_err().to_string();
+    assert!(error.contains("another run uses this checkpoint location"), "{error}");
+    first.commit(&checkpoint(2)).unwrap();
+    let mut late = checkpoint(2);
+    late.created_ms += 1;
+    let error = second.commit(&late).unwrap_err().to_string();
+    assert!(error.contains("committed by another run"), "{error}");
+    assert_eq!(first.recover().unwrap().checkpoint, Some(checkpoint(2)), "the first run's checkpoint stands");
+}
+
+#[test]
+fn a_new_owner_fences_the_old_one_at_its_next_plan_commit_or_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let old = owner(root);
+    assert_eq!((old.epoch(), old.recover().unwrap().next_batch_id()), (1, Some(1)), "the claim takes entry 0");
+    for id in 1..=3 {
+        old.plan(&planned(id)).unwrap();
+        old.commit(&checkpoint(id)).unwrap();
+    }
+    old.plan(&planned(4)).unwrap(); // in flight when the new owner claims
+    let new = owner(root);
+    assert_eq!(new.epoch(), 2);
+    let r = new.recover().unwrap();
+    assert_eq!(
+        (r.checkpoint.as_ref().map(|c| c.batch_id), r.replay.clone(), r.next_batch_id()),
+        (Some(3), vec![PlannedBatch { epoch: 1, ..planned(4) }], Some(6)),
+        "claims are not replayed"
+    );
+    // The old owner may still finish the batch it planned (the same result the new owner
+    // replays), but learns at once that it is fenced, and it pruned nothing.
+    assert!(is_fenced(old.commit(&checkpoint(4))));
+    assert!(is_fenced(old.plan(&planned(5))), "its next plan meets the claim");
+    assert!(is_fenced(old.prune()));
+    // The new owner replays batch 4: the old owner's commit of it stands.
+    new.commit(&checkpoint(4)).unwrap();
+    assert_eq!(new.commit_entry(4).unwrap().epoch, 1);
+    new.plan(&planned(6)).unwrap();
+    new.commit(&checkpoint(6)).unwrap();
+    let r = new.recover().unwrap();
+    assert_eq!((r.next_batch_id(), r.checkpoint, r.replay), (Some(7), Some(checkpoint(6)), vec![]));
+
+    // The other order: the new owner commits the replayed batch first; the old owner's
+    // commit is then fenced, and its checkpoint object is not the committed one.
+    let other = tempfile::tempdir().unwrap();
+    let root = other.path().to_str().unwrap();
+    let old = owner(root);
+    old.plan(&planned(1)).unwrap();
+    let new = owner(root);
+    assert_eq!(new.recover().unwrap().replay, vec![PlannedBatch { epoch: 1, ..planned(1) }]);
+    new.commit(&checkpoint(1)).unwrap();
+    let mut theirs = checkpoint(1);
+    theirs.created_ms = 99;
+    assert!(is_fenced(old.commit(&theirs)));
+    assert_eq!(new.recover().unwrap().checkpoint, Some(checkpoint(1)), "the new owner's checkpoint is the committed one");
+}
+
+#[test]
+fn racing_claims_all_get_their_own_entry_and_epoch_and_the_newest_fences_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let claims: Vec<(u64, u64)> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..6)
+            .map(|_| {
+                let root = root.clone();
+                s.spawn(move || {
+                    let mut task = store(&root, 10).task("t", 3);
+                    let id = task.claim("p", &["t".into()]).unwrap();
+                    (id, task.epoch())
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut ids: Vec<u64> = claims.iter().map(|c| c.0).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..6).collect::<Vec<_>>(), "{claims:?}");
+    let mut by_id = claims.clone();
+    by_id.sort_unstable();
+    assert!(by_id.windows(2).all(|w| w[0].1 < w[1].1), "a later entry has a higher epoch: {by_id:?}");
+    assert_eq!(store(&root, 10).tasks().unwrap(), vec![("t".to_string(), 3)]);
+}
+
+#[test]
+fn a_location_written_in_one_assignment_mode_is_refused_in_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 10);
+    s.check_assignment(Assignment::Group).unwrap();
+    run(&s, 1);
+    s.check_assignment(Assignment::All).unwrap();
+    let error = s.check_assignment(Assignment::Group).unwrap_err().to_string();
+    assert!(error.contains("written with source.assignment = \"all\"") && error.contains("this run has source.assignment = \"group\""), "{error}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path().to_str().unwrap(), 10);
+    owner(dir.path().to_str().unwrap());
+    s.check_assignment(Assignment::Group).unwrap();
+    let error = s.check_assignment(Assignment::All).unwrap_err().to_string();
+    assert!(error.contains("written with source.assignment = \"group\""), "{error}");
 }

@@ -30,6 +30,18 @@ pub enum StartingOffsets {
     Earliest,
 }
 
+/// How a run's partitions are assigned: every partition to one process, or to the
+/// processes of one consumer group, a task per partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignment {
+    /// One process reads every partition as one task.
+    #[default]
+    All,
+    /// The processes of the consumer group share the partitions, a task per partition.
+    Group,
+}
+
 /// What the Kafka source reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Source {

@@ -134,11 +134,11 @@ impl Runner<'_> {
                         "the sink already holds committed output of batch {batch_id}, which this run is about to plan anew; the sink and the checkpoint were not used together"
                     )));
                 }
-                let plan = PlannedBatch {
+                let plan = PlannedBatch::new(
                     batch_id,
-                    processing_time_ms: now_ms(),
-                    tasks: vec![TaskPlan { task: TASK, ranges: ranges.iter().map(SavedRange::from).collect(), watermark_ms: if flush { Some(i64::MAX) } else { self.watermark } }],
-                };
+                    now_ms(),
+                    vec![TaskPlan { task: TASK, ranges: ranges.iter().map(SavedRange::from).collect(), watermark_ms: if flush { Some(i64::MAX) } else { self.watermark } }],
+                );
                 self.batch(&plan, Some(scheduling_delay), tick.elapsed(), &lag, progress)?;
                 batch_id += 1;
             }

@@ -44,19 +44,45 @@ pub struct ManifestEntry {
     pub files: Vec<String>,
     /// Rows in those files.
     pub rows: u64,
+    /// The epoch of the task's owner that committed it (0 outside a consumer group).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The task a sink writes for in a consumer-group run: its batches, manifest entries and
+/// files are the task's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkTask {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// The epoch its owner holds it in.
+    pub epoch: u64,
 }
 
 /// Files on a local directory or any object store, one per batch (`batch-<id>.parquet` or
 /// `.jsonl`), exactly once: a batch's file is uploaded whole to [`STAGING_DIR`], and on
-/// commit its entry is written to [`MANIFEST_DIR`] (the commit point) and the file moved
-/// next to the others. Files of a batch that fails before its commit never appear among
-/// them; a committed batch is never written again. A commit interrupted between its entry
-/// and the move is finished when the sink is opened again.
+/// commit its entry is created in [`MANIFEST_DIR`] (the commit point; create-only, so of
+/// two writers exactly one commits a batch) and the file moved next to the others. Files
+/// of a batch that fails before its commit never appear among them; a committed batch is
+/// never written again. A commit interrupted between its entry and the move is finished
+/// when the sink is opened again.
+///
+/// In a consumer-group run each task has its own sink view ([`FileSink::for_task`]): a
+/// manifest under `_sluice_manifest/<topic>/<partition>/` and files named
+/// `<topic>-<partition>-batch-<id>-e<epoch>`, so owners of one task in different epochs
+/// never write the same file, and a task touches no other task's files.
 pub struct FileSink {
     pub(super) location: Location,
     format: FileFormat,
     committed: BTreeSet<u64>,
     staged: Option<(u64, u64)>,
+    task: Option<SinkTask>,
 }
 
 impl FileSink {
@@ -69,38 +95,92 @@ impl FileSink {
 
     /// [`FileSink::open`] on a location the caller opened.
     pub fn at(location: Location, format: FileFormat) -> Result<Self, SinkError> {
+        Self::opened(location, format, None)
+    }
+
+    /// The view of one task of a consumer-group run. It finishes the task's interrupted
+    /// commit and drops the task's staged files of batches committed already; staged files
+    /// of later batches may be an earlier owner's commit in progress, and stay.
+    pub fn for_task(location: Location, format: FileFormat, task: SinkTask) -> Result<Self, SinkError> {
+        Self::opened(location, format, Some(task))
+    }
+
+    fn opened(location: Location, format: FileFormat, task: Option<SinkTask>) -> Result<Self, SinkError> {
         let open_error = SinkError::opening;
-        let mut sink = Self { location, format, committed: BTreeSet::new(), staged: None };
-        for (name, _) in sink.location.list(MANIFEST_DIR).map_err(open_error)? {
+        let mut sink = Self { location, format, committed: BTreeSet::new(), staged: None, task };
+        for (name, _) in sink.location.list(&sink.manifest_dir()).map_err(open_error)? {
             if let Some(id) = name.strip_prefix("batch-").and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
                 sink.committed.insert(id);
             }
         }
         if let Some(&last) = sink.committed.last() {
             let entry = sink.manifest_entry(last).map_err(open_error)?;
-            let present: BTreeSet<String> = sink.location.list("").map_err(open_error)?.into_iter().map(|(n, _)| n).collect();
-            for file in entry.files.iter().filter(|f| !present.contains(*f)) {
-                sink.location.rename(&format!("{STAGING_DIR}/{file}"), file).map_err(open_error)?;
-            }
+            sink.show(&entry).map_err(open_error)?;
         }
-        for (name, _) in sink.location.list(STAGING_DIR).map_err(open_error)? {
-            sink.location.delete(&format!("{STAGING_DIR}/{name}")).map_err(open_error)?;
+        match &sink.task {
+            None => {
+                for (name, _) in sink.location.list(STAGING_DIR).map_err(open_error)? {
+                    sink.location.delete(&format!("{STAGING_DIR}/{name}")).map_err(open_error)?;
+                }
+            }
+            Some(_) => sink.drop_staged_garbage().map_err(open_error)?,
         }
         Ok(sink)
     }
 
-    /// The name of batch `batch_id`'s file.
-    pub fn batch_file(&self, batch_id: u64) -> String {
-        format!("batch-{batch_id:012}.{}", self.format.extension())
+    /// Move the files of a committed batch from staging next to the others, where they are
+    /// not yet (another process may be moving them at the same time).
+    fn show(&self, entry: &ManifestEntry) -> Result<(), StoreError> {
+        for file in &entry.files {
+            if let Err(e) = self.location.rename(&format!("{STAGING_DIR}/{file}"), file) {
+                if !self.location.exists(file)? {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
-    pub(super) fn manifest_name(batch_id: u64) -> String {
-        format!("{MANIFEST_DIR}/batch-{batch_id:012}.json")
+    /// A task's staged files of batches with a manifest entry that does not list them:
+    /// left by an owner that lost the batch's commit to another, or crashed. Deleted.
+    fn drop_staged_garbage(&self) -> Result<(), StoreError> {
+        let Some(task) = &self.task else { return Ok(()) };
+        let prefix = format!("{}-{}-batch-", task.topic, task.partition);
+        for (name, _) in self.location.list(STAGING_DIR)? {
+            let Some(id) = name.strip_prefix(&prefix).and_then(|rest| rest.split('-').next()).and_then(|n| n.parse::<u64>().ok()) else { continue };
+            if self.committed.contains(&id) && !self.manifest_entry(id)?.files.contains(&name) {
+                self.location.delete(&format!("{STAGING_DIR}/{name}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn manifest_dir(&self) -> String {
+        match &self.task {
+            None => MANIFEST_DIR.to_string(),
+            Some(t) => format!("{MANIFEST_DIR}/{}/{}", t.topic, t.partition),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.task.as_ref().map_or(0, |t| t.epoch)
+    }
+
+    /// The name of the file this sink writes for batch `batch_id`.
+    pub fn batch_file(&self, batch_id: u64) -> String {
+        match &self.task {
+            None => format!("batch-{batch_id:012}.{}", self.format.extension()),
+            Some(t) => format!("{}-{}-batch-{batch_id:012}-e{}.{}", t.topic, t.partition, t.epoch, self.format.extension()),
+        }
+    }
+
+    pub(super) fn manifest_name(&self, batch_id: u64) -> String {
+        format!("{}/batch-{batch_id:012}.json", self.manifest_dir())
     }
 
     /// The manifest entry of a committed batch.
     pub fn manifest_entry(&self, batch_id: u64) -> Result<ManifestEntry, StoreError> {
-        let name = Self::manifest_name(batch_id);
+        let name = self.manifest_name(batch_id);
         let bytes = self.location.get(&name)?.ok_or_else(|| StoreError {
             location: self.location.shown().to_string(),
             what: format!("cannot read {name}"),
@@ -168,14 +248,34 @@ impl Sink for FileSink {
             }
         };
         let file = self.batch_file(batch_id);
-        let entry = ManifestEntry { batch_id, files: if rows > 0 { vec![file.clone()] } else { Vec::new() }, rows };
+        let entry = ManifestEntry { batch_id, files: if rows > 0 { vec![file.clone()] } else { Vec::new() }, rows, epoch: self.epoch() };
         let json = serde_json::to_vec(&entry).expect("a manifest entry serializes");
-        self.location.put(&Self::manifest_name(batch_id), json).map_err(fail)?;
-        self.committed.insert(batch_id);
-        if rows > 0 {
-            self.location.rename(&format!("{STAGING_DIR}/{file}"), &file).map_err(fail)?;
+        let name = self.manifest_name(batch_id);
+        if !self.location.create(&name, json).map_err(fail)? {
+            let there = self.manifest_entry(batch_id).map_err(fail)?;
+            if there != entry {
+                if rows > 0 {
+                    self.location.delete(&format!("{STAGING_DIR}/{file}")).map_err(fail)?;
+                }
+                if there.epoch >= self.epoch() && self.task.is_none() || there.epoch > self.epoch() {
+                    return Err(SinkError::Store {
+                        target: self.location.shown().to_string(),
+                        batch_id,
+                        error: format!(
+                            "the sink's manifest already holds batch {batch_id}, committed by {}; nothing of this run's was made visible. Stop the other run, or give each its own sink location",
+                            if self.task.is_some() { "a newer owner of this task (this process was taken over)" } else { "another run writing to the same sink at the same time" }
+                        ),
+                    });
+                }
+                // An earlier owner of the task committed the batch this one replayed: the
+                // same output, made visible by it.
+                self.committed.insert(batch_id);
+                return self.show(&there).map_err(fail);
+            }
         }
-        Ok(())
+        self.committed.insert(batch_id);
+        self.show(&entry).map_err(fail)?;
+        self.drop_staged_garbage().map_err(fail)
     }
 
     fn is_committed(&self, batch_id: u64) -> bool {

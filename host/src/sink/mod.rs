@@ -20,7 +20,7 @@ use crate::store::StoreError;
 mod file;
 mod kafka;
 
-pub use file::{FileFormat, FileSink, ManifestEntry, MANIFEST_DIR, STAGING_DIR};
+pub use file::{FileFormat, FileSink, ManifestEntry, SinkTask, MANIFEST_DIR, STAGING_DIR};
 pub use kafka::KafkaSink;
 
 /// How long a Kafka sink waits for the brokers to acknowledge a batch.

@@ -38,7 +38,7 @@ fn every_compression_round_trips_and_empty_batches_commit_without_a_file() {
         sink.commit(4).unwrap();
         assert_eq!(read(&sink, 3), vec![rows(&["a", "b", "c"], &[1, 2, 3])], "{compression:?}");
         assert_eq!(sink.location.get(&sink.batch_file(4)).unwrap(), None, "an empty batch writes no file");
-        assert_eq!(sink.manifest_entry(4).unwrap(), ManifestEntry { batch_id: 4, files: vec![], rows: 0 });
+        assert_eq!(sink.manifest_entry(4).unwrap(), ManifestEntry { batch_id: 4, files: vec![], rows: 0, epoch: 0 });
         assert_eq!(sink.last_batch_id().unwrap(), Some(4));
         assert!(sink.is_committed(3) && sink.is_committed(4) && !sink.is_committed(5));
     }
@@ -67,8 +67,8 @@ fn a_commit_interrupted_after_its_manifest_entry_is_finished_on_reopen() {
     let mut sink = FileSink::open(dir.path().to_str().unwrap(), FileFormat::Jsonl, &BTreeMap::new()).unwrap();
     sink.write(0, &[rows(&["x"], &[1])]).unwrap();
     // What commit does, stopped between the entry and the move.
-    let entry = ManifestEntry { batch_id: 0, files: vec![sink.batch_file(0)], rows: 1 };
-    sink.location.put(&FileSink::manifest_name(0), serde_json::to_vec(&entry).unwrap()).unwrap();
+    let entry = ManifestEntry { batch_id: 0, files: vec![sink.batch_file(0)], rows: 1, epoch: 0 };
+    sink.location.put(&sink.manifest_name(0), serde_json::to_vec(&entry).unwrap()).unwrap();
     drop(sink);
     let again = FileSink::open(dir.path().to_str().unwrap(), FileFormat::Jsonl, &BTreeMap::new()).unwrap();
     assert!(again.is_committed(0));
@@ -131,4 +131,62 @@ fn record_schema_output_is_one_line_per_record_value() {
     records.append(sluice_sdk::RecordParts { topic: "t", partition: 0, offset: 0, timestamp: None, key: None, value: None }, []);
     let rows = json_lines(&records.finish()).unwrap();
     assert_eq!(std::str::from_utf8(rows.text()).unwrap(), "{\"a\":[1,2.5]}\n\"not json\"\n[255,1]\nnull\n");
+}
+
+fn task_view(dir: &std::path::Path, partition: i32, epoch: u64) -> FileSink {
+    let location = crate::store::Location::open(dir.to_str().unwrap(), &BTreeMap::new()).unwrap();
+    FileSink::for_task(location, FileFormat::Jsonl, SinkTask { topic: "t".into(), partition, epoch }).unwrap()
+}
+
+fn visible(dir: &std::path::Path) -> Vec<String> {
+    names(dir).into_iter().filter(|n| !n.starts_with("_sluice")).collect()
+}
+
+#[test]
+fn of_an_old_and_a_new_owner_of_a_task_exactly_one_commits_a_batch_and_only_its_file_shows() {
+    // The new owner commits first: the old owner's commit is refused, its file never shows.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut old, mut new) = (task_view(dir.path(), 0, 1), task_view(dir.path(), 0, 2));
+    old.write(3, &[rows(&["a"], &[1])]).unwrap();
+    new.write(3, &[rows(&["a"], &[1])]).unwrap();
+    new.commit(3).unwrap();
+    let error = old.commit(3).unwrap_err().to_string();
+    assert!(error.contains("a newer owner of this task"), "{error}");
+    assert_eq!(visible(dir.path()), vec!["t-0-batch-000000000003-e2.jsonl"]);
+    assert!(names(&dir.path().join(STAGING_DIR)).is_empty(), "the refused owner's staged file is deleted");
+
+    // The old owner commits first (it finished the batch the new owner replays): its
+    // commit stands, the new owner's copy is dropped, and the batch counts as committed.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut old, mut new) = (task_view(dir.path(), 0, 1), task_view(dir.path(), 0, 2));
+    old.write(3, &[rows(&["a"], &[1])]).unwrap();
+    new.write(3, &[rows(&["a"], &[1])]).unwrap();
+    old.commit(3).unwrap();
+    new.commit(3).unwrap();
+    assert!(new.is_committed(3));
+    assert_eq!(visible(dir.path()), vec!["t-0-batch-000000000003-e1.jsonl"]);
+    assert!(names(&dir.path().join(STAGING_DIR)).is_empty());
+    assert_eq!(task_view(dir.path(), 0, 3).last_batch_id().unwrap(), Some(3));
+    assert_eq!(task_view(dir.path(), 1, 1).last_batch_id().unwrap(), None, "another task has its own manifest");
+}
+
+#[test]
+fn a_task_finishes_an_interrupted_commit_of_its_earlier_owner_and_never_touches_another_tasks_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut other_task = task_view(dir.path(), 1, 1);
+    other_task.write(0, &[rows(&["x"], &[9])]).unwrap(); // staged, not committed
+    let old = task_view(dir.path(), 0, 1);
+    // The old owner created its manifest entry and stopped before moving its file.
+    let file = old.batch_file(0);
+    old.location.put(&format!("{STAGING_DIR}/{file}"), b"{\"campaign_id\":\"a\",\"clicks\":1}\n".to_vec()).unwrap();
+    let entry = ManifestEntry { batch_id: 0, files: vec![file.clone()], rows: 1, epoch: 1 };
+    old.location.create(&old.manifest_name(0), serde_json::to_vec(&entry).unwrap()).unwrap();
+    // An uncommitted staged file of a later batch may be the old owner's commit in progress.
+    old.location.put(&format!("{STAGING_DIR}/{}", old.batch_file(1)), b"{}\n".to_vec()).unwrap();
+    let mut new = task_view(dir.path(), 0, 2);
+    assert_eq!(visible(dir.path()), vec![file.clone()], "opening finished the interrupted commit");
+    new.write(1, &[rows(&["b"], &[2])]).unwrap();
+    new.commit(1).unwrap();
+    assert_eq!(visible(dir.path()), vec![file, "t-0-batch-000000000001-e2.jsonl".to_string()]);
+    assert_eq!(names(&dir.path().join(STAGING_DIR)), vec![other_task.batch_file(0)], "the old owner's file of batch 1 went once batch 1 committed; the other task's stays");
 }
