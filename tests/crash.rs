@@ -18,36 +18,21 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 use sluice::broker::Broker;
-use sluice::demo::generator::{EventGenerator, EventSpec};
 use sluice::kafka::{Loader, Outgoing};
 use sluice_bench::broker::ApacheKafka;
 use sluice_tests::reference::{self, AdClicksParams, WindowDiff, WindowRow};
 use sluice_tests::rng::Rng;
 
-const RECORDS: usize = 20_000;
+#[path = "support/seed_runs.rs"]
+mod seed_runs;
+use seed_runs::{produce, wait_until, windows, SEED_JOB};
+
 /// Stops at most this many times per trial; the run after the last one finishes.
 const STOPS_PER_TRIAL: usize = 2;
 /// A run that takes longer than this has hung.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-
-/// Produce the seed-style events keyed by campaign, partitioned by the producer's default
-/// partitioner, with librdkafka's default batching; returns them.
-fn produce(broker: &dyn Broker, topic: &str) -> Vec<Value> {
-    let loader = Loader::connect(&broker.bootstrap(), &[]).unwrap();
-    let mut gen = EventGenerator::new(EventSpec { events_per_sec: 50, ..EventSpec::default() });
-    let mut events = Vec::with_capacity(RECORDS);
-    for _ in 0..RECORDS {
-        let event = gen.next_event();
-        let value = serde_json::to_vec(&event).unwrap();
-        loader.send(topic, Outgoing { partition: None, key: Some(event.campaign_id.as_bytes()), value: Some(&value), headers: &[] }).unwrap();
-        events.push(serde_json::to_value(&event).unwrap());
-    }
-    loader.flush(Duration::from_secs(60)).unwrap();
-    events
-}
 
 /// A pipeline file `name` reading `topic` in batches of at most `batch` through
 /// `plugins` (TOML `[[plugin]]` tables) into a `sink`: `parquet` or `jsonl` (files in
@@ -81,13 +66,6 @@ location = "{ck}"
     file
 }
 
-/// The seed's job: json-filter keeps the clicks, ad-clicks with its default config.
-const SEED_JOB: &str = r#"[[plugin]]
-builtin = "json-filter"
-config = { where = [{ field = "event", op = "eq", value = "click" }] }
-[[plugin]]
-builtin = "ad-clicks""#;
-
 /// `sluice run --available-now FILE`, logging to `log`, with one more variable if given.
 fn spawn(file: &Path, log: &Path, env: Option<(&str, String)>) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
@@ -102,35 +80,6 @@ fn spawn(file: &Path, log: &Path, env: Option<(&str, String)>) -> Child {
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
         .spawn()
         .unwrap()
-}
-
-/// Window rows of the Parquet files a reader sees.
-fn windows(out: &Path) -> Vec<WindowRow> {
-    let mut rows = Vec::new();
-    let Ok(entries) = std::fs::read_dir(out) else { return rows };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "parquet") {
-            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap();
-            for batch in reader {
-                rows.extend(sluice_sdk::json::batch_to_rows(&batch.unwrap()).into_iter().map(|row| WindowRow::from_json(&Value::Object(row))));
-            }
-        }
-    }
-    rows
-}
-
-/// Wait for `child` until `deadline`; its exit status, or `None` if it still runs.
-fn wait_until(child: &mut Child, deadline: Instant) -> Option<std::process::ExitStatus> {
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// One topic of seed-style events, its independent expected windows and the time of a
@@ -548,6 +497,7 @@ fn batches_that_reread_what_the_consumer_read_ahead_hold_each_record_once() {
         max_offsets_per_trigger: None,
         partition_rates: Default::default(),
         group_id: "again".into(),
+        assignment: Default::default(),
     };
     let properties = std::collections::BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]);
     let mut source = sluice::kafka::KafkaSource::connect(&config, &properties, None).unwrap();

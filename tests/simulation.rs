@@ -243,6 +243,7 @@ fn pipeline(max_records: u64) -> CheckedPipeline {
             max_offsets_per_trigger: Some(max_records),
             partition_rates: Default::default(),
             group_id: "sim".into(),
+            assignment: Default::default(),
         },
         trigger_interval: Duration::from_millis(1),
         adaptive_interval: None,

@@ -70,6 +70,7 @@ fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: boo
             max_offsets_per_trigger: Some(batch),
             partition_rates: Default::default(),
             group_id: name.into(),
+            assignment: Default::default(),
         },
         trigger_interval: Duration::from_secs(1),
         adaptive_interval: None,

@@ -84,6 +84,7 @@ pub(crate) fn bench_pipeline(group: &str, topic: &str, bootstrap: String, interv
             max_offsets_per_trigger: None,
             partition_rates: Default::default(),
             group_id: group.into(),
+            assignment: Default::default(),
         },
         trigger_interval: interval,
         adaptive_interval: None,

@@ -67,3 +67,10 @@ pub enum RunError {
         waiting: String,
     },
 }
+
+impl RunError {
+    /// Whether another process took the task over (its checkpoints or sink fenced this one).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, RunError::Checkpoint(CheckpointError::Fenced { .. }) | RunError::Sink(SinkError::Fenced { .. }) | RunError::DeadLetters(SinkError::Fenced { .. }))
+    }
+}

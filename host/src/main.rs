@@ -384,7 +384,9 @@ fn control_by_signals() -> anyhow::Result<sluice::control::Control> {
 fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_dir: Option<PathBuf>, http: Option<String>) -> anyhow::Result<()> {
     use sluice::pipeline::{RunOptions, Until};
     let pipeline = load_pipeline(path, plugin_dir)?;
-    let mut sink = sluice::sink::open(&pipeline.sink, &pipeline.kafka).with_context(|| path.display().to_string())?;
+    let group = pipeline.source.assignment == sluice::config::Assignment::Group;
+    // In a consumer group every task opens its own view of the sink.
+    let mut sink = if group { None } else { Some(sluice::sink::open(&pipeline.sink, &pipeline.kafka).with_context(|| path.display().to_string())?) };
     let control = control_by_signals()?;
     let runtime = Runtime::with_default_cache()?;
     let until = if available_now { Until::AvailableNow } else { Until::Stopped };
@@ -404,7 +406,7 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_d
         None => None,
     };
     let interactive = interactive();
-    let summary = sluice::pipeline::run(&pipeline, &runtime, options, &control, sink.as_mut(), &mut |p| {
+    let mut report = |p: &sluice::pipeline::BatchProgress| {
         for r in &p.rejected {
             tracing::warn!("rejected {}/{}@{} by {} {}: {}", r.topic, r.partition, r.offset, r.plugin, r.version, r.reason);
         }
@@ -421,7 +423,11 @@ fn run(path: &std::path::Path, available_now: bool, ignore_state: bool, plugin_d
             p.lag,
             p.watermark_ms.map(|w| if w == i64::MAX { "end".to_string() } else { w.to_string() }).unwrap_or_else(|| "-".into())
         );
-    })?;
+    };
+    let summary = match sink.as_mut() {
+        Some(sink) => sluice::pipeline::run(&pipeline, &runtime, options, &control, sink.as_mut(), &mut report)?,
+        None => sluice::pipeline::run_group(&pipeline, &runtime, options, &control, &mut report)?,
+    };
     eprintln!(
         "{}: stopped after {} batches: {} records in, {} rows out, {} rejected; plugin versions swapped in: {}, refused: {}",
         pipeline.name, summary.batches, summary.records, summary.output_rows, summary.rejected, summary.swaps, summary.swaps_failed

@@ -56,6 +56,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
             max_offsets_per_trigger: max,
             partition_rates: Default::default(),
             group_id: "sluice-test".into(),
+            assignment: Default::default(),
         },
         trigger_interval: Duration::from_millis(50),
         adaptive_interval: None,

@@ -8,7 +8,7 @@
 
 use std::ops::Deref;
 
-use super::{ConfigError, Delivery, Pipeline, PluginSource, Sink, MANAGED_KAFKA_KEYS};
+use super::{Assignment, ConfigError, Delivery, Pipeline, PluginSource, Sink, MANAGED_KAFKA_KEYS};
 
 /// A pipeline that passed [`Pipeline::check`]. It reads as the pipeline it holds; to change
 /// it, use [`CheckedPipeline::change`], which checks again.
@@ -78,6 +78,7 @@ impl Pipeline {
             }
         }
         self.check_checkpoint(&invalid)?;
+        self.check_group(&invalid)?;
         self.check_backpressure(&invalid)?;
         if self.plugin_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return Err(invalid("pluginDir", "must not be empty".into()));
@@ -109,6 +110,35 @@ impl Pipeline {
         }
         if source.group_id.trim().is_empty() {
             return Err(invalid("source.groupId", "must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// What a consumer-group run needs: a checkpoint location every process reaches, with
+    /// create-only writes (its fencing), and sinks that keep each task's batches apart.
+    fn check_group(&self, invalid: Invalid<'_>) -> Result<(), ConfigError> {
+        if self.source.assignment != Assignment::Group {
+            return Ok(());
+        }
+        let Some(checkpoint) = &self.checkpoint else {
+            return Err(invalid(
+                "source.assignment",
+                "\"group\" needs [checkpoint] with a location every process of the group reaches: a task's state moves between processes through it".into(),
+            ));
+        };
+        if checkpoint.location.to_ascii_lowercase().starts_with("memory://") {
+            return Err(invalid(
+                "checkpoint.location",
+                "a memory:// location lives in one process; with source.assignment = \"group\" use a directory or object-store URL every process reaches".into(),
+            ));
+        }
+        for (key, sink) in [("sink", Some(&self.sink)), ("deadLetter", self.dead_letter.as_ref())] {
+            if let Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { .. }, .. }) = sink {
+                return Err(invalid(
+                    &format!("{key}.deliveryGuarantee"),
+                    "\"exactly-once\" to Kafka is not available with source.assignment = \"group\" yet; use a parquet or jsonl sink, or \"at-least-once\"".into(),
+                ));
+            }
         }
         Ok(())
     }

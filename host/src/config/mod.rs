@@ -53,8 +53,11 @@ pub struct Source {
     pub max_offsets_per_trigger: Option<u64>,
     /// Records/s caps per partition (`maxRatePerPartition`, `minRatePerPartition`).
     pub partition_rates: PartitionRates,
-    /// Consumer group used to commit offsets for lag tools.
+    /// Consumer group used to commit offsets for lag tools, and in group mode the group
+    /// whose processes share the partitions.
     pub group_id: String,
+    /// One process for every partition, or the processes of the consumer group sharing them.
+    pub assignment: Assignment,
 }
 
 /// Where a plugin comes from.
@@ -306,6 +309,7 @@ impl Pipeline {
             max_offsets_per_trigger,
             partition_rates: PartitionRates { max: raw.source.max_rate_per_partition, min: raw.source.min_rate_per_partition },
             group_id: raw.source.group_id.unwrap_or_else(|| format!("sluice-{name}")),
+            assignment: raw.source.assignment.unwrap_or_default(),
         };
 
         let trigger_interval = raw.trigger.processing_time.unwrap_or(DEFAULT_TRIGGER_INTERVAL);

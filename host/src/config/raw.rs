@@ -71,6 +71,7 @@ pub struct RawSource {
     pub max_rate_per_partition: Option<f64>,
     pub min_rate_per_partition: Option<f64>,
     pub group_id: Option<String>,
+    pub assignment: Option<super::Assignment>,
 }
 
 /// `startingOffsets`.

@@ -130,6 +130,7 @@ pub fn run(options: &DemoOptions, stop: Control, out: &mut dyn Write, progress: 
             max_offsets_per_trigger: None,
             partition_rates: Default::default(),
             group_id: "sluice-demo".into(),
+            assignment: Default::default(),
         },
         trigger_interval: options.interval,
         adaptive_interval: None,

@@ -7,7 +7,10 @@
 //! record schema, and commits the group's offsets after the batch is written. It knows
 //! nothing about plugins or sinks.
 
+mod group;
 mod prefetch;
+
+pub use self::group::{Changes, Membership};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -108,6 +111,12 @@ pub struct KafkaSource {
     /// The high watermarks the brokers listed last (ListOffsets), per partition, and when.
     listed: BTreeMap<(String, i32), i64>,
     listed_at: Option<std::time::Instant>,
+    /// Where a partition without a checkpoint or group offset starts.
+    starting_offsets: StartingOffsets,
+    group_id: String,
+    /// Whether this consumer commits the group's offsets (not in a consumer-group run,
+    /// where the group's member does).
+    group_commits: bool,
 }
 
 impl KafkaSource {
@@ -116,6 +125,45 @@ impl KafkaSource {
     /// does not know, added since, starts at its earliest offset); without a checkpoint,
     /// the group's committed offset if it has one, else `startingOffsets`.
     pub fn connect(source: &SourceConfig, properties: &BTreeMap<String, String>, resume: Option<&BTreeMap<(String, i32), i64>>) -> Result<Self, SourceError> {
+        let mut this = Self::unassigned(source, properties)?;
+        let mut partitions = Vec::new();
+        for topic in &source.topics {
+            let metadata = this.consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(failed(format!("reading metadata of topic `{topic}`")))?;
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                return Err(SourceError::NoTopic(topic.clone()));
+            };
+            if t.error().is_some() || t.partitions().is_empty() {
+                return Err(SourceError::NoTopic(topic.clone()));
+            }
+            partitions.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
+        }
+        let next = match resume {
+            None => this.initial_positions(&partitions)?,
+            Some(positions) => {
+                let mut next = BTreeMap::new();
+                for key in partitions {
+                    let start = match positions.get(&key) {
+                        Some(&p) => p,
+                        None => {
+                            let (low, _) = this.consumer.fetch_watermarks(&key.0, key.1, REQUEST_TIMEOUT).map_err(failed(format!("reading offsets of {}/{}", key.0, key.1)))?;
+                            tracing::info!("{}/{} is not in the checkpoint (a new partition or topic): reading it from its earliest offset {low}", key.0, key.1);
+                            low
+                        }
+                    };
+                    next.insert(key, start);
+                }
+                next
+            }
+        };
+        this.reassign(&[], &next)?;
+        this.group_commits = true;
+        Ok(this)
+    }
+
+    /// Connect without reading any partition yet: in a consumer-group run the group says
+    /// which partitions this process reads ([`Source::assign`]); their group offsets are
+    /// committed by the group's member, not by this consumer.
+    pub fn unassigned(source: &SourceConfig, properties: &BTreeMap<String, String>) -> Result<Self, SourceError> {
         let mut config = ClientConfig::new();
         for (k, v) in TUNED_DEFAULTS {
             config.set(k, v);
@@ -130,53 +178,17 @@ impl KafkaSource {
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest");
         let consumer: SourceConsumer = config.create_with_context(SourceContext).map_err(SourceError::Config)?;
-
-        let mut partitions = TopicPartitionList::new();
-        for topic in &source.topics {
-            let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(failed(format!("reading metadata of topic `{topic}`")))?;
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                return Err(SourceError::NoTopic(topic.clone()));
-            };
-            if t.error().is_some() || t.partitions().is_empty() {
-                return Err(SourceError::NoTopic(topic.clone()));
-            }
-            for p in t.partitions() {
-                partitions.add_partition(topic, p.id());
-            }
-        }
-        // A broker that has just started (or moved the group's coordinator) answers
-        // "not coordinator" or "loading" for a while: ask again until it knows.
-        let committed = while_transient(COORDINATOR_WAIT, || consumer.committed_offsets(partitions.clone(), REQUEST_TIMEOUT))
-            .map_err(failed(format!("reading committed offsets of group `{}`", source.group_id)))?;
-        let mut next = BTreeMap::new();
-        for e in committed.elements() {
-            let key = (e.topic().to_string(), e.partition());
-            let start = match (resume, e.offset()) {
-                (Some(positions), _) if positions.contains_key(&key) => positions[&key],
-                (Some(_), _) => {
-                    let (low, _) =
-                        consumer.fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT).map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
-                    tracing::info!("{}/{} is not in the checkpoint (a new partition or topic): reading it from its earliest offset {low}", e.topic(), e.partition());
-                    low
-                }
-                (None, Offset::Offset(o)) => o,
-                (None, _) => {
-                    let (low, high) =
-                        consumer.fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT).map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
-                    match source.starting_offsets {
-                        StartingOffsets::Earliest => low,
-                        StartingOffsets::Latest => high,
-                    }
-                }
-            };
-            next.insert((e.topic().to_string(), e.partition()), start);
-        }
-        let consumer = Arc::new(consumer);
-        let positions: Vec<_> = next.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let prefetcher = Prefetcher::start(consumer.clone(), &positions).map_err(failed("assigning the source's partitions"))?;
-        let source = Self { consumer, prefetcher: Some(prefetcher), next, read_ahead: PREFETCH_ROWS, listed: BTreeMap::new(), listed_at: None };
-        source.await_fetched_watermarks(WATERMARK_WAIT);
-        Ok(source)
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            prefetcher: None,
+            next: BTreeMap::new(),
+            read_ahead: PREFETCH_ROWS,
+            listed: BTreeMap::new(),
+            listed_at: None,
+            starting_offsets: source.starting_offsets,
+            group_id: source.group_id.clone(),
+            group_commits: false,
+        })
     }
 
     /// Wait (at most `limit`) until the first fetch response of every partition has told
@@ -289,7 +301,7 @@ impl Source for KafkaSource {
         for r in ranges.iter().filter(|r| r.until > r.from) {
             tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until)).map_err(failed("building the commit"))?;
         }
-        if tpl.count() > 0 {
+        if tpl.count() > 0 && self.group_commits {
             self.consumer.commit(&tpl, CommitMode::Async).map_err(failed("committing consumer group offsets"))?;
         }
         for r in ranges {
@@ -298,6 +310,54 @@ impl Source for KafkaSource {
             }
         }
         Ok(())
+    }
+
+    /// Stop reading `released`, start reading `added` from their positions; the other
+    /// partitions continue where the next batch starts (what was read ahead is read again).
+    fn reassign(&mut self, released: &[(String, i32)], added: &BTreeMap<(String, i32), i64>) -> Result<(), SourceError> {
+        self.prefetcher = None;
+        self.next.retain(|k, _| !released.contains(k));
+        self.next.extend(added.iter().map(|(k, v)| (k.clone(), *v)));
+        let next = &self.next;
+        self.listed.retain(|k, _| next.contains_key(k));
+        if self.next.is_empty() {
+            return self.consumer.unassign().map_err(failed("releasing the source's partitions"));
+        }
+        let starts: Vec<_> = self.next.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let prefetcher = Prefetcher::start(self.consumer.clone(), &starts).map_err(failed("assigning the source's partitions"))?;
+        prefetcher.set_limit(self.read_ahead);
+        self.prefetcher = Some(prefetcher);
+        self.await_fetched_watermarks(WATERMARK_WAIT);
+        Ok(())
+    }
+
+    /// Where partitions without a checkpoint start: the consumer group's committed offset,
+    /// else `startingOffsets`.
+    fn initial_positions(&mut self, partitions: &[(String, i32)]) -> Result<BTreeMap<(String, i32), i64>, SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            tpl.add_partition(topic, *partition);
+        }
+        // A broker that has just started (or moved the group's coordinator) answers
+        // "not coordinator" or "loading" for a while: ask again until it knows.
+        let committed = while_transient(COORDINATOR_WAIT, || self.consumer.committed_offsets(tpl.clone(), REQUEST_TIMEOUT))
+            .map_err(failed(format!("reading committed offsets of group `{}`", self.group_id)))?;
+        let mut next = BTreeMap::new();
+        for e in committed.elements() {
+            let start = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => {
+                    let (low, high) =
+                        self.consumer.fetch_watermarks(e.topic(), e.partition(), REQUEST_TIMEOUT).map_err(failed(format!("reading offsets of {}/{}", e.topic(), e.partition())))?;
+                    match self.starting_offsets {
+                        StartingOffsets::Earliest => low,
+                        StartingOffsets::Latest => high,
+                    }
+                }
+            };
+            next.insert((e.topic().to_string(), e.partition()), start);
+        }
+        Ok(next)
     }
 
     /// The newest high watermark a fetch response reported (no request is made).

@@ -18,11 +18,14 @@ use crate::sink::Sink;
 use crate::source::{Source, SourceError};
 use crate::swap::{self, WatchedStep, Watcher};
 
+mod group;
 mod runner;
+
+pub use group::run_group;
 
 pub use crate::error::RunError;
 
-use runner::Runner;
+use runner::{Held, Planned, Runner, Task};
 
 /// How a run ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -218,6 +221,9 @@ fn run_io(
     control: &Control,
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> Result<RunSummary, RunError> {
+    if pipeline.source.assignment == crate::config::Assignment::Group {
+        return Err(RunError::Inconsistent("source.assignment = \"group\": run the pipeline with `pipeline::run_group`, which opens a sink view and checkpoints per task".into()));
+    }
     let Io { connect, checkpoints, checkpoint_writes, sink, dead_letters } = io;
     chain.set_control(control.clone());
     let resume = recovery::recover(pipeline, checkpoints.as_deref(), chain, &*sink, options.ignore_state)?;
@@ -233,30 +239,32 @@ fn run_io(
     let mut runner = Runner {
         observers: options.observers.clone(),
         last_start: None,
-        dead_letters,
         watcher,
         swap_time: Duration::ZERO,
         retune_from: options.retune_from,
         control: control.clone(),
         running: pipeline.clone(),
         rate,
-        chain,
-        sink,
         source,
-        writer: checkpoints.clone().map(|c| CheckpointWriter::new(c, checkpoint_writes)),
-        checkpoints,
-        watermark: resume.watermark_ms,
         summary: RunSummary::default(),
         fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)).min(options.stall_limit.unwrap_or(crate::source::STALL_LIMIT)),
         stall_limit: options.stall_limit.unwrap_or(crate::source::STALL_LIMIT),
     };
+    let mut task = Task {
+        chain: Held::Borrowed(chain),
+        sink: Held::Borrowed(sink),
+        dead_letters,
+        writer: checkpoints.clone().map(|c| CheckpointWriter::new(c, checkpoint_writes)),
+        checkpoints,
+        watermark: resume.watermark_ms,
+    };
     for plan in &resume.replay {
         if control.is_stopped() {
-            return runner.finish();
+            return runner.finish(&mut task);
         }
         tracing::info!("replaying batch {} with its recorded offset ranges", plan.batch_id);
         let lag = runner.source.lag()?;
-        runner.batch(plan, None, Duration::ZERO, &lag, progress)?;
+        runner.batch(&mut task, plan, Planned::Replay, Duration::ZERO, &lag, progress)?;
     }
-    runner.run(options.until, resume.next_batch_id, progress)
+    runner.run(&mut task, options.until, resume.next_batch_id, progress)
 }

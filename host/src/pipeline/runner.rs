@@ -45,13 +45,71 @@ const FETCH_SLICE: Duration = Duration::from_millis(500);
 /// The least read-ahead, records, however small rate control makes the batches.
 const MIN_READ_AHEAD: usize = 10_000;
 
+/// Mutable access to a value a task borrows (a run over all partitions uses the caller's
+/// chain and sink) or owns (a consumer-group task builds its own).
+pub(super) enum Held<'a, T: ?Sized> {
+    Borrowed(&'a mut T),
+    Owned(Box<T>),
+}
+
+impl<T: ?Sized> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Borrowed(t) => t,
+            Held::Owned(t) => t,
+        }
+    }
+}
+
+impl<T: ?Sized> std::ops::DerefMut for Held<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        match self {
+            Held::Borrowed(t) => t,
+            Held::Owned(t) => t,
+        }
+    }
+}
+
+/// What one task has of its own: its plugin chain (and so the aggregate's state), sinks,
+/// checkpoints and watermark. A run over all partitions is one task; a consumer-group run
+/// has one per source partition it owns.
+pub(super) struct Task<'a> {
+    pub(super) chain: Held<'a, Chain>,
+    pub(super) sink: Held<'a, dyn Sink + 'a>,
+    /// Where rejected records go.
+    pub(super) dead_letters: Option<Box<dyn Sink>>,
+    pub(super) checkpoints: Option<Arc<CheckpointStore>>,
+    /// Commits the checkpoints while the next batch runs.
+    pub(super) writer: Option<CheckpointWriter>,
+    pub(super) watermark: Option<i64>,
+}
+
+impl Task<'_> {
+    /// Wait until the task's last checkpoint is written.
+    pub(super) fn flush(&mut self) -> Result<(), RunError> {
+        if let Some(writer) = &mut self.writer {
+            writer.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// How a batch came to be run.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Planned {
+    /// Planned now: written to the offset log before it is fetched. `scheduling_delay` (how
+    /// late it started) is given when rate control learns from this batch alone.
+    New { scheduling_delay: Option<Duration> },
+    /// In the offset log already, run again with its recorded plan.
+    Replay,
+}
+
 /// The loop's state.
 pub(super) struct Runner<'a> {
     pub(super) observers: Vec<Arc<dyn Observer>>,
     /// When the previous batch started.
     pub(super) last_start: Option<Instant>,
-    /// Where rejected records go.
-    pub(super) dead_letters: Option<Box<dyn Sink>>,
     pub(super) watcher: Option<Watcher>,
     /// Time spent swapping plugins since the last batch.
     pub(super) swap_time: Duration,
@@ -60,13 +118,7 @@ pub(super) struct Runner<'a> {
     /// The settings in effect (changed by live tuning).
     pub(super) running: Pipeline,
     pub(super) rate: RateController,
-    pub(super) chain: &'a mut Chain,
-    pub(super) sink: &'a mut dyn Sink,
-    pub(super) source: Box<dyn Source>,
-    pub(super) checkpoints: Option<Arc<CheckpointStore>>,
-    /// Commits the checkpoints while the next batch runs.
-    pub(super) writer: Option<CheckpointWriter>,
-    pub(super) watermark: Option<i64>,
+    pub(super) source: Box<dyn Source + 'a>,
     pub(super) summary: RunSummary,
     pub(super) fetch_timeout: Duration,
     pub(super) stall_limit: Duration,
@@ -75,20 +127,18 @@ pub(super) struct Runner<'a> {
 impl Runner<'_> {
     /// Plan and run batches from `batch_id` on, once per trigger interval, until `until`;
     /// then wait for the last checkpoint.
-    pub(super) fn run(mut self, until: Until, batch_id: u64, progress: &mut dyn FnMut(&BatchProgress)) -> Result<RunSummary, RunError> {
-        self.run_batches(until, batch_id, progress)?;
-        self.finish()
+    pub(super) fn run(mut self, task: &mut Task<'_>, until: Until, batch_id: u64, progress: &mut dyn FnMut(&BatchProgress)) -> Result<RunSummary, RunError> {
+        self.run_batches(task, until, batch_id, progress)?;
+        self.finish(task)
     }
 
     /// Wait until the last checkpoint is written; the summary of the run.
-    pub(super) fn finish(mut self) -> Result<RunSummary, RunError> {
-        if let Some(writer) = &mut self.writer {
-            writer.flush()?;
-        }
+    pub(super) fn finish(self, task: &mut Task<'_>) -> Result<RunSummary, RunError> {
+        task.flush()?;
         Ok(self.summary)
     }
 
-    fn run_batches(&mut self, until: Until, mut batch_id: u64, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
+    fn run_batches(&mut self, task: &mut Task<'_>, until: Until, mut batch_id: u64, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
         let targets: Option<Vec<PartitionLag>> = match until {
             Until::AvailableNow => Some(self.source.lag()?),
             Until::Stopped => None,
@@ -103,7 +153,7 @@ impl Runner<'_> {
             if self.control.take_retune() {
                 self.retune();
             }
-            self.swap_plugins();
+            self.swap_plugins(&mut task.chain);
             let tick = Instant::now();
             let scheduling_delay = tick.saturating_duration_since(due);
             let lag = match self.source.lag() {
@@ -127,9 +177,9 @@ impl Runner<'_> {
             let caught_up = targets.is_some() && records == 0;
             // Without a checkpoint, the last batch of an available-now run flushes open
             // windows; with one, they stay in the checkpoint for the next run.
-            let flush = caught_up && self.checkpoints.is_none();
+            let flush = caught_up && task.checkpoints.is_none();
             if records > 0 || flush {
-                if self.sink.is_committed(batch_id) {
+                if task.sink.is_committed(batch_id) {
                     return Err(RunError::Inconsistent(format!(
                         "the sink already holds committed output of batch {batch_id}, which this run is about to plan anew; the sink and the checkpoint were not used together"
                     )));
@@ -137,9 +187,9 @@ impl Runner<'_> {
                 let plan = PlannedBatch::new(
                     batch_id,
                     now_ms(),
-                    vec![TaskPlan { task: TASK, ranges: ranges.iter().map(SavedRange::from).collect(), watermark_ms: if flush { Some(i64::MAX) } else { self.watermark } }],
+                    vec![TaskPlan { task: TASK, ranges: ranges.iter().map(SavedRange::from).collect(), watermark_ms: if flush { Some(i64::MAX) } else { task.watermark } }],
                 );
-                self.batch(&plan, Some(scheduling_delay), tick.elapsed(), &lag, progress)?;
+                self.batch(task, &plan, Planned::New { scheduling_delay: Some(scheduling_delay) }, tick.elapsed(), &lag, progress)?;
                 batch_id += 1;
             }
             if caught_up {
@@ -153,14 +203,14 @@ impl Runner<'_> {
                 match self.control.wait_until(due) {
                     Wake::Deadline | Wake::Stop => break,
                     Wake::Retune => self.retune(),
-                    Wake::Swap => self.swap_plugins(),
+                    Wake::Swap => self.swap_plugins(&mut task.chain),
                 }
             }
         }
     }
 
     /// At a batch boundary: hand new plugin versions the watcher prepared to the chain.
-    fn swap_plugins(&mut self) {
+    fn swap_plugins(&mut self, chain: &mut Chain) {
         let Some(watcher) = &self.watcher else { return };
         let started = Instant::now();
         let found = watcher.found();
@@ -169,7 +219,7 @@ impl Runner<'_> {
             match found {
                 Found::Ready { step, instance, file } => {
                     let new = StepId::of(instance.as_ref());
-                    match self.chain.swap(step, instance) {
+                    match chain.swap(step, instance) {
                         Ok(()) => tracing::info!("plugin step {step}: {new} from {} takes over from the next batch on", file.display()),
                         Err(e) => {
                             self.summary.swaps_failed += 1;
@@ -192,7 +242,7 @@ impl Runner<'_> {
     /// rates, `maxOffsetsPerTrigger`, trigger interval and bounds) from the next batch on.
     /// A file that does not load keeps the current settings; other changes are reported
     /// as needing a restart.
-    fn retune(&mut self) {
+    pub(super) fn retune(&mut self) {
         let Some(path) = self.retune_from.clone() else {
             tracing::warn!("a retune was asked for, but this run has no pipeline file to read again");
             return;
@@ -289,8 +339,9 @@ impl Runner<'_> {
     /// rate control). `lag` is the state before it, for progress.
     pub(super) fn batch(
         &mut self,
+        task: &mut Task<'_>,
         plan: &PlannedBatch,
-        scheduling_delay: Option<Duration>,
+        planned: Planned,
         planning: Duration,
         lag: &[PartitionLag],
         progress: &mut dyn FnMut(&BatchProgress),
@@ -298,31 +349,31 @@ impl Runner<'_> {
         let tick = Instant::now();
         let interval = self.rate.interval();
         let since_last = self.last_start.replace(tick).map(|t| tick.duration_since(t));
-        let task = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| RunError::Inconsistent(format!("batch {} has no plan for task {TASK}", plan.batch_id)))?;
-        let ranges: Vec<OffsetRange> = task.ranges.iter().map(OffsetRange::from).collect();
+        let task_plan = plan.tasks.iter().find(|t| t.task == TASK).ok_or_else(|| RunError::Inconsistent(format!("batch {} has no plan for task {TASK}", plan.batch_id)))?;
+        let ranges: Vec<OffsetRange> = task_plan.ranges.iter().map(OffsetRange::from).collect();
         let offsets = plan::offsets_in(&ranges);
-        if let (Some(c), Some(_)) = (&self.checkpoints, scheduling_delay) {
+        if let (Some(c), Planned::New { .. }) = (&task.checkpoints, planned) {
             c.plan(plan)?;
         }
         let batch = if offsets > 0 { self.fetch(plan.batch_id, &ranges)? } else { RecordBatch::new_empty(record_schema()) };
         // Records read, not offsets planned: a range may hold fewer records than offsets.
         let records = batch.num_rows();
         let fetched = tick.elapsed();
-        let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task.watermark_ms };
-        let out = self.chain.process(batch, &ctx)?;
+        let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task_plan.watermark_ms };
+        let out = task.chain.process(batch, &ctx)?;
         let processed = tick.elapsed();
         self.summary.swaps += out.promoted.len() as u64;
         self.summary.swaps_failed += out.rolled_back.len() as u64;
-        if self.sink.is_committed(plan.batch_id) {
+        if task.sink.is_committed(plan.batch_id) {
             tracing::info!("batch {} is already committed in the sink; it was replayed to rebuild plugin state and is not written again", plan.batch_id);
         } else {
-            self.sink.write(plan.batch_id, &out.batches)?;
-            self.sink.commit(plan.batch_id)?;
+            task.sink.write(plan.batch_id, &out.batches)?;
+            task.sink.commit(plan.batch_id)?;
         }
         // Dead letters are written under the batch's id too, before its checkpoint: a
         // replayed batch does not write them twice (exactly once in a file sink).
         let mut dead_letters = 0;
-        if let Some(dead) = self.dead_letters.as_mut() {
+        if let Some(dead) = task.dead_letters.as_mut() {
             if !out.rejected.is_empty() && !dead.is_committed(plan.batch_id) {
                 let letters = match self.running.dead_letter {
                     Some(crate::config::Sink::Kafka { .. }) => crate::chain::dead_letter_records(&out.rejected),
@@ -336,23 +387,23 @@ impl Runner<'_> {
         let sunk = tick.elapsed();
         // Where each partition continues: in the checkpoint and in progress.
         let after = plan::positions_after(lag, &ranges);
-        self.watermark = out.watermark_ms.or(self.watermark);
-        if let Some(delay) = scheduling_delay {
+        task.watermark = out.watermark_ms.or(task.watermark);
+        if let Planned::New { scheduling_delay: Some(delay) } = planned {
             self.rate.after_batch(now_ms(), records as u64, tick.elapsed(), delay);
         }
-        if let Some(writer) = &mut self.writer {
+        if let Some(writer) = &mut task.writer {
             let positions = after.iter().map(|((topic, partition), &next)| Position { topic: topic.clone(), partition: *partition, next }).collect();
-            let plugins = self.chain.snapshot()?;
+            let plugins = task.chain.snapshot()?;
             writer.commit(Checkpoint {
                 batch_id: plan.batch_id,
                 created_ms: now_ms(),
-                tasks: vec![TaskState { task: TASK, positions, plugins, watermark_ms: self.watermark }],
+                tasks: vec![TaskState { task: TASK, positions, plugins, watermark_ms: task.watermark }],
                 rate_controller: Some(serde_json::to_value(self.rate.state()).expect("rate state serializes")),
             })?;
         }
-        if self.checkpoints.is_none() && self.chain.needs_state_copies() {
+        if task.checkpoints.is_none() && task.chain.needs_state_copies() {
             // What a failure policy rebuilds an instance from (a checkpoint does this too).
-            self.chain.snapshot()?;
+            task.chain.snapshot()?;
         }
         let checkpointed = tick.elapsed();
         if let Err(e) = self.source.commit(&ranges) {
@@ -400,7 +451,7 @@ impl Runner<'_> {
             duration,
             processed_per_sec: records as f64 / duration.as_secs_f64().max(1e-9),
             lag: left,
-            watermark_ms: self.watermark,
+            watermark_ms: task.watermark,
             swap_time: std::mem::take(&mut self.swap_time),
             swaps: self.summary.swaps,
             swaps_failed: self.summary.swaps_failed,

@@ -257,14 +257,14 @@ impl Sink for FileSink {
                 if rows > 0 {
                     self.location.delete(&format!("{STAGING_DIR}/{file}")).map_err(fail)?;
                 }
-                if there.epoch >= self.epoch() && self.task.is_none() || there.epoch > self.epoch() {
+                if there.epoch > self.epoch() {
+                    return Err(SinkError::Fenced { target: self.location.shown().to_string(), batch_id });
+                }
+                if self.task.is_none() {
                     return Err(SinkError::Store {
                         target: self.location.shown().to_string(),
                         batch_id,
-                        error: format!(
-                            "the sink's manifest already holds batch {batch_id}, committed by {}; nothing of this run's was made visible. Stop the other run, or give each its own sink location",
-                            if self.task.is_some() { "a newer owner of this task (this process was taken over)" } else { "another run writing to the same sink at the same time" }
-                        ),
+                        error: format!("the sink's manifest already holds batch {batch_id}, committed by another run writing to the same sink at the same time; nothing of this run's was made visible. Stop the other run, or give each its own sink location"),
                     });
                 }
                 // An earlier owner of the task committed the batch this one replayed: the

@@ -81,6 +81,14 @@ pub enum SinkError {
         /// What arrow-json said (it names the type).
         error: ArrowError,
     },
+    /// A newer owner of the task committed this batch: this process was taken over.
+    #[error("sink {target}: batch {batch_id} was committed by a newer owner of this task (this process was taken over); nothing of this process's was made visible")]
+    Fenced {
+        /// Where.
+        target: String,
+        /// Which batch.
+        batch_id: u64,
+    },
     /// The sink cannot be opened.
     #[error("sink {target}: {error}")]
     Open {
@@ -171,6 +179,18 @@ fn jsonl_bytes(target: &str, batch_id: u64, batches: &[RecordBatch]) -> Result<V
     }
     Ok(text)
 }
+/// Open the sink a pipeline names for one task of a consumer-group run: a file sink's view
+/// of the task ([`FileSink::for_task`]); stdout and an at-least-once Kafka topic as for a
+/// whole run (the pipeline check refuses exactly-once Kafka output in group mode).
+pub fn open_task(config: &SinkConfig, kafka: &BTreeMap<String, String>, task: SinkTask) -> Result<Box<dyn Sink>, SinkError> {
+    let at = |path: &str, options: &BTreeMap<String, String>| crate::store::Location::open(path, options).map_err(SinkError::opening);
+    Ok(match config {
+        SinkConfig::Jsonl { path } if path != "-" => Box::new(FileSink::for_task(at(path, &BTreeMap::new())?, FileFormat::Jsonl, task)?),
+        SinkConfig::Parquet { path, compression, options } => Box::new(FileSink::for_task(at(path, options)?, FileFormat::Parquet(*compression), task)?),
+        other => open(other, kafka)?,
+    })
+}
+
 /// Open the sink a pipeline names; `kafka` is the pipeline's librdkafka table.
 pub fn open(config: &SinkConfig, kafka: &BTreeMap<String, String>) -> Result<Box<dyn Sink>, SinkError> {
     Ok(match config {

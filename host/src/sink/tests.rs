@@ -150,8 +150,8 @@ fn of_an_old_and_a_new_owner_of_a_task_exactly_one_commits_a_batch_and_only_its_
     old.write(3, &[rows(&["a"], &[1])]).unwrap();
     new.write(3, &[rows(&["a"], &[1])]).unwrap();
     new.commit(3).unwrap();
-    let error = old.commit(3).unwrap_err().to_string();
-    assert!(error.contains("a newer owner of this task"), "{error}");
+    let error = old.commit(3).unwrap_err();
+    assert!(matches!(error, SinkError::Fenced { batch_id: 3, .. }), "{error}");
     assert_eq!(visible(dir.path()), vec!["t-0-batch-000000000003-e2.jsonl"]);
     assert!(names(&dir.path().join(STAGING_DIR)).is_empty(), "the refused owner's staged file is deleted");
 

@@ -15,6 +15,7 @@
 
 pub mod memory;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
@@ -54,6 +55,19 @@ pub trait Source {
 
     /// Read ahead at most about `rows` records beyond the batch in flight.
     fn set_read_ahead(&mut self, _rows: usize) {}
+
+    /// Stop reading `released` and start reading `added`, each from its position (the
+    /// partitions a consumer group moves); the others continue where they are. A source
+    /// over a fixed set of partitions refuses.
+    fn reassign(&mut self, _released: &[(String, i32)], _added: &BTreeMap<(String, i32), i64>) -> Result<(), SourceError> {
+        Err(SourceError::Inconsistent("this source reads a fixed set of partitions; it cannot take a consumer group's assignment".into()))
+    }
+
+    /// Where `partitions` start when no checkpoint says: the consumer group's committed
+    /// offset, else `startingOffsets`.
+    fn initial_positions(&mut self, _partitions: &[(String, i32)]) -> Result<BTreeMap<(String, i32), i64>, SourceError> {
+        Err(SourceError::Inconsistent("this source has no consumer group to ask for starting positions".into()))
+    }
 }
 
 /// A source failure, with what the source was doing.

@@ -17,6 +17,7 @@ fn literal() -> Pipeline {
             max_offsets_per_trigger: None,
             partition_rates: Default::default(),
             group_id: "g".into(),
+            assignment: Default::default(),
         },
         trigger_interval: Duration::from_secs(1),
         adaptive_interval: None,

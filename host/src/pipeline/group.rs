@@ -1,0 +1,287 @@
+//! The batch loop of a consumer-group run (`source.assignment = "group"`): several `sluice
+//! run` processes share the source partitions through Kafka's consumer-group protocol and
+//! the shared checkpoint location; there is no coordinator of sluice's own.
+//!
+//! Each source partition this process owns is a task ([`Task`]) with its own plugin chain,
+//! batch ids, offset log, commit log, checkpoints, sink manifest and watermark, under
+//! `tasks/<topic>/<partition>` of the checkpoint location. Once per trigger the loop plans
+//! every owned partition together (rate control is the process's), the source's one consumer
+//! reads them all, and each task with records runs, sinks and checkpoints its own batch.
+//!
+//! At a batch boundary the loop applies what the group moved ([`Membership::changes`]): a
+//! revoked task's checkpoint is flushed and the task released; a new task is claimed
+//! ([`crate::checkpoint::CheckpointStore::claim`]), recovered and replayed as a restart
+//! would, then read from its position. A task whose store or sink says another process took
+//! it over (fenced) is dropped without writing anything more.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::{CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, SavedRange, TaskPlan, FORMAT_VERSION};
+use crate::config::{Assignment, CheckedPipeline, Pipeline};
+use crate::control::{Control, Wake};
+use crate::kafka::{KafkaSource, Membership};
+use crate::plan;
+use crate::rate::RateController;
+use crate::recovery::{self, TASK};
+use crate::runtime::Runtime;
+use crate::sink::SinkTask;
+use crate::source::PartitionLag;
+
+use super::runner::{Held, Planned, Runner, Task};
+use super::{load_chain, now_ms, BatchProgress, RunError, RunOptions, RunSummary, Until};
+
+type Key = (String, i32);
+
+/// A task of this process, with the id of its next batch.
+struct Owned {
+    task: Task<'static>,
+    next_batch_id: u64,
+}
+
+/// Run `pipeline` as one process of its consumer group until stopped (see the module docs).
+pub fn run_group(
+    pipeline: &CheckedPipeline,
+    runtime: &Runtime,
+    options: impl Into<RunOptions>,
+    control: &Control,
+    progress: &mut dyn FnMut(&BatchProgress),
+) -> Result<RunSummary, RunError> {
+    let options = options.into();
+    if options.until == Until::AvailableNow {
+        return Err(RunError::Inconsistent(
+            "--available-now is not available with source.assignment = \"group\": the group moves partitions between processes while they run. Run without it and stop the processes when their lag is 0".into(),
+        ));
+    }
+    let config = pipeline.checkpoint.as_ref().ok_or_else(|| RunError::Inconsistent("source.assignment = \"group\" needs [checkpoint]".into()))?;
+    let root = CheckpointStore::open(config)?;
+    root.check_assignment(Assignment::Group)?;
+    root.create_once(&Metadata {
+        format_version: FORMAT_VERSION,
+        pipeline: pipeline.name.clone(),
+        topics: pipeline.source.topics.clone(),
+        first_batch_id: 0,
+        assignment: Assignment::Group,
+    })?;
+    let source = KafkaSource::unassigned(&pipeline.source, &pipeline.kafka)?;
+    let properties: Vec<(String, String)> = pipeline.kafka.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let membership = Membership::join(&pipeline.source.group_id, &pipeline.source.topics, &properties)?;
+    tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, pipeline.source.topics.join(", "));
+    let rate = RateController::new(pipeline.backpressure.map(|b| (b.pid, b.initial_rate)), pipeline.source.partition_rates, pipeline.trigger_interval, pipeline.adaptive_interval);
+    let stall_limit = options.stall_limit.unwrap_or(crate::source::STALL_LIMIT);
+    let mut group = Group {
+        runner: Runner {
+            observers: options.observers.clone(),
+            last_start: None,
+            watcher: None,
+            swap_time: Duration::ZERO,
+            retune_from: options.retune_from.clone(),
+            control: control.clone(),
+            running: (**pipeline).clone(),
+            rate,
+            source: Box::new(source),
+            summary: RunSummary::default(),
+            fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)).min(stall_limit),
+            stall_limit,
+        },
+        pipeline,
+        runtime,
+        root,
+        membership,
+        tasks: BTreeMap::new(),
+        ignore_state: options.ignore_state,
+    };
+    let result = group.run(progress);
+    // Flush every task's checkpoint before leaving the group, so that their next owners
+    // find them (a graceful release); the membership is dropped after the tasks.
+    let flushed = group.release_all();
+    let Group { runner, membership, .. } = group;
+    drop(membership);
+    result.and(flushed).map(|()| runner.summary)
+}
+
+struct Group<'p> {
+    runner: Runner<'static>,
+    pipeline: &'p CheckedPipeline,
+    runtime: &'p Runtime,
+    root: CheckpointStore,
+    membership: Membership,
+    tasks: BTreeMap<Key, Owned>,
+    ignore_state: bool,
+}
+
+impl Group<'_> {
+    fn run(&mut self, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
+        let mut due = Instant::now();
+        loop {
+            if self.runner.control.is_stopped() {
+                return Ok(());
+            }
+            if self.runner.control.take_retune() {
+                self.runner.retune();
+            }
+            self.apply_changes(progress)?;
+            let tick = Instant::now();
+            let scheduling_delay = tick.saturating_duration_since(due);
+            if !self.tasks.is_empty() {
+                self.trigger(tick, scheduling_delay, progress)?;
+            }
+            due = tick + self.runner.rate.interval();
+            loop {
+                match self.runner.control.wait_until(due) {
+                    Wake::Deadline | Wake::Stop => break,
+                    Wake::Retune => self.runner.retune(),
+                    Wake::Swap => {}
+                }
+            }
+        }
+    }
+
+    /// One trigger: plan every owned partition, then run each task's batch.
+    fn trigger(&mut self, tick: Instant, scheduling_delay: Duration, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
+        let lag = match self.runner.source.lag() {
+            Ok(lag) => lag,
+            Err(e) => {
+                tracing::warn!("cannot plan the next batches: {e}; trying again");
+                self.runner.control.sleep(self.runner.rate.interval().min(Duration::from_secs(5)));
+                return Ok(());
+            }
+        };
+        let budgets = self.runner.rate.budgets(&plan::lags(&lag, None));
+        let max_records = self.runner.running.source.max_offsets_per_trigger;
+        let ranges = plan::ranges(&lag, plan::Limits { targets: None, budgets: budgets.as_deref(), max_records });
+        let planning = tick.elapsed();
+        let mut records = 0;
+        let mut done = Vec::new();
+        for (range, partition) in ranges.iter().zip(&lag) {
+            if range.until <= range.from || self.runner.control.is_stopped() {
+                continue;
+            }
+            let key = (range.topic.clone(), range.partition);
+            let Some(owned) = self.tasks.get_mut(&key) else { continue };
+            let plan = PlannedBatch::new(owned.next_batch_id, now_ms(), vec![TaskPlan { task: TASK, ranges: vec![SavedRange::from(range)], watermark_ms: owned.task.watermark }]);
+            match self.runner.batch(&mut owned.task, &plan, Planned::New { scheduling_delay: None }, planning, std::slice::from_ref(partition), progress) {
+                Ok(()) => {
+                    owned.next_batch_id += 1;
+                    records += range.until - range.from;
+                    done.push(range.clone());
+                }
+                Err(e) if e.is_fenced() => self.drop_fenced(&key, &e)?,
+                Err(e) => return Err(e),
+            }
+        }
+        self.runner.rate.after_batch(now_ms(), records.max(0) as u64, tick.elapsed(), scheduling_delay);
+        if let Err(e) = self.membership.commit(&done) {
+            tracing::warn!("committing the consumer group's offsets failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// A task another process took over: dropped, and the source stops reading it.
+    fn drop_fenced(&mut self, key: &Key, why: &RunError) -> Result<(), RunError> {
+        tracing::warn!("task {}/{}: {why}", key.0, key.1);
+        self.tasks.remove(key);
+        self.runner.source.reassign(std::slice::from_ref(key), &BTreeMap::new())?;
+        Ok(())
+    }
+
+    /// Release what the group revoked, start what it assigned.
+    fn apply_changes(&mut self, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
+        let changes = self.membership.changes();
+        if changes.assigned.is_empty() && changes.revoked.is_empty() {
+            return Ok(());
+        }
+        let mut released = Vec::new();
+        for (key, lost) in changes.revoked {
+            if let Some(mut owned) = self.tasks.remove(&key) {
+                match owned.task.flush() {
+                    Ok(()) => tracing::info!("task {}/{} released after batch {}", key.0, key.1, owned.next_batch_id.saturating_sub(1)),
+                    Err(e) if lost || e.is_fenced() => tracing::warn!("task {}/{} lost to another process: {e}", key.0, key.1),
+                    Err(e) => return Err(e),
+                }
+            }
+            released.push(key);
+        }
+        let mut added = BTreeMap::new();
+        let mut replays = Vec::new();
+        for key in changes.assigned {
+            if self.tasks.contains_key(&key) {
+                continue;
+            }
+            let (owned, resume) = self.start(&key)?;
+            let position = match resume.positions.as_ref().and_then(|p| p.get(&key)) {
+                Some(&p) => p,
+                None => self.runner.source.initial_positions(std::slice::from_ref(&key))?.get(&key).copied().unwrap_or(0),
+            };
+            added.insert(key.clone(), position);
+            replays.push((key.clone(), resume.replay));
+            self.tasks.insert(key, owned);
+        }
+        self.runner.source.reassign(&released, &added)?;
+        self.membership.released(&released);
+        for (key, plans) in replays {
+            for plan in plans {
+                let Some(owned) = self.tasks.get_mut(&key) else { break };
+                tracing::info!("task {}/{}: replaying batch {} with its recorded offset ranges", key.0, key.1, plan.batch_id);
+                let lag: Vec<PartitionLag> = self.runner.source.lag()?.into_iter().filter(|p| (&p.topic, p.partition) == (&key.0, key.1)).collect();
+                match self.runner.batch(&mut owned.task, &plan, Planned::Replay, Duration::ZERO, &lag, progress) {
+                    Ok(()) => {}
+                    Err(e) if e.is_fenced() => {
+                        self.drop_fenced(&key, &e)?;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Claim the task of `key`, open its sinks, build its chain and recover it.
+    fn start(&self, key: &Key) -> Result<(Owned, recovery::Resume), RunError> {
+        let pipeline: &Pipeline = self.pipeline;
+        let mut store = self.root.task(&key.0, key.1);
+        let claimed = store.claim(&pipeline.name, &pipeline.source.topics)?;
+        let task = SinkTask { topic: key.0.clone(), partition: key.1, epoch: store.epoch() };
+        let sink = crate::sink::open_task(&pipeline.sink, &pipeline.kafka, task.clone())?;
+        let dead_letters = match &pipeline.dead_letter {
+            Some(config) => Some(crate::sink::open_task(config, &pipeline.kafka, task).map_err(RunError::DeadLetters)?),
+            None => None,
+        };
+        let (mut chain, _) = load_chain(pipeline, self.runtime)?;
+        chain.set_control(self.runner.control.clone());
+        let resume = recovery::recover(pipeline, Some(&store), &mut chain, &*sink, self.ignore_state)?;
+        tracing::info!(
+            "task {}/{}: claimed at batch {claimed} in epoch {}; {} batches to replay, new batches from {}",
+            key.0,
+            key.1,
+            store.epoch(),
+            resume.replay.len(),
+            resume.next_batch_id
+        );
+        let store = std::sync::Arc::new(store);
+        let task = Task {
+            chain: Held::Owned(Box::new(chain)),
+            sink: Held::Owned(sink),
+            dead_letters,
+            writer: Some(CheckpointWriter::start(store.clone())),
+            checkpoints: Some(store),
+            watermark: resume.watermark_ms,
+        };
+        Ok((Owned { task, next_batch_id: resume.next_batch_id }, resume))
+    }
+
+    /// Flush every task's checkpoint (at the end of the run).
+    fn release_all(&mut self) -> Result<(), RunError> {
+        let mut first_error = None;
+        for (key, mut owned) in std::mem::take(&mut self.tasks) {
+            if let Err(e) = owned.task.flush() {
+                tracing::warn!("task {}/{}: its last checkpoint: {e}", key.0, key.1);
+                if !e.is_fenced() {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,347 @@
+//! Scale-out on Apache Kafka: several `sluice run` processes with `source.assignment =
+//! "group"` share a keyed topic through the consumer-group protocol and one checkpoint
+//! location. Their Parquet output together must hold exactly the closed windows of an
+//! independent computation of the seed's query, each once: per partition (a task's
+//! watermark is its partition's), the windows `reference::windows_of_all` closes over the
+//! events produced to that partition.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sluice::broker::Broker;
+use sluice_bench::broker::ApacheKafka;
+use sluice_tests::reference::{self, AdClicksParams, WindowRow};
+use sluice_tests::rng::Rng;
+
+#[path = "support/seed_runs.rs"]
+mod seed_runs;
+use seed_runs::{produce_to, wait_until, windows, SEED_JOB};
+
+/// Partitions of the test topic.
+const PARTITIONS: i32 = 6;
+/// How long the processes together may take to write every expected window.
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// The closed windows of each partition's clicks, together.
+fn expected(events: &[(Option<i32>, Value)]) -> Vec<WindowRow> {
+    (0..PARTITIONS)
+        .flat_map(|p| {
+            let clicks: Vec<Value> = events.iter().filter(|(q, e)| *q == Some(p) && e["event"] == "click").map(|(_, e)| e.clone()).collect();
+            reference::windows_of_all(&clicks, AdClicksParams::default(), true)
+        })
+        .collect()
+}
+
+/// A group-mode pipeline file `name` for `topic`, writing Parquet to `<name>-out` and
+/// checkpoints to `<name>-checkpoint`; a short session timeout so that a process that is
+/// gone loses its partitions within seconds.
+fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64) -> PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    let text = format!(
+        r#"name = "{name}"
+[source]
+topics = ["{topic}"]
+startingOffsets = "earliest"
+maxOffsetsPerTrigger = {batch}
+assignment = "group"
+[trigger]
+processingTime = "200ms"
+[kafka]
+"bootstrap.servers" = "{bootstrap}"
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+{SEED_JOB}
+[sink]
+format = "parquet"
+path = "{out}"
+[checkpoint]
+location = "{ck}"
+retain = 100000
+"#,
+        out = dir.join(format!("{name}-out")).display(),
+        ck = dir.join(format!("{name}-checkpoint")).display(),
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// `sluice run FILE`, logging to `log`.
+fn spawn(file: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(file)
+        .env("SLUICE_LOG", "info,sluice::progress=warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Processes of one test, stopped by their PIDs when the test ends, however it ends.
+struct Processes(Vec<Child>);
+
+impl Processes {
+    /// SIGTERM each (a graceful stop) and wait for it; the exit statuses.
+    fn stop(&mut self) -> Vec<Option<std::process::ExitStatus>> {
+        self.0
+            .iter_mut()
+            .map(|c| {
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                wait_until(c, Instant::now() + Duration::from_secs(60))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Wait until `out` shows `count` window rows (or more), at most [`LIMIT`], or until a
+/// process exits by itself (an error: they run until stopped).
+fn await_windows(out: &Path, count: usize, processes: &mut Processes, log: &Path) -> usize {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let seen = windows(out).len();
+        if seen >= count || Instant::now() >= deadline {
+            return seen;
+        }
+        for c in &mut processes.0 {
+            if let Some(status) = c.try_wait().unwrap() {
+                panic!("a process exited by itself ({status}):\n{}", log_tail(log));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A few windows that differ, for a failure message.
+fn differences(expected: &[WindowRow], actual: &[WindowRow]) -> String {
+    let key = |r: &WindowRow| (r.window_start, r.campaign_id.clone());
+    let shown = |r: &WindowRow| format!("{} {} clicks {} users {}", r.campaign_id, r.window_start, r.clicks, r.unique_users);
+    let missing: Vec<String> = expected.iter().filter(|e| !actual.iter().any(|a| key(a) == key(e) && a.clicks == e.clicks)).take(6).map(shown).collect();
+    let extra: Vec<String> = actual.iter().filter(|a| !expected.iter().any(|e| key(a) == key(e) && a.clicks == e.clicks)).take(6).map(shown).collect();
+    format!("expected, not written: {missing:?}; written, not expected: {extra:?}")
+}
+
+fn log_tail(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default().lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn three_processes_in_one_group_write_exactly_the_reference_windows_each_once() {
+    let broker = ApacheKafka::start().unwrap();
+    broker.create_topic("clicks", PARTITIONS).unwrap();
+    let events = produce_to(&broker, "clicks", Some(PARTITIONS));
+    let expected = expected(&events);
+    assert!(expected.len() > 100, "the data closes windows ({})", expected.len());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sluice.log");
+    let file = pipeline_file(dir.path(), &broker.bootstrap(), "three", "clicks", 1500);
+    let mut processes = Processes((0..3).map(|_| spawn(&file, &log)).collect());
+    let out = dir.path().join("three-out");
+    let seen = await_windows(&out, expected.len(), &mut processes, &log);
+    let statuses = processes.stop();
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "a process did not stop cleanly: {statuses:?}\n{}", log_tail(&log));
+    let diff = reference::compare_windows(&expected, &windows(&out));
+    assert!(diff.is_exact(), "{seen} of {} windows seen; {diff:?}\n{}", expected.len(), log_tail(&log));
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!("{}", text.lines().filter(|l| l.contains("task ") || l.contains("consumer group")).collect::<Vec<_>>().join("\n"));
+    assert!(text.matches("claimed at batch").count() >= PARTITIONS as usize, "every partition was claimed by a task:\n{}", log_tail(&log));
+}
+
+/// One topic of keyed events on a broker, and what its windows must be.
+struct Setup {
+    broker: ApacheKafka,
+    expected: Vec<WindowRow>,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+fn setup() -> Setup {
+    let broker = ApacheKafka::start().unwrap();
+    broker.create_topic("clicks", PARTITIONS).unwrap();
+    let events = produce_to(&broker, "clicks", Some(PARTITIONS));
+    let expected = expected(&events);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sluice.log");
+    Setup { broker, expected, dir, log }
+}
+
+impl Setup {
+    /// Wait for every expected window, stop the processes gracefully, and compare.
+    fn finish(&self, name: &str, mut processes: Processes, what: &str) {
+        let out = self.dir.path().join(format!("{name}-out"));
+        let seen = await_windows(&out, self.expected.len(), &mut processes, &self.log);
+        let statuses = processes.stop();
+        assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "{what}: a process did not stop cleanly: {statuses:?}\n{}", log_tail(&self.log));
+        let actual = windows(&out);
+        let diff = reference::compare_windows(&self.expected, &actual);
+        if !diff.is_exact() {
+            if let Ok(keep) = std::env::var("SLUICE_GROUP_KEEP") {
+                let _ = Command::new("cp").arg("-r").arg(self.dir.path()).arg(&keep).status();
+            }
+        }
+        assert!(diff.is_exact(), "{what}: {seen} of {} windows seen; {diff:?}; {}\n{}", self.expected.len(), differences(&self.expected, &actual), log_tail(&self.log));
+    }
+}
+
+/// Claims of a task an earlier process owned (in epoch 2 or later).
+fn moved_tasks(log: &Path) -> usize {
+    lines_with(log, "claimed at batch").iter().filter(|l| !l.contains("in epoch 1;")).count()
+}
+
+/// Log lines of `what` ("claimed at batch" …).
+fn lines_with(log: &Path, what: &str) -> Vec<String> {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(what)).map(str::to_string).collect()
+}
+
+#[test]
+fn one_of_three_killed_at_random_moments_loses_and_repeats_nothing() {
+    let trials: usize = std::env::var("SLUICE_GROUP_TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(10);
+    let seed: u64 = std::env::var("SLUICE_GROUP_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let setup = setup();
+    let mut rng = Rng::new(seed);
+    let mut moved = 0;
+    for trial in 0..trials {
+        let name = format!("kill-{trial}");
+        let file = pipeline_file(setup.dir.path(), &setup.broker.bootstrap(), &name, "clicks", 300);
+        let mut processes = Processes((0..3).map(|_| spawn(&file, &setup.log)).collect());
+        // Joining takes about 3 s (the broker's initial rebalance delay); reading
+        // everything about 3 s more: kill within that.
+        std::thread::sleep(Duration::from_millis(2500 + rng.below(3500)));
+        let victim = rng.below(3) as usize;
+        let claims_before = moved_tasks(&setup.log);
+        processes.0[victim].kill().unwrap(); // SIGKILL, by its PID
+        processes.0[victim].wait().unwrap();
+        let mut survivors = Processes(processes.0.drain(..).enumerate().filter(|(i, _)| *i != victim).map(|(_, c)| c).collect());
+        std::mem::swap(&mut processes, &mut survivors);
+        setup.finish(&name, processes, &format!("seed {seed}, trial {trial}, process {victim} killed"));
+        moved += moved_tasks(&setup.log) - claims_before;
+    }
+    eprintln!("group kill suite: seed {seed}, {trials} trials, {moved} tasks moved to another process after a kill");
+    assert!(moved >= trials, "kills landed while processes owned tasks ({moved} tasks moved in {trials} trials)");
+}
+
+/// The sealed JSON body of a checkpoint log entry (magic, length, body, SHA-256).
+fn sealed_json(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[16..16 + len]).unwrap()
+}
+
+/// For every task of a checkpoint location: after a claim (epoch e at entry k), every
+/// offset log, commit log and sink manifest entry of a later batch is from epoch e or
+/// later — nothing an earlier owner wrote after it was taken over. Returns the claims seen.
+fn check_fencing(checkpoint: &Path, out: &Path) -> usize {
+    let mut claims = 0;
+    for p in 0..PARTITIONS {
+        let task = checkpoint.join(format!("tasks/clicks/{p}"));
+        let entries = |dir: &str| -> Vec<(u64, Value)> {
+            let Ok(read) = std::fs::read_dir(task.join(dir)) else { return Vec::new() };
+            read.map(|e| e.unwrap().path()).filter_map(|path| Some((path.file_name()?.to_str()?.split('.').next()?.parse().ok()?, sealed_json(&path)))).collect()
+        };
+        let plans = entries("offsets");
+        let epoch = |v: &Value| v["epoch"].as_u64().unwrap_or(0);
+        let manifest: Vec<(u64, Value)> = std::fs::read_dir(out.join(format!("_sluice_manifest/clicks/{p}")))
+            .map(|read| {
+                read.map(|e| e.unwrap().path())
+                    .filter_map(|path| {
+                        let id = path.file_name()?.to_str()?.strip_prefix("batch-")?.strip_suffix(".json")?.parse().ok()?;
+                        Some((id, serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (claim_id, claim) in plans.iter().filter(|(_, v)| v["claim"] == true) {
+            claims += 1;
+            let e = epoch(claim);
+            for (what, list) in [("offset log", &plans), ("commit log", &entries("commits")), ("sink manifest", &manifest)] {
+                for (id, entry) in list.iter().filter(|(id, _)| id > claim_id) {
+                    assert!(epoch(entry) >= e, "task clicks/{p}: {what} entry of batch {id} has epoch {} after the claim of epoch {e} at {claim_id}", epoch(entry));
+                }
+            }
+        }
+    }
+    claims
+}
+
+#[test]
+fn a_process_paused_past_the_session_timeout_is_fenced_and_writes_nothing_for_its_old_tasks() {
+    let setup = setup();
+    let name = "paused";
+    let file = pipeline_file(setup.dir.path(), &setup.broker.bootstrap(), name, "clicks", 100);
+    let mut processes = Processes(vec![spawn(&file, &setup.log)]);
+    // The first process takes every partition; once it has, a second joins.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines_with(&setup.log, "claimed at batch").len() < PARTITIONS as usize {
+        assert!(Instant::now() < deadline, "the first process did not claim every partition:\n{}", log_tail(&setup.log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    processes.0.push(spawn(&file, &setup.log));
+    std::thread::sleep(Duration::from_secs(2));
+    let paused = processes.0[0].id() as i32;
+    let before = moved_tasks(&setup.log);
+    unsafe { libc::kill(paused, libc::SIGSTOP) };
+    // Past the session timeout (6 s) the group gives the paused process's partitions to
+    // the other, which claims them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while moved_tasks(&setup.log) == before {
+        assert!(Instant::now() < deadline, "no task moved while the first process was paused:\n{}", log_tail(&setup.log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    unsafe { libc::kill(paused, libc::SIGCONT) };
+    setup.finish(name, processes, "one process paused past the session timeout");
+    // It learns it lost them from the group (a revoke without release) or, when it writes
+    // before the group tells it, from the fencing of its checkpoints or sink.
+    let lost = lines_with(&setup.log, "without a release").len();
+    let fenced = lines_with(&setup.log, "took this task over").len() + lines_with(&setup.log, "newer owner").len();
+    let claims = check_fencing(&setup.dir.path().join(format!("{name}-checkpoint")), &setup.dir.path().join(format!("{name}-out")));
+    eprintln!("paused process: {lost} revokes without release, {fenced} fenced writes reported, {claims} claims checked");
+    assert!(lost + fenced > 0, "the paused process noticed it was taken over:\n{}", log_tail(&setup.log));
+    assert!(claims > PARTITIONS as usize, "tasks were claimed again after the pause ({claims} claims)");
+}
+
+#[test]
+fn processes_joining_and_one_leaving_move_tasks_without_replaying_a_batch() {
+    let setup = setup();
+    let name = "joining";
+    let file = pipeline_file(setup.dir.path(), &setup.broker.bootstrap(), name, "clicks", 100);
+    let mut processes = Processes(vec![spawn(&file, &setup.log)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines_with(&setup.log, "claimed at batch").len() < PARTITIONS as usize {
+        assert!(Instant::now() < deadline, "the first process did not claim every partition:\n{}", log_tail(&setup.log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    processes.0.push(spawn(&file, &setup.log));
+    processes.0.push(spawn(&file, &setup.log));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while moved_tasks(&setup.log) < 4 {
+        assert!(Instant::now() < deadline, "the joining processes did not take tasks over:\n{}", log_tail(&setup.log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGTERM the first: its tasks finish their batch and checkpoint, then move.
+    let before = moved_tasks(&setup.log);
+    let mut first = processes.0.remove(0);
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let status = wait_until(&mut first, Instant::now() + Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "the first process did not stop cleanly: {status:?}\n{}", log_tail(&setup.log));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while moved_tasks(&setup.log) < before + 2 {
+        assert!(Instant::now() < deadline, "the stopped process's tasks did not move:\n{}", log_tail(&setup.log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    setup.finish(name, processes, "processes joining, one leaving");
+    let claims = lines_with(&setup.log, "claimed at batch");
+    let replaying: Vec<&String> = claims.iter().filter(|l| !l.contains("; 0 batches to replay")).collect();
+    assert!(replaying.is_empty(), "a task moved gracefully had batches to replay: {replaying:#?}");
+    assert!(lines_with(&setup.log, "without a release").is_empty(), "every move was a graceful release:\n{}", log_tail(&setup.log));
+}

@@ -1,0 +1,84 @@
+//! What the real-broker suites share: the seed's job, seed-style events produced to Apache
+//! Kafka, the window rows a Parquet sink shows to a reader, and waiting for a child process.
+//! Each suite uses part of it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::Value;
+use sluice::broker::Broker;
+use sluice::demo::generator::{EventGenerator, EventSpec};
+use sluice::kafka::{Loader, Outgoing};
+use sluice_tests::reference::WindowRow;
+
+/// Seed-style events per topic.
+pub const RECORDS: usize = 20_000;
+
+/// Produce [`RECORDS`] seed-style events keyed by campaign, partitioned by the producer's
+/// default partitioner, with librdkafka's default batching; returns them.
+pub fn produce(broker: &dyn Broker, topic: &str) -> Vec<Value> {
+    produce_to(broker, topic, None).into_iter().map(|(_, event)| event).collect()
+}
+
+/// [`produce`]; with `partitions`, each event goes to partition FNV-1a(campaign) mod
+/// `partitions`, returned with it, so a test knows what each partition holds.
+pub fn produce_to(broker: &dyn Broker, topic: &str, partitions: Option<i32>) -> Vec<(Option<i32>, Value)> {
+    // Idempotent: a produce request retried (a broker that is just up, a loaded machine)
+    // cannot land behind a later one, so each partition holds its events in the order
+    // produced, the order the expected windows are computed in.
+    let loader = Loader::connect(&broker.bootstrap(), &[("enable.idempotence", "true")]).unwrap();
+    let mut gen = EventGenerator::new(EventSpec { events_per_sec: 50, ..EventSpec::default() });
+    let mut events = Vec::with_capacity(RECORDS);
+    for _ in 0..RECORDS {
+        let event = gen.next_event();
+        let value = serde_json::to_vec(&event).unwrap();
+        let partition = partitions.map(|n| (fnv1a(event.campaign_id.as_bytes()) % n as u64) as i32);
+        loader.send(topic, Outgoing { partition, key: Some(event.campaign_id.as_bytes()), value: Some(&value), headers: &[] }).unwrap();
+        events.push((partition, serde_json::to_value(&event).unwrap()));
+    }
+    loader.flush(Duration::from_secs(60)).unwrap();
+    events
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The seed's job: json-filter keeps the clicks, ad-clicks with its default config.
+pub const SEED_JOB: &str = r#"[[plugin]]
+builtin = "json-filter"
+config = { where = [{ field = "event", op = "eq", value = "click" }] }
+[[plugin]]
+builtin = "ad-clicks""#;
+
+/// Window rows of the Parquet files a reader sees.
+pub fn windows(out: &Path) -> Vec<WindowRow> {
+    let mut rows = Vec::new();
+    let Ok(entries) = std::fs::read_dir(out) else { return rows };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "parquet") {
+            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap();
+            for batch in reader {
+                rows.extend(sluice_sdk::json::batch_to_rows(&batch.unwrap()).into_iter().map(|row| WindowRow::from_json(&Value::Object(row))));
+            }
+        }
+    }
+    rows
+}
+
+/// Wait for `child` until `deadline`; its exit status, or `None` if it still runs.
+pub fn wait_until(child: &mut Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
