@@ -498,6 +498,8 @@ fn batches_that_reread_what_the_consumer_read_ahead_hold_each_record_once() {
         partition_rates: Default::default(),
         group_id: "again".into(),
         assignment: Default::default(),
+        keyed: false,
+        watermark: Default::default(),
     };
     let properties = std::collections::BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]);
     let mut source = sluice::kafka::KafkaSource::connect(&config, &properties, None).unwrap();

@@ -38,6 +38,11 @@ fn expected(events: &[(Option<i32>, Value)]) -> Vec<WindowRow> {
 /// checkpoints to `<name>-checkpoint`; a short session timeout so that a process that is
 /// gone loses its partitions within seconds.
 fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64) -> PathBuf {
+    pipeline_file_with(dir, bootstrap, name, topic, batch, "assignment = \"group\"\nkeyed = true")
+}
+
+/// [`pipeline_file`] with `source` lines of its own (`assignment`, `watermark`, rates).
+fn pipeline_file_with(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64, source: &str) -> PathBuf {
     let file = dir.join(format!("{name}.toml"));
     let text = format!(
         r#"name = "{name}"
@@ -45,7 +50,7 @@ fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u6
 topics = ["{topic}"]
 startingOffsets = "earliest"
 maxOffsetsPerTrigger = {batch}
-assignment = "group"
+{source}
 [trigger]
 processingTime = "200ms"
 [kafka]
@@ -139,7 +144,7 @@ fn log_tail(log: &Path) -> String {
 fn three_processes_in_one_group_write_exactly_the_reference_windows_each_once() {
     let broker = ApacheKafka::start().unwrap();
     broker.create_topic("clicks", PARTITIONS).unwrap();
-    let events = produce_to(&broker, "clicks", Some(PARTITIONS));
+    let events = produce_to(&broker, "clicks", Some(PARTITIONS), &|_, _| true);
     let expected = expected(&events);
     assert!(expected.len() > 100, "the data closes windows ({})", expected.len());
     let dir = tempfile::tempdir().unwrap();
@@ -168,7 +173,7 @@ struct Setup {
 fn setup() -> Setup {
     let broker = ApacheKafka::start().unwrap();
     broker.create_topic("clicks", PARTITIONS).unwrap();
-    let events = produce_to(&broker, "clicks", Some(PARTITIONS));
+    let events = produce_to(&broker, "clicks", Some(PARTITIONS), &|_, _| true);
     let expected = expected(&events);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("sluice.log");
@@ -196,6 +201,26 @@ impl Setup {
 /// Claims of a task an earlier process owned (in epoch 2 or later).
 fn moved_tasks(log: &Path) -> usize {
     lines_with(log, "claimed at batch").iter().filter(|l| !l.contains("in epoch 1;")).count()
+}
+
+/// Wait until every partition's task was claimed and no task moved for 3 s.
+fn await_settled(log: &Path, processes: &mut Processes) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = (0, Instant::now());
+    loop {
+        let claims = lines_with(log, "claimed at batch").len();
+        if claims != last.0 {
+            last = (claims, Instant::now());
+        }
+        if claims >= PARTITIONS as usize && last.1.elapsed() >= Duration::from_secs(3) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the group did not settle:\n{}", log_tail(log));
+        if let Some(status) = processes.0.iter_mut().find_map(|c| c.try_wait().unwrap()) {
+            panic!("a process exited by itself ({status}):\n{}", log_tail(log));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Log lines of `what` ("claimed at batch" …).
@@ -344,4 +369,43 @@ fn processes_joining_and_one_leaving_move_tasks_without_replaying_a_batch() {
     let replaying: Vec<&String> = claims.iter().filter(|l| !l.contains("; 0 batches to replay")).collect();
     assert!(replaying.is_empty(), "a task moved gracefully had batches to replay: {replaying:#?}");
     assert!(lines_with(&setup.log, "without a release").is_empty(), "every move was a graceful release:\n{}", log_tail(&setup.log));
+}
+
+#[test]
+fn with_a_global_watermark_an_idle_partition_closes_its_windows_as_one_process_would() {
+    // Partition 5 gets events of the first 100 s only, then stays idle while the others go
+    // on for 400 s: with its own watermark its last windows would stay open; with the
+    // global one they close as the others advance, as in one process over all partitions.
+    let broker = ApacheKafka::start().unwrap();
+    broker.create_topic("clicks", PARTITIONS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sluice.log");
+    // Partitions read at the same pace: a rate cap, and the events produced once the
+    // group has settled, so that no event is behind the global watermark when its
+    // partition is read (what the reference assumes, as Spark's does).
+    let source = "assignment = \"group\"\nkeyed = true\nwatermark = \"global\"\nmaxRatePerPartition = 300";
+    let file = pipeline_file_with(dir.path(), &broker.bootstrap(), "global", "clicks", 100_000, source);
+    let mut processes = Processes((0..3).map(|_| spawn(&file, &log)).collect());
+    await_settled(&log, &mut processes);
+    let idle_after = 1_767_225_600_000 + 100_000;
+    let events = produce_to(&broker, "clicks", Some(PARTITIONS), &|p, e| p != Some(5) || e["timestamp"].as_i64().unwrap() < idle_after);
+    let clicks: Vec<Value> = events.iter().filter(|(_, e)| e["event"] == "click").map(|(_, e)| e.clone()).collect();
+    let expected = reference::windows_of_all(&clicks, AdClicksParams::default(), true);
+    let per_task = self::expected(&events);
+    assert!(expected.len() > per_task.len(), "the idle partition's last windows close only with the global watermark ({} vs {})", expected.len(), per_task.len());
+    let out = dir.path().join("global-out");
+    let seen = await_windows(&out, expected.len(), &mut processes, &log);
+    let statuses = processes.stop();
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "a process did not stop cleanly: {statuses:?}\n{}", log_tail(&log));
+    let actual = windows(&out);
+    let diff = reference::compare_windows(&expected, &actual);
+    assert!(diff.is_exact(), "{seen} of {} windows seen; {diff:?}; {}\n{}", expected.len(), differences(&expected, &actual), log_tail(&log));
+
+    // One process over all partitions, reading everything in one batch (so that no
+    // partition lags behind the watermark), writes the same.
+    let one = pipeline_file_with(dir.path(), &broker.bootstrap(), "one", "clicks", 100_000, "");
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--available-now"]).arg(&one).env("SLUICE_LOG", "warn").stderr(Stdio::null()).status().unwrap();
+    assert!(status.success());
+    let diff = reference::compare_windows(&expected, &windows(&dir.path().join("one-out")));
+    assert!(diff.is_exact(), "one process over all partitions: {diff:?}");
 }

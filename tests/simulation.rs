@@ -244,6 +244,8 @@ fn pipeline(max_records: u64) -> CheckedPipeline {
             partition_rates: Default::default(),
             group_id: "sim".into(),
             assignment: Default::default(),
+            keyed: false,
+            watermark: Default::default(),
         },
         trigger_interval: Duration::from_millis(1),
         adaptive_interval: None,

@@ -71,6 +71,8 @@ fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: boo
             partition_rates: Default::default(),
             group_id: name.into(),
             assignment: Default::default(),
+            keyed: false,
+            watermark: Default::default(),
         },
         trigger_interval: Duration::from_secs(1),
         adaptive_interval: None,

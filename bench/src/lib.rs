@@ -85,6 +85,8 @@ pub(crate) fn bench_pipeline(group: &str, topic: &str, bootstrap: String, interv
             partition_rates: Default::default(),
             group_id: group.into(),
             assignment: Default::default(),
+            keyed: false,
+            watermark: Default::default(),
         },
         trigger_interval: interval,
         adaptive_interval: None,

@@ -56,6 +56,7 @@ pub struct Metrics {
     plugin_seconds: Family<PluginLabels, Seconds>,
     plugin_rejected: Family<PluginLabels, Counter>,
     plugin_failures: Family<PluginLabels, Counter>,
+    tasks: Family<[(&'static str, String); 1], Gauge>,
 }
 
 impl Default for Metrics {
@@ -84,6 +85,7 @@ impl Default for Metrics {
             plugin_seconds: Family::default(),
             plugin_rejected: Family::default(),
             plugin_failures: Family::default(),
+            tasks: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("not shared yet");
@@ -109,6 +111,7 @@ impl Default for Metrics {
                 "Failed plugin calls (traps, timeouts, errors) that were retried, rolled back or sent to the dead letters",
                 m.plugin_failures.clone(),
             );
+            r.register("sluice_task_owned", "The tasks (source partitions) this process owns in a consumer-group run, 1 each", m.tasks.clone());
         }
         m
     }
@@ -122,6 +125,13 @@ fn plugin_labels(name: &str, version: &str) -> PluginLabels {
 impl crate::progress::Observer for Metrics {
     fn batch(&self, progress: &BatchProgress, _: &serde_json::Value) {
         self.record(progress);
+    }
+
+    fn tasks(&self, owned: &[String]) {
+        self.tasks.clear();
+        for task in owned {
+            self.tasks.get_or_create(&[("task", task.clone())]).set(1);
+        }
     }
 }
 
@@ -200,6 +210,7 @@ mod tests {
         let ms = Duration::from_millis;
         BatchProgress {
             batch_id: id,
+            task: None,
             timestamp_ms: 0,
             input_per_sec: records as f64,
             durations: BatchDurations { plan: ms(1), fetch: ms(2), plugins: ms(millis - 5), sink: ms(1), checkpoint: ms(1), commit: Duration::ZERO },
@@ -264,6 +275,19 @@ mod tests {
         assert_eq!(value(&text, "sluice_last_batch_id"), "1");
         let fetch: f64 = value(&text, "sluice_batch_phase_seconds_total{phase=\"fetch\"}").parse().unwrap();
         assert!((fetch - 0.004).abs() < 1e-9, "{fetch}");
+    }
+
+    #[test]
+    fn the_tasks_a_process_owns_are_one_series_each_and_a_released_one_goes() {
+        use crate::progress::Observer;
+        let metrics = Metrics::default();
+        metrics.tasks(&["clicks/0".into(), "clicks/3".into()]);
+        let text = metrics.render();
+        assert_eq!((value(&text, "sluice_task_owned{task=\"clicks/0\"}"), value(&text, "sluice_task_owned{task=\"clicks/3\"}")), ("1".into(), "1".into()));
+        metrics.tasks(&["clicks/3".into()]);
+        let text = metrics.render();
+        assert!(!text.contains("task=\"clicks/0\""), "a released task has no series: {text}");
+        assert_eq!(value(&text, "sluice_task_owned{task=\"clicks/3\"}"), "1");
     }
 
     #[test]

@@ -12,6 +12,9 @@ use crate::chain::{Rejected, StepId};
 pub trait Observer: Send + Sync + std::fmt::Debug {
     /// Batch `progress` is done.
     fn batch(&self, progress: &BatchProgress, record: &serde_json::Value);
+
+    /// The tasks (`topic/partition`) this process owns now, in a consumer-group run.
+    fn tasks(&self, _owned: &[String]) {}
 }
 
 /// Where the time of one batch went.
@@ -51,8 +54,11 @@ pub struct PartitionProgress {
 /// What happened in one batch (like Spark's `StreamingQueryProgress`).
 #[derive(Debug, Clone)]
 pub struct BatchProgress {
-    /// Batch id.
+    /// Batch id (of its task, in a consumer-group run).
     pub batch_id: u64,
+    /// The task (`topic/partition`) in a consumer-group run; `None` for a run over all
+    /// partitions.
+    pub task: Option<String>,
     /// When it was planned (its processing time), epoch ms.
     pub timestamp_ms: i64,
     /// Records read per second of wall time since the previous batch started (Spark's
@@ -114,6 +120,7 @@ impl BatchProgress {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "batch_id": self.batch_id,
+            "task": self.task,
             "timestamp_ms": self.timestamp_ms,
             "records": self.records,
             "input_rows_per_sec": self.input_per_sec.round(),

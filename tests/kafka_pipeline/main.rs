@@ -57,6 +57,8 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
             partition_rates: Default::default(),
             group_id: "sluice-test".into(),
             assignment: Default::default(),
+            keyed: false,
+            watermark: Default::default(),
         },
         trigger_interval: Duration::from_millis(50),
         adaptive_interval: None,

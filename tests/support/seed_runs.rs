@@ -20,12 +20,13 @@ pub const RECORDS: usize = 20_000;
 /// Produce [`RECORDS`] seed-style events keyed by campaign, partitioned by the producer's
 /// default partitioner, with librdkafka's default batching; returns them.
 pub fn produce(broker: &dyn Broker, topic: &str) -> Vec<Value> {
-    produce_to(broker, topic, None).into_iter().map(|(_, event)| event).collect()
+    produce_to(broker, topic, None, &|_, _| true).into_iter().map(|(_, event)| event).collect()
 }
 
 /// [`produce`]; with `partitions`, each event goes to partition FNV-1a(campaign) mod
-/// `partitions`, returned with it, so a test knows what each partition holds.
-pub fn produce_to(broker: &dyn Broker, topic: &str, partitions: Option<i32>) -> Vec<(Option<i32>, Value)> {
+/// `partitions`, returned with it, so a test knows what each partition holds. Only events
+/// `keep` keeps (given their partition) are produced and returned.
+pub fn produce_to(broker: &dyn Broker, topic: &str, partitions: Option<i32>, keep: &dyn Fn(Option<i32>, &Value) -> bool) -> Vec<(Option<i32>, Value)> {
     // Idempotent: a produce request retried (a broker that is just up, a loaded machine)
     // cannot land behind a later one, so each partition holds its events in the order
     // produced, the order the expected windows are computed in.
@@ -36,8 +37,12 @@ pub fn produce_to(broker: &dyn Broker, topic: &str, partitions: Option<i32>) -> 
         let event = gen.next_event();
         let value = serde_json::to_vec(&event).unwrap();
         let partition = partitions.map(|n| (fnv1a(event.campaign_id.as_bytes()) % n as u64) as i32);
+        let json = serde_json::to_value(&event).unwrap();
+        if !keep(partition, &json) {
+            continue;
+        }
         loader.send(topic, Outgoing { partition, key: Some(event.campaign_id.as_bytes()), value: Some(&value), headers: &[] }).unwrap();
-        events.push((partition, serde_json::to_value(&event).unwrap()));
+        events.push((partition, json));
     }
     loader.flush(Duration::from_secs(60)).unwrap();
     events

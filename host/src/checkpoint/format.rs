@@ -165,6 +165,10 @@ pub(super) struct CommitEntry {
     /// The epoch of the owner that committed (0 outside a consumer group).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(super) epoch: u64,
+    /// The watermark after the batch, for the group's global watermark (read without the
+    /// checkpoint's state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) watermark_ms: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -378,7 +378,8 @@ impl CheckpointStore {
     pub fn commit(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let id = checkpoint.batch_id;
         let bytes = encode_checkpoint(checkpoint);
-        let entry = CommitEntry { batch_id: id, checkpoint_sha256: hex::encode(Sha256::digest(&bytes)), epoch: self.epoch };
+        let watermark_ms = if self.epoch > 0 { checkpoint.tasks.iter().filter_map(|t| t.watermark_ms).max() } else { None };
+        let entry = CommitEntry { batch_id: id, checkpoint_sha256: hex::encode(Sha256::digest(&bytes)), epoch: self.epoch, watermark_ms };
         // Looked at before the checkpoint object is written: outside a group, another
         // run's object has the same name.
         if self.commit_stands(id, &entry)? {
@@ -463,6 +464,22 @@ impl CheckpointStore {
         }
         let pending = self.ids(OFFSETS)?.into_iter().filter(|id| !committed.contains(id)).collect();
         Ok((listed, pending))
+    }
+
+    /// The watermark after the newest committed batch of a consumer-group task.
+    pub fn committed_watermark(&self) -> Result<Option<i64>, CheckpointError> {
+        let Some(id) = self.last_committed()? else { return Ok(None) };
+        Ok(self.commit_entry(id).ok().and_then(|c| c.watermark_ms))
+    }
+
+    /// The highest committed watermark of all tasks of a consumer-group run (its global
+    /// watermark).
+    pub fn group_watermark(&self) -> Result<Option<i64>, CheckpointError> {
+        let mut highest = None;
+        for (topic, partition) in self.tasks()? {
+            highest = highest.max(self.task(&topic, partition).committed_watermark()?);
+        }
+        Ok(highest)
     }
 
     /// The id of the newest batch in the commit log.

@@ -8,7 +8,7 @@
 
 use std::ops::Deref;
 
-use super::{Assignment, ConfigError, Delivery, Pipeline, PluginSource, Sink, MANAGED_KAFKA_KEYS};
+use super::{Assignment, ConfigError, Delivery, Pipeline, PluginSource, Sink, WatermarkScope, MANAGED_KAFKA_KEYS};
 
 /// A pipeline that passed [`Pipeline::check`]. It reads as the pipeline it holds; to change
 /// it, use [`CheckedPipeline::change`], which checks again.
@@ -118,6 +118,9 @@ impl Pipeline {
     /// create-only writes (its fencing), and sinks that keep each task's batches apart.
     fn check_group(&self, invalid: Invalid<'_>) -> Result<(), ConfigError> {
         if self.source.assignment != Assignment::Group {
+            if self.source.watermark != WatermarkScope::Task {
+                return Err(invalid("source.watermark", "applies to source.assignment = \"group\"; a run over all partitions has one watermark already".into()));
+            }
             return Ok(());
         }
         let Some(checkpoint) = &self.checkpoint else {

@@ -42,6 +42,19 @@ pub enum Assignment {
     Group,
 }
 
+/// The watermark a consumer-group task hands its plugins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatermarkScope {
+    /// The task's own (Kafka Streams' stream time): a partition's windows close as its own
+    /// events advance; an idle partition's windows stay open.
+    #[default]
+    Task,
+    /// The highest committed watermark of all the group's tasks (Spark's one watermark per
+    /// query): an idle partition's windows close as the others advance.
+    Global,
+}
+
 /// What the Kafka source reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Source {
@@ -58,6 +71,12 @@ pub struct Source {
     pub group_id: String,
     /// One process for every partition, or the processes of the consumer group sharing them.
     pub assignment: Assignment,
+    /// The input's Kafka key is what stateful steps group by, so one partition's task sees
+    /// every record of a key (consumer-group runs warn when a stateful pipeline does not
+    /// say so).
+    pub keyed: bool,
+    /// Which watermark a consumer-group task hands its plugins.
+    pub watermark: WatermarkScope,
 }
 
 /// Where a plugin comes from.
@@ -310,6 +329,8 @@ impl Pipeline {
             partition_rates: PartitionRates { max: raw.source.max_rate_per_partition, min: raw.source.min_rate_per_partition },
             group_id: raw.source.group_id.unwrap_or_else(|| format!("sluice-{name}")),
             assignment: raw.source.assignment.unwrap_or_default(),
+            keyed: raw.source.keyed.unwrap_or(false),
+            watermark: raw.source.watermark.unwrap_or_default(),
         };
 
         let trigger_interval = raw.trigger.processing_time.unwrap_or(DEFAULT_TRIGGER_INTERVAL);

@@ -72,6 +72,8 @@ pub struct RawSource {
     pub min_rate_per_partition: Option<f64>,
     pub group_id: Option<String>,
     pub assignment: Option<super::Assignment>,
+    pub keyed: Option<bool>,
+    pub watermark: Option<super::WatermarkScope>,
 }
 
 /// `startingOffsets`.

@@ -131,6 +131,8 @@ pub fn run(options: &DemoOptions, stop: Control, out: &mut dyn Write, progress: 
             partition_rates: Default::default(),
             group_id: "sluice-demo".into(),
             assignment: Default::default(),
+            keyed: false,
+            watermark: Default::default(),
         },
         trigger_interval: options.interval,
         adaptive_interval: None,

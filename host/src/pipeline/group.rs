@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, SavedRange, TaskPlan, FORMAT_VERSION};
-use crate::config::{Assignment, CheckedPipeline, Pipeline};
+use crate::config::{Assignment, CheckedPipeline, Pipeline, WatermarkScope};
 use crate::control::{Control, Wake};
 use crate::kafka::{KafkaSource, Membership};
 use crate::plan;
@@ -27,6 +27,7 @@ use crate::recovery::{self, TASK};
 use crate::runtime::Runtime;
 use crate::sink::SinkTask;
 use crate::source::PartitionLag;
+use sluice_sdk::PluginKind;
 
 use super::runner::{Held, Planned, Runner, Task};
 use super::{load_chain, now_ms, BatchProgress, RunError, RunOptions, RunSummary, Until};
@@ -65,6 +66,23 @@ pub fn run_group(
     })?;
     let source = KafkaSource::unassigned(&pipeline.source, &pipeline.kafka)?;
     let properties: Vec<(String, String)> = pipeline.kafka.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    // The plugins load before the process joins: a step that cannot load fails the run
+    // here, not at the first assignment.
+    let (probe, _) = load_chain(pipeline, runtime)?;
+    if let Some(stateful) = probe.stages().find(|s| s.kind() == PluginKind::Aggregate) {
+        if !pipeline.source.keyed {
+            tracing::warn!(
+                "{} is stateful and the input is not declared keyed (source.keyed = true): with source.assignment = \"group\" each task aggregates only its own partition's records, so a key whose records are spread over several partitions gets partial results from several tasks. Produce the input keyed by what the aggregate groups by and set source.keyed = true",
+                stateful.name()
+            );
+        }
+    }
+    drop(probe);
+    if pipeline.steps.iter().any(|s| matches!(s.source, crate::config::PluginSource::Dir(_))) {
+        tracing::warn!(
+            "live plugin swaps are not available with source.assignment = \"group\" yet: a new version in the plugin directory is used by tasks that start after it is there"
+        );
+    }
     let membership = Membership::join(&pipeline.source.group_id, &pipeline.source.topics, &properties)?;
     tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, pipeline.source.topics.join(", "));
     let rate = RateController::new(pipeline.backpressure.map(|b| (b.pid, b.initial_rate)), pipeline.source.partition_rates, pipeline.trigger_interval, pipeline.adaptive_interval);
@@ -90,6 +108,8 @@ pub fn run_group(
         membership,
         tasks: BTreeMap::new(),
         ignore_state: options.ignore_state,
+        global: None,
+        global_read: None,
     };
     let result = group.run(progress);
     // Flush every task's checkpoint before leaving the group, so that their next owners
@@ -108,7 +128,14 @@ struct Group<'p> {
     membership: Membership,
     tasks: BTreeMap<Key, Owned>,
     ignore_state: bool,
+    /// With `source.watermark = "global"`: the highest committed watermark of all tasks,
+    /// and when it was read.
+    global: Option<i64>,
+    global_read: Option<Instant>,
 }
+
+/// How often the global watermark is read from the checkpoint location.
+const GLOBAL_EVERY: Duration = Duration::from_secs(1);
 
 impl Group<'_> {
     fn run(&mut self, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
@@ -150,16 +177,24 @@ impl Group<'_> {
         let budgets = self.runner.rate.budgets(&plan::lags(&lag, None));
         let max_records = self.runner.running.source.max_offsets_per_trigger;
         let ranges = plan::ranges(&lag, plan::Limits { targets: None, budgets: budgets.as_deref(), max_records });
+        let global = self.global_watermark()?;
         let planning = tick.elapsed();
         let mut records = 0;
         let mut done = Vec::new();
         for (range, partition) in ranges.iter().zip(&lag) {
-            if range.until <= range.from || self.runner.control.is_stopped() {
-                continue;
+            if self.runner.control.is_stopped() {
+                break;
             }
             let key = (range.topic.clone(), range.partition);
             let Some(owned) = self.tasks.get_mut(&key) else { continue };
-            let plan = PlannedBatch::new(owned.next_batch_id, now_ms(), vec![TaskPlan { task: TASK, ranges: vec![SavedRange::from(range)], watermark_ms: owned.task.watermark }]);
+            // The plan records the watermark it hands the plugins, so a replay is exact;
+            // with a global watermark an idle task runs an empty batch when the others
+            // moved it on (its windows close as they would in one process).
+            let watermark = owned.task.watermark.max(global);
+            if range.until <= range.from && watermark <= owned.task.watermark {
+                continue;
+            }
+            let plan = PlannedBatch::new(owned.next_batch_id, now_ms(), vec![TaskPlan { task: TASK, ranges: vec![SavedRange::from(range)], watermark_ms: watermark }]);
             match self.runner.batch(&mut owned.task, &plan, Planned::New { scheduling_delay: None }, planning, std::slice::from_ref(partition), progress) {
                 Ok(()) => {
                     owned.next_batch_id += 1;
@@ -171,10 +206,27 @@ impl Group<'_> {
             }
         }
         self.runner.rate.after_batch(now_ms(), records.max(0) as u64, tick.elapsed(), scheduling_delay);
+        done.retain(|r: &sluice_sdk::OffsetRange| r.until > r.from);
         if let Err(e) = self.membership.commit(&done) {
             tracing::warn!("committing the consumer group's offsets failed: {e}");
         }
         Ok(())
+    }
+
+    /// With `source.watermark = "global"`, the highest watermark of all the group's tasks:
+    /// committed ones read from the checkpoint location (at most every [`GLOBAL_EVERY`]),
+    /// and this process's own.
+    fn global_watermark(&mut self) -> Result<Option<i64>, RunError> {
+        if self.pipeline.source.watermark != WatermarkScope::Global {
+            return Ok(None);
+        }
+        if self.global_read.is_none_or(|at| at.elapsed() >= GLOBAL_EVERY) {
+            self.global = self.global.max(self.root.group_watermark()?);
+            self.global_read = Some(Instant::now());
+        }
+        let own = self.tasks.values().filter_map(|o| o.task.watermark).max();
+        self.global = self.global.max(own);
+        Ok(self.global)
     }
 
     /// A task another process took over: dropped, and the source stops reading it.
@@ -219,6 +271,10 @@ impl Group<'_> {
         }
         self.runner.source.reassign(&released, &added)?;
         self.membership.released(&released);
+        let owned: Vec<String> = self.tasks.keys().map(|(t, p)| format!("{t}/{p}")).collect();
+        for observer in &self.runner.observers {
+            observer.tasks(&owned);
+        }
         for (key, plans) in replays {
             for plan in plans {
                 let Some(owned) = self.tasks.get_mut(&key) else { break };
@@ -261,6 +317,7 @@ impl Group<'_> {
         );
         let store = std::sync::Arc::new(store);
         let task = Task {
+            name: Some(format!("{}/{}", key.0, key.1)),
             chain: Held::Owned(Box::new(chain)),
             sink: Held::Owned(sink),
             dead_letters,

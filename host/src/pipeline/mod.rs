@@ -251,6 +251,7 @@ fn run_io(
         stall_limit: options.stall_limit.unwrap_or(crate::source::STALL_LIMIT),
     };
     let mut task = Task {
+        name: None,
         chain: Held::Borrowed(chain),
         sink: Held::Borrowed(sink),
         dead_letters,

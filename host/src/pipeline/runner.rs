@@ -75,6 +75,8 @@ impl<T: ?Sized> std::ops::DerefMut for Held<'_, T> {
 /// checkpoints and watermark. A run over all partitions is one task; a consumer-group run
 /// has one per source partition it owns.
 pub(super) struct Task<'a> {
+    /// `topic/partition` of a consumer-group task; `None` for all partitions.
+    pub(super) name: Option<String>,
     pub(super) chain: Held<'a, Chain>,
     pub(super) sink: Held<'a, dyn Sink + 'a>,
     /// Where rejected records go.
@@ -432,6 +434,7 @@ impl Runner<'_> {
         self.summary.rejected += out.rejected.len() as u64;
         let report = BatchProgress {
             batch_id: plan.batch_id,
+            task: task.name.clone(),
             timestamp_ms: plan.processing_time_ms,
             input_per_sec: records as f64 / since_last.unwrap_or(duration).as_secs_f64().max(1e-9),
             durations: BatchDurations {

@@ -18,6 +18,8 @@ fn literal() -> Pipeline {
             partition_rates: Default::default(),
             group_id: "g".into(),
             assignment: Default::default(),
+            keyed: false,
+            watermark: Default::default(),
         },
         trigger_interval: Duration::from_secs(1),
         adaptive_interval: None,
