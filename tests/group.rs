@@ -158,8 +158,18 @@ fn three_processes_in_one_group_write_exactly_the_reference_windows_each_once() 
     let diff = reference::compare_windows(&expected, &windows(&out));
     assert!(diff.is_exact(), "{seen} of {} windows seen; {diff:?}\n{}", expected.len(), log_tail(&log));
     let text = std::fs::read_to_string(&log).unwrap();
-    eprintln!("{}", text.lines().filter(|l| l.contains("task ") || l.contains("consumer group")).collect::<Vec<_>>().join("\n"));
     assert!(text.matches("claimed at batch").count() >= PARTITIONS as usize, "every partition was claimed by a task:\n{}", log_tail(&log));
+    // `sluice checkpoint show` lists every task's checkpoints, with nothing left to replay.
+    let checkpoint = dir.path().join("three-checkpoint");
+    let shown = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["checkpoint", "show", "--json"]).arg(&checkpoint).output().unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let doc: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let tasks = doc["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), PARTITIONS as usize, "{doc}");
+    for task in tasks {
+        let committed = task["checkpoints"].as_array().unwrap().iter().filter(|c| c["committed"] == true).count();
+        assert!(committed > 0 && task["planned_not_committed"].as_array().unwrap().is_empty(), "after a graceful stop: {task}");
+    }
 }
 
 /// One topic of keyed events on a broker, and what its windows must be.

@@ -449,38 +449,77 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
 
 fn show_checkpoints(location: &str, json: bool) -> anyhow::Result<()> {
     use sluice::checkpoint::CheckpointStore;
-    use sluice::config::{Checkpointing, DEFAULT_RETAIN};
+    use sluice::config::{Assignment, Checkpointing, DEFAULT_RETAIN};
     if !location.contains("://") && !std::path::Path::new(location).is_dir() {
         bail!("{location}: no such directory");
     }
     let store = CheckpointStore::open(&Checkpointing { location: location.into(), options: Default::default(), retain: DEFAULT_RETAIN })?;
     let Some(metadata) = store.metadata()? else { bail!("{location} holds no sluice checkpoint (no `metadata`)") };
-    let (listed, pending) = store.list()?;
-    let when = |ms: i64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string();
+    // A consumer-group run keeps a checkpoint location per task under the top one.
+    let stores: Vec<(Option<String>, CheckpointStore)> = match metadata.assignment {
+        Assignment::All => vec![(None, store)],
+        Assignment::Group => store.tasks()?.into_iter().map(|(topic, partition)| (Some(format!("{topic}/{partition}")), store.task(&topic, partition))).collect(),
+    };
     let mut out = std::io::stdout().lock();
     if json {
-        let checkpoints: Vec<_> = listed
-            .iter()
-            .map(|l| match &l.content {
-                Ok(c) => serde_json::json!({
-                    "batch_id": l.batch_id, "bytes": l.bytes, "committed": l.committed, "created": when(c.created_ms),
-                    "tasks": c.tasks.iter().map(|t| serde_json::json!({
-                        "task": t.task, "watermark_ms": t.watermark_ms,
-                        "positions": t.positions,
-                        "plugins": t.plugins.iter().map(|p| serde_json::json!({
-                            "name": p.identity.name, "version": p.identity.version, "content_hash": p.identity.content_hash,
-                            "state_version": p.identity.state_version, "state_bytes": p.state.as_ref().map(|s| s.len()),
-                        })).collect::<Vec<_>>(),
-                    })).collect::<Vec<_>>(),
-                }),
-                Err(why) => serde_json::json!({"batch_id": l.batch_id, "bytes": l.bytes, "committed": l.committed, "error": why}),
-            })
-            .collect();
-        let doc = serde_json::json!({"location": location, "metadata": metadata, "checkpoints": checkpoints, "planned_not_committed": pending});
+        let mut tasks = Vec::new();
+        for (name, store) in &stores {
+            let (checkpoints, pending) = checkpoints_json(store)?;
+            tasks.push(serde_json::json!({"task": name, "checkpoints": checkpoints, "planned_not_committed": pending}));
+        }
+        let doc = match metadata.assignment {
+            Assignment::All => {
+                let only = tasks.pop().expect("one location");
+                serde_json::json!({"location": location, "metadata": metadata, "checkpoints": only["checkpoints"], "planned_not_committed": only["planned_not_committed"]})
+            }
+            Assignment::Group => serde_json::json!({"location": location, "metadata": metadata, "tasks": tasks}),
+        };
         writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         return Ok(());
     }
     writeln!(out, "checkpoint {location}: pipeline {}, topics {}, format {}", metadata.pipeline, metadata.topics.join(", "), metadata.format_version)?;
+    if metadata.assignment == Assignment::Group {
+        writeln!(out, "a consumer-group run (source.assignment = \"group\"): {} tasks", stores.len())?;
+    }
+    for (name, store) in &stores {
+        if let Some(name) = name {
+            writeln!(out, "\ntask {name}, owned in epoch {}", store.owner_epoch()?)?;
+        }
+        print_checkpoints(&mut out, store)?;
+    }
+    Ok(())
+}
+
+fn when(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+}
+
+/// The checkpoints of one location and its planned batches without a commit, as JSON.
+fn checkpoints_json(store: &sluice::checkpoint::CheckpointStore) -> anyhow::Result<(Vec<serde_json::Value>, Vec<u64>)> {
+    let (listed, pending) = store.list()?;
+    let checkpoints = listed
+        .iter()
+        .map(|l| match &l.content {
+            Ok(c) => serde_json::json!({
+                "batch_id": l.batch_id, "bytes": l.bytes, "committed": l.committed, "created": when(c.created_ms),
+                "tasks": c.tasks.iter().map(|t| serde_json::json!({
+                    "task": t.task, "watermark_ms": t.watermark_ms,
+                    "positions": t.positions,
+                    "plugins": t.plugins.iter().map(|p| serde_json::json!({
+                        "name": p.identity.name, "version": p.identity.version, "content_hash": p.identity.content_hash,
+                        "state_version": p.identity.state_version, "state_bytes": p.state.as_ref().map(|s| s.len()),
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            }),
+            Err(why) => serde_json::json!({"batch_id": l.batch_id, "bytes": l.bytes, "committed": l.committed, "error": why}),
+        })
+        .collect();
+    Ok((checkpoints, pending))
+}
+
+/// The checkpoints of one location and its planned batches without a commit, as text.
+fn print_checkpoints(out: &mut impl Write, store: &sluice::checkpoint::CheckpointStore) -> anyhow::Result<()> {
+    let (listed, pending) = store.list()?;
     if listed.is_empty() {
         writeln!(out, "no checkpoints yet")?;
     }

@@ -318,6 +318,11 @@ impl CheckpointStore {
         Ok((ids.last().copied(), 0))
     }
 
+    /// The epoch of the task's newest owner (0 outside a consumer group or before a claim).
+    pub fn owner_epoch(&self) -> Result<u64, CheckpointError> {
+        Ok(self.newest_epoch()?.1)
+    }
+
     /// Take the location over (a task of a consumer-group run): create the next offset
     /// log entry as a claim with an epoch above every owner's before, and own the location
     /// in that epoch. An earlier owner that still runs is fenced at its next plan, commit
@@ -462,7 +467,8 @@ impl CheckpointStore {
             let committed = named && committed.contains(&id) && self.read_committed(id).is_ok();
             listed.push(Listed { batch_id: id, bytes, committed, content });
         }
-        let pending = self.ids(OFFSETS)?.into_iter().filter(|id| !committed.contains(id)).collect();
+        // Claims plan nothing: they are not batches waiting for a commit.
+        let pending = self.ids(OFFSETS)?.into_iter().filter(|id| !committed.contains(id) && !self.planned(*id).is_ok_and(|p| p.is_some_and(|p| p.claim))).collect();
         Ok((listed, pending))
     }
 

@@ -126,7 +126,8 @@ impl Pipeline {
         let Some(checkpoint) = &self.checkpoint else {
             return Err(invalid(
                 "source.assignment",
-                "\"group\" needs [checkpoint] with a location every process of the group reaches: a task's state moves between processes through it".into(),
+                "\"group\" needs checkpointing, which [checkpoint] enabled = false turns off: a task's state moves between the group's processes through the checkpoint location"
+                    .into(),
             ));
         };
         if checkpoint.location.to_ascii_lowercase().starts_with("memory://") {
