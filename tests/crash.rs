@@ -27,44 +27,12 @@ use sluice_tests::rng::Rng;
 
 #[path = "support/seed_runs.rs"]
 mod seed_runs;
-use seed_runs::{produce, wait_until, windows, SEED_JOB};
+use seed_runs::{pipeline_file, produce, wait_until, windows, Extra, SEED_JOB};
 
 /// Stops at most this many times per trial; the run after the last one finishes.
 const STOPS_PER_TRIAL: usize = 2;
 /// A run that takes longer than this has hung.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-
-/// A pipeline file `name` reading `topic` in batches of at most `batch` through
-/// `plugins` (TOML `[[plugin]]` tables) into a `sink`: `parquet` or `jsonl` (files in
-/// `<name>-out`) or the body of a `[sink]` table; with its own group and checkpoint
-/// location.
-fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64, plugins: &str, sink: &str) -> std::path::PathBuf {
-    let file = dir.join(format!("{name}.toml"));
-    let sink = match sink {
-        "parquet" | "jsonl" => format!("format = \"{sink}\"\npath = \"{}\"", dir.join(format!("{name}-out")).display()),
-        table => table.to_string(),
-    };
-    let text = format!(
-        r#"name = "{name}"
-[source]
-topics = ["{topic}"]
-startingOffsets = "earliest"
-maxOffsetsPerTrigger = {batch}
-[trigger]
-processingTime = "100ms"
-[kafka]
-"bootstrap.servers" = "{bootstrap}"
-{plugins}
-[sink]
-{sink}
-[checkpoint]
-location = "{ck}"
-"#,
-        ck = dir.join(format!("{name}-checkpoint")).display(),
-    );
-    std::fs::write(&file, text).unwrap();
-    file
-}
 
 /// `sluice run --available-now FILE`, logging to `log`, with one more variable if given.
 fn spawn(file: &Path, log: &Path, env: Option<(&str, String)>) -> Child {
@@ -160,7 +128,7 @@ fn setups(broker: &ApacheKafka, dir: &Path, log: &Path) -> Vec<Setup> {
         let clicks: Vec<Value> = events.into_iter().filter(|e| e["event"] == "click").collect();
         let expected = reference::windows_of_all(&clicks, AdClicksParams::default(), true);
         assert!(expected.len() > 100, "the data closes windows ({})", expected.len());
-        let file = pipeline_file(dir, &broker.bootstrap(), &format!("clean-{partitions}"), &topic, 3000, SEED_JOB, "parquet");
+        let file = pipeline_file(dir, &broker.bootstrap(), &format!("clean-{partitions}"), &topic, 3000, SEED_JOB, "parquet", &Extra::default());
         let started = Instant::now();
         let status = spawn(&file, log, None).wait().unwrap();
         assert!(status.success(), "the run without stops failed: {}", std::fs::read_to_string(log).unwrap_or_default());
@@ -248,7 +216,7 @@ fn stopped_at_random_moments_the_seed_job_gives_exactly_the_reference_windows() 
         let setup = &setups[n % setups.len()];
         let batch = [1000, 3000][(n / setups.len()) % 2];
         let name = format!("trial-{n}");
-        let file = pipeline_file(dir.path(), &broker.bootstrap(), &name, &setup.topic, batch, SEED_JOB, "parquet");
+        let file = pipeline_file(dir.path(), &broker.bootstrap(), &name, &setup.topic, batch, SEED_JOB, "parquet", &Extra::default());
         trial(n, &file, &log, setup.clean, &mut rng, None, &mut tally);
         let diff = reference::compare_windows(&setup.expected, &windows(&dir.path().join(format!("{name}-out"))));
         tally.add(n, &format!("{}, batches of {batch}", setup.topic), diff);
@@ -310,7 +278,7 @@ fn the_exactly_once_kafka_sink_gives_read_committed_readers_each_reference_windo
         let out = format!("{name}-out");
         broker.create_topic(&out, 1).unwrap();
         let sink = format!("format = \"kafka\"\ntopic = \"{out}\"\ndeliveryGuarantee = \"exactly-once\"");
-        let file = pipeline_file(dir.path(), &broker.bootstrap(), &name, &setup.topic, batch, SEED_JOB, &sink);
+        let file = pipeline_file(dir.path(), &broker.bootstrap(), &name, &setup.topic, batch, SEED_JOB, &sink, &Extra::default());
         // Two trials in three kill themselves in batch 2, 3 or 4 (which close windows with
         // both batch sizes): before the transaction commits, or after it and before the
         // batch's checkpoint (the replay must not write it again).
@@ -375,7 +343,7 @@ fn a_broker_failure_mid_run_loses_nothing(broker: &mut ApacheKafka, partitions: 
     let events = produce(broker, "events");
     let clicks: Vec<Value> = events.into_iter().filter(|e| e["event"] == "click").collect();
     let expected = reference::windows_of_all(&clicks, AdClicksParams::default(), true);
-    let file = pipeline_file(dir.path(), &broker.bootstrap(), "failover", "events", 500, SEED_JOB, "parquet");
+    let file = pipeline_file(dir.path(), &broker.bootstrap(), "failover", "events", 500, SEED_JOB, "parquet", &Extra::default());
     let text = std::fs::read_to_string(&file).unwrap().replace("processingTime = \"100ms\"", "processingTime = \"200ms\"");
     std::fs::write(&file, text).unwrap();
     let mut child = spawn(&file, &log, None);
@@ -470,7 +438,7 @@ fn input_from_transactional_producers_reads_committed_records_once_and_does_not_
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("sluice.log");
     // Batches of 7 end inside the aborted transaction and at markers.
-    let mut child = spawn(&pipeline_file(dir.path(), &broker.bootstrap(), "txn", "txn", 7, "[[plugin]]\nbuiltin = \"json-filter\"", "jsonl"), &log, None);
+    let mut child = spawn(&pipeline_file(dir.path(), &broker.bootstrap(), "txn", "txn", 7, "[[plugin]]\nbuiltin = \"json-filter\"", "jsonl", &Extra::default()), &log, None);
     let status = wait_until(&mut child, Instant::now() + Duration::from_secs(90));
     if status.is_none() {
         let _ = child.kill();

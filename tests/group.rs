@@ -17,7 +17,7 @@ use sluice_tests::rng::Rng;
 
 #[path = "support/seed_runs.rs"]
 mod seed_runs;
-use seed_runs::{produce_to, wait_until, windows, SEED_JOB};
+use seed_runs::{produce_to, wait_until, windows, Extra, SEED_JOB};
 
 /// Partitions of the test topic.
 const PARTITIONS: i32 = 6;
@@ -34,42 +34,18 @@ fn expected(events: &[(Option<i32>, Value)]) -> Vec<WindowRow> {
         .collect()
 }
 
-/// A group-mode pipeline file `name` for `topic`, writing Parquet to `<name>-out` and
-/// checkpoints to `<name>-checkpoint`; a short session timeout so that a process that is
-/// gone loses its partitions within seconds.
+/// A group-mode pipeline file `name` for `topic` with keyed input, writing Parquet to
+/// `<name>-out` and checkpoints to `<name>-checkpoint`.
 fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64) -> PathBuf {
     pipeline_file_with(dir, bootstrap, name, topic, batch, "assignment = \"group\"\nkeyed = true")
 }
 
-/// [`pipeline_file`] with `source` lines of its own (`assignment`, `watermark`, rates).
+/// [`pipeline_file`] with `source` lines of its own (`assignment`, `watermark`, rates); a
+/// short session timeout, so that a process that is gone loses its partitions within
+/// seconds, and every checkpoint and log entry kept, for [`check_fencing`].
 fn pipeline_file_with(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64, source: &str) -> PathBuf {
-    let file = dir.join(format!("{name}.toml"));
-    let text = format!(
-        r#"name = "{name}"
-[source]
-topics = ["{topic}"]
-startingOffsets = "earliest"
-maxOffsetsPerTrigger = {batch}
-{source}
-[trigger]
-processingTime = "200ms"
-[kafka]
-"bootstrap.servers" = "{bootstrap}"
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
-{SEED_JOB}
-[sink]
-format = "parquet"
-path = "{out}"
-[checkpoint]
-location = "{ck}"
-retain = 100000
-"#,
-        out = dir.join(format!("{name}-out")).display(),
-        ck = dir.join(format!("{name}-checkpoint")).display(),
-    );
-    std::fs::write(&file, text).unwrap();
-    file
+    let extra = Extra { source, kafka: "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"", checkpoint: "retain = 100000" };
+    seed_runs::pipeline_file(dir, bootstrap, name, topic, batch, SEED_JOB, "parquet", &extra)
 }
 
 /// `sluice run FILE`, logging to `log`.
@@ -213,6 +189,17 @@ fn moved_tasks(log: &Path) -> usize {
     lines_with(log, "claimed at batch").iter().filter(|l| !l.contains("in epoch 1;")).count()
 }
 
+/// One process of `file`, once it has claimed every partition's task.
+fn first_owning_all(file: &Path, log: &Path) -> Processes {
+    let processes = Processes(vec![spawn(file, log)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines_with(log, "claimed at batch").len() < PARTITIONS as usize {
+        assert!(Instant::now() < deadline, "the first process did not claim every partition:\n{}", log_tail(log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    processes
+}
+
 /// Wait until every partition's task was claimed and no task moved for 3 s.
 fn await_settled(log: &Path, processes: &mut Processes) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -313,13 +300,8 @@ fn a_process_paused_past_the_session_timeout_is_fenced_and_writes_nothing_for_it
     let setup = setup();
     let name = "paused";
     let file = pipeline_file(setup.dir.path(), &setup.broker.bootstrap(), name, "clicks", 100);
-    let mut processes = Processes(vec![spawn(&file, &setup.log)]);
     // The first process takes every partition; once it has, a second joins.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lines_with(&setup.log, "claimed at batch").len() < PARTITIONS as usize {
-        assert!(Instant::now() < deadline, "the first process did not claim every partition:\n{}", log_tail(&setup.log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut processes = first_owning_all(&file, &setup.log);
     processes.0.push(spawn(&file, &setup.log));
     std::thread::sleep(Duration::from_secs(2));
     let paused = processes.0[0].id() as i32;
@@ -350,12 +332,7 @@ fn processes_joining_and_one_leaving_move_tasks_without_replaying_a_batch() {
     let setup = setup();
     let name = "joining";
     let file = pipeline_file(setup.dir.path(), &setup.broker.bootstrap(), name, "clicks", 100);
-    let mut processes = Processes(vec![spawn(&file, &setup.log)]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lines_with(&setup.log, "claimed at batch").len() < PARTITIONS as usize {
-        assert!(Instant::now() < deadline, "the first process did not claim every partition:\n{}", log_tail(&setup.log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut processes = first_owning_all(&file, &setup.log);
     processes.0.push(spawn(&file, &setup.log));
     processes.0.push(spawn(&file, &setup.log));
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -145,6 +145,12 @@ impl Location {
         let created = match self.io.block_on(self.store.put_opts(&self.path(name), PutPayload::from(bytes), options)) {
             Ok(_) => true,
             Err(object_store::Error::AlreadyExists { .. }) => false,
+            Err(object_store::Error::NotImplemented { .. }) => {
+                return Err(self.fail(
+                    failing,
+                    "this store does not support create-only writes (conditional puts), which sluice needs so that two writers never commit the same batch; for an S3-compatible store, remove `aws_conditional_put = \"disabled\"` or use a store with conditional writes",
+                ))
+            }
             Err(e) => return Err(self.fail(failing, e)),
         };
         self.hook(format_args!("after create {name}"), &failing)?;

@@ -52,6 +52,56 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// Lines a suite adds to the tables of a [`pipeline_file`].
+#[derive(Default)]
+pub struct Extra<'a> {
+    /// In `[source]`.
+    pub source: &'a str,
+    /// In `[kafka]`.
+    pub kafka: &'a str,
+    /// In `[checkpoint]`.
+    pub checkpoint: &'a str,
+}
+
+/// A pipeline file `name` reading `topic` in batches of at most `batch` through
+/// `plugins` (TOML `[[plugin]]` tables) into a `sink`: `parquet` or `jsonl` (files in
+/// `<name>-out`) or the body of a `[sink]` table; with its own group and checkpoint
+/// location, and the `extra` lines of its own.
+#[allow(clippy::too_many_arguments)]
+pub fn pipeline_file(dir: &Path, bootstrap: &str, name: &str, topic: &str, batch: u64, plugins: &str, sink: &str, extra: &Extra<'_>) -> std::path::PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    let sink = match sink {
+        "parquet" | "jsonl" => format!("format = \"{sink}\"\npath = \"{}\"", dir.join(format!("{name}-out")).display()),
+        table => table.to_string(),
+    };
+    let text = format!(
+        r#"name = "{name}"
+[source]
+topics = ["{topic}"]
+startingOffsets = "earliest"
+maxOffsetsPerTrigger = {batch}
+{source}
+[trigger]
+processingTime = "100ms"
+[kafka]
+"bootstrap.servers" = "{bootstrap}"
+{kafka}
+{plugins}
+[sink]
+{sink}
+[checkpoint]
+location = "{ck}"
+{checkpoint}
+"#,
+        ck = dir.join(format!("{name}-checkpoint")).display(),
+        source = extra.source,
+        kafka = extra.kafka,
+        checkpoint = extra.checkpoint,
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
 /// The seed's job: json-filter keeps the clicks, ad-clicks with its default config.
 pub const SEED_JOB: &str = r#"[[plugin]]
 builtin = "json-filter"

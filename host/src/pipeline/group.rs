@@ -198,6 +198,9 @@ impl Group<'_> {
             match self.runner.batch(&mut owned.task, &plan, Planned::New { scheduling_delay: None }, planning, std::slice::from_ref(partition), progress) {
                 Ok(()) => {
                     owned.next_batch_id += 1;
+                    // A chain without an aggregate reports no watermark: the one handed to
+                    // it stands, so an idle task runs no empty batch again for it.
+                    owned.task.watermark = owned.task.watermark.max(watermark);
                     records += range.until - range.from;
                     done.push(range.clone());
                 }
