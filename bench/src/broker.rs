@@ -75,6 +75,11 @@ impl ApacheKafka {
             // A Kafka cluster id: 16 bytes, URL-safe base64 without padding.
             base64_url(&digest[..16])
         };
+        // In a cluster a node that stops heartbeating loses its partitions' leadership within
+        // 4 s (the leader-kill test). A single node is its own controller: after a pause
+        // longer than the session (the outage test pauses it 12 s) it fenced itself, and its
+        // partitions were seen to stay without a leader for minutes; it gets 60 s.
+        let session_ms = if nodes == 1 { 60_000 } else { 4_000 };
         let mut cluster = Self { nodes: Vec::new(), dir };
         for (i, &(broker_port, controller_port)) in ports.iter().enumerate() {
             let id = i as i32 + 1;
@@ -99,11 +104,12 @@ impl ApacheKafka {
                  transaction.state.log.min.isr={min_isr}\n\
                  transaction.state.log.num.partitions=4\n\
                  group.initial.rebalance.delay.ms=0\n\
-                 broker.session.timeout.ms=4000\n\
+                 broker.session.timeout.ms={session_ms}\n\
                  broker.heartbeat.interval.ms=500\n\
                  auto.create.topics.enable=false\n",
                 voters = voters.join(","),
-                data = home.join("data").display()
+                data = home.join("data").display(),
+                session_ms = session_ms,
             );
             std::fs::write(home.join("server.properties"), properties).context("cannot write Kafka's server.properties")?;
             let format = Command::new("java")
