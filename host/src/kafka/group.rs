@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use sluice_sdk::OffsetRange;
 
 use super::{failed, SourceError};
@@ -197,14 +197,7 @@ impl Membership {
 
     /// Commit the group's offsets to the ends of `ranges` (for lag tools), asynchronously.
     pub fn commit(&self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
-        let mut tpl = TopicPartitionList::new();
-        for r in ranges.iter().filter(|r| r.until > r.from) {
-            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until)).map_err(failed("building the commit"))?;
-        }
-        if tpl.count() > 0 {
-            self.consumer.commit(&tpl, CommitMode::Async).map_err(failed("committing consumer group offsets"))?;
-        }
-        Ok(())
+        super::commit_group_offsets(self.consumer.as_ref(), ranges)
     }
 }
 

@@ -297,12 +297,8 @@ impl Source for KafkaSource {
     /// seen to wait forever, holding the batch loop and a stop with it. A failed commit is
     /// logged by [`SourceContext`]; closing the consumer waits for commits in flight.
     fn commit(&mut self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
-        let mut tpl = TopicPartitionList::new();
-        for r in ranges.iter().filter(|r| r.until > r.from) {
-            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until)).map_err(failed("building the commit"))?;
-        }
-        if tpl.count() > 0 && self.group_commits {
-            self.consumer.commit(&tpl, CommitMode::Async).map_err(failed("committing consumer group offsets"))?;
+        if self.group_commits {
+            commit_group_offsets(self.consumer.as_ref(), ranges)?;
         }
         for r in ranges {
             if let Some(next) = self.next.get_mut(&(r.topic.clone(), r.partition)) {
@@ -374,6 +370,20 @@ impl Source for KafkaSource {
             p.set_limit(rows);
         }
     }
+}
+
+/// Commit a consumer group's offsets to the ends of `ranges` (for lag tools),
+/// asynchronously: a synchronous commit waits without a time limit (see
+/// [`KafkaSource::commit`](Source::commit)); the consumer's context logs a failed one.
+fn commit_group_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, ranges: &[OffsetRange]) -> Result<(), SourceError> {
+    let mut tpl = TopicPartitionList::new();
+    for r in ranges.iter().filter(|r| r.until > r.from) {
+        tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.until)).map_err(failed("building the commit"))?;
+    }
+    if tpl.count() > 0 {
+        consumer.commit(&tpl, CommitMode::Async).map_err(failed("committing consumer group offsets"))?;
+    }
+    Ok(())
 }
 
 /// The high watermark of a partition as the last fetch response reported it, if one came.

@@ -22,7 +22,6 @@ use crate::config::{Assignment, CheckedPipeline, Pipeline, WatermarkScope};
 use crate::control::{Control, Wake};
 use crate::kafka::{KafkaSource, Membership};
 use crate::plan;
-use crate::rate::RateController;
 use crate::recovery::{self, TASK};
 use crate::runtime::Runtime;
 use crate::sink::SinkTask;
@@ -85,23 +84,8 @@ pub fn run_group(
     }
     let membership = Membership::join(&pipeline.source.group_id, &pipeline.source.topics, &properties)?;
     tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, pipeline.source.topics.join(", "));
-    let rate = RateController::new(pipeline.backpressure.map(|b| (b.pid, b.initial_rate)), pipeline.source.partition_rates, pipeline.trigger_interval, pipeline.adaptive_interval);
-    let stall_limit = options.stall_limit.unwrap_or(crate::source::STALL_LIMIT);
     let mut group = Group {
-        runner: Runner {
-            observers: options.observers.clone(),
-            last_start: None,
-            watcher: None,
-            swap_time: Duration::ZERO,
-            retune_from: options.retune_from.clone(),
-            control: control.clone(),
-            running: (**pipeline).clone(),
-            rate,
-            source: Box::new(source),
-            summary: RunSummary::default(),
-            fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)).min(stall_limit),
-            stall_limit,
-        },
+        runner: Runner::new(pipeline, &options, control, Box::new(source), None),
         pipeline,
         runtime,
         root,
@@ -209,7 +193,6 @@ impl Group<'_> {
             }
         }
         self.runner.rate.after_batch(now_ms(), records.max(0) as u64, tick.elapsed(), scheduling_delay);
-        done.retain(|r: &sluice_sdk::OffsetRange| r.until > r.from);
         if let Err(e) = self.membership.commit(&done) {
             tracing::warn!("committing the consumer group's offsets failed: {e}");
         }

@@ -11,7 +11,7 @@ use crate::checkpoint::{CheckpointStore, CheckpointWriter, WriteMode};
 use crate::config::{CheckedPipeline, Pipeline, PluginSource};
 use crate::control::Control;
 use crate::kafka::KafkaSource;
-use crate::rate::{RateController, RateState};
+use crate::rate::RateState;
 use crate::recovery;
 use crate::runtime::Runtime;
 use crate::sink::Sink;
@@ -228,28 +228,13 @@ fn run_io(
     chain.set_control(control.clone());
     let resume = recovery::recover(pipeline, checkpoints.as_deref(), chain, &*sink, options.ignore_state)?;
     let source = connect(resume.positions.as_ref())?;
-    let mut rate =
-        RateController::new(pipeline.backpressure.map(|b| (b.pid, b.initial_rate)), pipeline.source.partition_rates, pipeline.trigger_interval, pipeline.adaptive_interval);
+    let mut runner = Runner::new(pipeline, &options, control, source, watcher);
     if let Some(saved) = resume.rate_controller.clone() {
         match serde_json::from_value::<RateState>(saved) {
-            Ok(state) => rate.restore(state),
+            Ok(state) => runner.rate.restore(state),
             Err(e) => tracing::warn!("the checkpoint's rate-controller state cannot be read ({e}); the rate starts over"),
         }
     }
-    let mut runner = Runner {
-        observers: options.observers.clone(),
-        last_start: None,
-        watcher,
-        swap_time: Duration::ZERO,
-        retune_from: options.retune_from,
-        control: control.clone(),
-        running: pipeline.clone(),
-        rate,
-        source,
-        summary: RunSummary::default(),
-        fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)).min(options.stall_limit.unwrap_or(crate::source::STALL_LIMIT)),
-        stall_limit: options.stall_limit.unwrap_or(crate::source::STALL_LIMIT),
-    };
     let mut task = Task {
         name: None,
         chain: Held::Borrowed(chain),

@@ -20,7 +20,7 @@ use crate::sink::Sink;
 use crate::source::{PartitionLag, Source, SourceError};
 use crate::swap::{Found, Watcher};
 
-use super::{now_ms, BatchDurations, BatchProgress, Observer, PartitionProgress, RunError, RunSummary, Until};
+use super::{now_ms, BatchDurations, BatchProgress, Observer, PartitionProgress, RunError, RunOptions, RunSummary, Until};
 
 /// Whether a source error means "the brokers are away for now".
 fn is_waiting_error(e: &SourceError) -> bool {
@@ -124,6 +124,32 @@ pub(super) struct Runner<'a> {
     pub(super) summary: RunSummary,
     pub(super) fetch_timeout: Duration,
     pub(super) stall_limit: Duration,
+}
+
+impl<'a> Runner<'a> {
+    /// A loop over `source` with `pipeline`'s settings and rate control from scratch.
+    pub(super) fn new(pipeline: &Pipeline, options: &RunOptions, control: &Control, source: Box<dyn Source + 'a>, watcher: Option<Watcher>) -> Self {
+        let stall_limit = options.stall_limit.unwrap_or(crate::source::STALL_LIMIT);
+        Self {
+            observers: options.observers.clone(),
+            last_start: None,
+            watcher,
+            swap_time: Duration::ZERO,
+            retune_from: options.retune_from.clone(),
+            control: control.clone(),
+            running: pipeline.clone(),
+            rate: RateController::new(
+                pipeline.backpressure.map(|b| (b.pid, b.initial_rate)),
+                pipeline.source.partition_rates,
+                pipeline.trigger_interval,
+                pipeline.adaptive_interval,
+            ),
+            source,
+            summary: RunSummary::default(),
+            fetch_timeout: pipeline.trigger_interval.max(Duration::from_secs(30)).min(stall_limit),
+            stall_limit,
+        }
+    }
 }
 
 impl Runner<'_> {
