@@ -371,7 +371,7 @@ fn a_broker_failure_mid_run_loses_nothing(broker: &mut ApacheKafka, partitions: 
 
 #[test]
 fn the_single_broker_killed_and_restarted_on_its_log_directory_mid_run_loses_nothing() {
-    let mut broker = ApacheKafka::start().unwrap();
+    let mut broker = ApacheKafka::cluster_with_session(1, Duration::from_secs(4)).unwrap();
     a_broker_failure_mid_run_loses_nothing(&mut broker, 3, |broker| {
         broker.kill();
         // Longer than a batch interval and than librdkafka's socket timeouts' first retries.

@@ -52,8 +52,19 @@ impl ApacheKafka {
     }
 
     /// Start a cluster of `nodes` nodes (node ids 1..=nodes), each a broker and a voter of
-    /// the controller quorum, and wait until every node serves.
+    /// the controller quorum, and wait until every node serves. In a cluster a node that
+    /// stops heartbeating loses its partitions' leadership within 4 s (the leader-kill
+    /// test). A single node is its own controller: after a pause longer than its session
+    /// (the outage test pauses it 12 s) it fenced itself, and its partitions were seen to
+    /// stay without a leader for minutes; it gets 60 s.
     pub fn cluster(nodes: usize) -> anyhow::Result<Self> {
+        Self::cluster_with_session(nodes, Duration::from_secs(if nodes == 1 { 60 } else { 4 }))
+    }
+
+    /// [`ApacheKafka::cluster`] with `broker.session.timeout.ms` = `session`. A single node
+    /// killed and restarted on its log directory registers again only once its old
+    /// session is over: the restart test wants a short one.
+    pub fn cluster_with_session(nodes: usize, session: Duration) -> anyhow::Result<Self> {
         let libs = kafka_libs();
         if !libs.join(format!("kafka_2.13-{KAFKA_VERSION}.jar")).is_file() {
             bail!(
@@ -75,11 +86,7 @@ impl ApacheKafka {
             // A Kafka cluster id: 16 bytes, URL-safe base64 without padding.
             base64_url(&digest[..16])
         };
-        // In a cluster a node that stops heartbeating loses its partitions' leadership within
-        // 4 s (the leader-kill test). A single node is its own controller: after a pause
-        // longer than the session (the outage test pauses it 12 s) it fenced itself, and its
-        // partitions were seen to stay without a leader for minutes; it gets 60 s.
-        let session_ms = if nodes == 1 { 60_000 } else { 4_000 };
+        let session_ms = session.as_millis();
         let mut cluster = Self { nodes: Vec::new(), dir };
         for (i, &(broker_port, controller_port)) in ports.iter().enumerate() {
             let id = i as i32 + 1;
