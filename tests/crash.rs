@@ -467,6 +467,7 @@ fn batches_that_reread_what_the_consumer_read_ahead_hold_each_record_once() {
         group_id: "again".into(),
         assignment: Default::default(),
         keyed: false,
+        repartition: None,
         watermark: Default::default(),
     };
     let properties = std::collections::BTreeMap::from([("bootstrap.servers".to_string(), broker.bootstrap())]);

@@ -17,7 +17,7 @@ use sluice_tests::rng::Rng;
 
 #[path = "support/seed_runs.rs"]
 mod seed_runs;
-use seed_runs::{produce_to, wait_until, windows, Extra, SEED_JOB};
+use seed_runs::{produce_to, produce_unkeyed, wait_until, windows, Extra, SEED_JOB};
 
 /// Partitions of the test topic.
 const PARTITIONS: i32 = 6;
@@ -50,9 +50,15 @@ fn pipeline_file_with(dir: &Path, bootstrap: &str, name: &str, topic: &str, batc
 
 /// `sluice run FILE`, logging to `log`.
 fn spawn(file: &Path, log: &Path) -> Child {
+    spawn_with(file, log, &[])
+}
+
+/// [`spawn`] with these environment variables.
+fn spawn_with(file: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("run")
         .arg(file)
+        .envs(env.iter().copied())
         .env("SLUICE_LOG", "info,sluice::progress=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
@@ -395,4 +401,96 @@ fn with_a_global_watermark_an_idle_partition_closes_its_windows_as_one_process_w
     assert!(status.success());
     let diff = reference::compare_windows(&expected, &windows(&dir.path().join("one-out")));
     assert!(diff.is_exact(), "one process over all partitions: {diff:?}");
+}
+
+/// Kafka's `Utils.murmur2` (the hash its Java clients, and librdkafka's `murmur2_random`
+/// partitioner, choose a key's partition by), written from its definition.
+fn murmur2(key: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ key.len() as u32;
+    let chunks = key.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    if !tail.is_empty() {
+        for (i, &b) in tail.iter().enumerate() {
+            h ^= (b as u32) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition of `key` among `partitions`, as Kafka's Java clients choose it.
+fn murmur2_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+#[test]
+fn murmur2_is_kafkas() {
+    // The cases of Kafka's UtilsTest.testMurmur2.
+    let cases: [(&[u8], i32); 6] = [
+        (b"21", -973_932_308),
+        (b"foobar", -790_332_482),
+        (b"a-little-bit-long-string", -985_981_536),
+        (b"a-little-bit-longer-string", -1_486_304_829),
+        (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+        (b"abc", 479_470_107),
+    ];
+    for (key, hash) in cases {
+        assert_eq!(murmur2(key), hash, "{}", String::from_utf8_lossy(key));
+    }
+}
+
+#[test]
+fn unkeyed_input_through_a_repartition_topic_gives_the_reference_windows_once_despite_a_kill() {
+    // Every campaign's events are spread over all source partitions: only repartitioned
+    // by campaign does one aggregate task see all of a campaign's events.
+    let broker = ApacheKafka::start().unwrap();
+    broker.create_topic("raw", PARTITIONS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sluice.log");
+    // The source partitions read at the same pace (the events are produced once the group
+    // has settled), so that a repartition partition gets its events about in event-time
+    // order; each aggregate task has its own watermark.
+    let source = "assignment = \"group\"\nmaxRatePerPartition = 300\nrepartition = { topic = \"by-campaign\", key = \"campaign_id\" }";
+    let file = pipeline_file_with(dir.path(), &broker.bootstrap(), "repartition", "raw", 100_000, source);
+    // The process kills itself once a source task's batch 4 is in the repartition topic,
+    // before that batch's checkpoint: the restarted one produces it again.
+    let mut processes = Processes(vec![spawn_with(&file, &log, &[("SLUICE_KILL_AT", "repartition-produced:4")])]);
+    await_settled(&log, &mut processes);
+    assert_eq!(
+        lines_with(&log, "claimed at batch").len(),
+        2 * PARTITIONS as usize,
+        "a task for each source and each repartition partition (created like the source):\n{}",
+        log_tail(&log)
+    );
+    let events = produce_unkeyed(&broker, "raw", PARTITIONS);
+    // Each repartition partition's task closes the windows of its campaigns' clicks.
+    let expected: Vec<WindowRow> = (0..PARTITIONS)
+        .flat_map(|p| {
+            let clicks: Vec<Value> =
+                events.iter().filter(|e| e["event"] == "click" && murmur2_partition(e["campaign_id"].as_str().unwrap().as_bytes(), PARTITIONS) == p).cloned().collect();
+            reference::windows_of_all(&clicks, AdClicksParams::default(), true)
+        })
+        .collect();
+    let status = wait_until(&mut processes.0[0], Instant::now() + Duration::from_secs(60));
+    assert!(status.is_some_and(|s| !s.success()), "the process killed itself at the kill point ({status:?}):\n{}", log_tail(&log));
+    let mut processes = Processes(vec![spawn(&file, &log)]);
+    let out = dir.path().join("repartition-out");
+    let seen = await_windows(&out, expected.len(), &mut processes, &log);
+    let statuses = processes.stop();
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "the process did not stop cleanly: {statuses:?}\n{}", log_tail(&log));
+    let actual = windows(&out);
+    let diff = reference::compare_windows(&expected, &actual);
+    assert!(diff.is_exact(), "{seen} of {} windows seen; {diff:?}; {}\n{}", expected.len(), differences(&expected, &actual), log_tail(&log));
+    assert!(!lines_with(&log, "were counted before").is_empty(), "the replayed source batch's records reached the repartition topic twice and were skipped:\n{}", log_tail(&log));
 }

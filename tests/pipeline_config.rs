@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice::chain::{FailurePolicy, OnFailure};
-use sluice::config::{Backpressure, Checkpointing, Delivery, ParquetCompression, Pipeline, PluginSource, Sink, StartingOffsets, DEFAULT_RETAIN};
+use sluice::config::{Backpressure, Checkpointing, Delivery, ParquetCompression, Pipeline, PluginSource, Repartition, Sink, StartingOffsets, DEFAULT_RETAIN};
 use sluice::rate::{AdaptiveInterval, PartitionRates, PidSettings};
 
 fn files(kind: &str) -> Vec<PathBuf> {
@@ -93,6 +93,9 @@ fn defaults_and_relative_plugin_paths() {
     assert_eq!(to_kafka.steps[0].source, PluginSource::File("/etc/sluice/plugins/json_filter.wasm".into()));
     assert_eq!(to_kafka.sink, Sink::Kafka { topic: "ad-clicks".into(), delivery: Delivery::ExactlyOnce { transactional_id: "sluice-clicks-only-sink-0".into() } });
     assert_eq!(to_kafka.dead_letter, Some(Sink::Kafka { topic: "ad-clicks-rejected".into(), delivery: Delivery::AtLeastOnce }), "at least once unless asked");
+    assert_eq!(minimal.source.repartition, None, "no repartition topic unless named");
+    let group = Pipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pipelines/good/group-repartition.toml")).unwrap();
+    assert_eq!(group.source.repartition, Some(Repartition { topic: "ad-events-by-campaign".into(), key: Some("campaign_id".into()) }));
 }
 
 #[test]

@@ -245,6 +245,7 @@ fn pipeline(max_records: u64) -> CheckedPipeline {
             group_id: "sim".into(),
             assignment: Default::default(),
             keyed: false,
+            repartition: None,
             watermark: Default::default(),
         },
         trigger_interval: Duration::from_millis(1),

@@ -72,6 +72,7 @@ fn pipeline(name: &str, bootstrap: &str, batch: u64, dir: &Path, checkpoint: boo
             group_id: name.into(),
             assignment: Default::default(),
             keyed: false,
+            repartition: None,
             watermark: Default::default(),
         },
         trigger_interval: Duration::from_secs(1),

@@ -86,6 +86,7 @@ pub(crate) fn bench_pipeline(group: &str, topic: &str, bootstrap: String, interv
             group_id: group.into(),
             assignment: Default::default(),
             keyed: false,
+            repartition: None,
             watermark: Default::default(),
         },
         trigger_interval: interval,

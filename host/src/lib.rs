@@ -43,6 +43,7 @@ pub mod plan;
 pub mod progress;
 pub mod rate;
 pub mod recovery;
+pub mod repartition;
 pub mod runtime;
 pub mod sink;
 pub mod source;

@@ -32,6 +32,8 @@ pub struct Resume {
     pub watermark_ms: Option<i64>,
     /// The rate controller's saved state.
     pub rate_controller: Option<serde_json::Value>,
+    /// A repartition task's marks of what it counted (empty for other tasks).
+    pub upstream: Vec<checkpoint::UpstreamMark>,
 }
 
 /// Read the checkpoint location, restore the chain's state (unless `ignore_state`), and
@@ -89,6 +91,8 @@ pub fn recover(pipeline: &Pipeline, checkpoints: Option<&CheckpointStore>, chain
         )));
     }
     let watermark_ms = task.and_then(|t| t.watermark_ms);
+    // Kept with --ignore-state too: they say which records were counted, like positions.
+    let upstream = task.map(|t| t.upstream.clone()).unwrap_or_default();
     let Recovered { checkpoint, replay, .. } = recovered;
-    Ok(Resume { positions, replay, next_batch_id, watermark_ms, rate_controller: checkpoint.and_then(|c| c.rate_controller) })
+    Ok(Resume { positions, replay, next_batch_id, watermark_ms, rate_controller: checkpoint.and_then(|c| c.rate_controller), upstream })
 }

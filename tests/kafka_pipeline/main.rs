@@ -58,6 +58,7 @@ fn pipeline(bootstrap: &str, topics: &[&str], start: StartingOffsets, max: Optio
             group_id: "sluice-test".into(),
             assignment: Default::default(),
             keyed: false,
+            repartition: None,
             watermark: Default::default(),
         },
         trigger_interval: Duration::from_millis(50),

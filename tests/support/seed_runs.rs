@@ -27,21 +27,40 @@ pub fn produce(broker: &dyn Broker, topic: &str) -> Vec<Value> {
 /// `partitions`, returned with it, so a test knows what each partition holds. Only events
 /// `keep` keeps (given their partition) are produced and returned.
 pub fn produce_to(broker: &dyn Broker, topic: &str, partitions: Option<i32>, keep: &dyn Fn(Option<i32>, &Value) -> bool) -> Vec<(Option<i32>, Value)> {
+    produce_placed(broker, topic, &|_, campaign| partitions.map(|n| (fnv1a(campaign.as_bytes()) % n as u64) as i32), true, keep)
+}
+
+/// [`RECORDS`] seed-style events without a key, spread over `partitions` round robin (so
+/// every campaign's events are in every partition); returns them.
+pub fn produce_unkeyed(broker: &dyn Broker, topic: &str, partitions: i32) -> Vec<Value> {
+    produce_placed(broker, topic, &|i, _| Some(i as i32 % partitions), false, &|_, _| true).into_iter().map(|(_, event)| event).collect()
+}
+
+/// Produce events, the `i`th with campaign `c` to partition `place(i, c)` (`None`: the
+/// producer's partitioner), keyed by campaign when `keyed`.
+fn produce_placed(
+    broker: &dyn Broker,
+    topic: &str,
+    place: &dyn Fn(usize, &str) -> Option<i32>,
+    keyed: bool,
+    keep: &dyn Fn(Option<i32>, &Value) -> bool,
+) -> Vec<(Option<i32>, Value)> {
     // Idempotent: a produce request retried (a broker that is just up, a loaded machine)
     // cannot land behind a later one, so each partition holds its events in the order
     // produced, the order the expected windows are computed in.
     let loader = Loader::connect(&broker.bootstrap(), &[("enable.idempotence", "true")]).unwrap();
     let mut gen = EventGenerator::new(EventSpec { events_per_sec: 50, ..EventSpec::default() });
     let mut events = Vec::with_capacity(RECORDS);
-    for _ in 0..RECORDS {
+    for i in 0..RECORDS {
         let event = gen.next_event();
         let value = serde_json::to_vec(&event).unwrap();
-        let partition = partitions.map(|n| (fnv1a(event.campaign_id.as_bytes()) % n as u64) as i32);
+        let partition = place(i, &event.campaign_id);
         let json = serde_json::to_value(&event).unwrap();
         if !keep(partition, &json) {
             continue;
         }
-        loader.send(topic, Outgoing { partition, key: Some(event.campaign_id.as_bytes()), value: Some(&value), headers: &[] }).unwrap();
+        let key = keyed.then_some(event.campaign_id.as_bytes());
+        loader.send(topic, Outgoing { partition, key, value: Some(&value), headers: &[] }).unwrap();
         events.push((partition, json));
     }
     loader.flush(Duration::from_secs(60)).unwrap();

@@ -123,6 +123,23 @@ pub struct TaskState {
     pub plugins: Vec<SavedPlugin>,
     /// The watermark after the batch.
     pub watermark_ms: Option<i64>,
+    /// A task of a repartition topic: per source partition, the last record it counted
+    /// (see [`crate::repartition::Counted`]).
+    pub upstream: Vec<UpstreamMark>,
+}
+
+/// The last record of one source partition a repartition task counted: the source task's
+/// batch and the record's place in that batch's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamMark {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// The source task's batch.
+    pub batch_id: u64,
+    /// The record's place in that batch's output.
+    pub seq: u64,
 }
 
 /// The state after batch N committed.
@@ -185,6 +202,8 @@ pub(super) struct TaskHeader {
     positions: Vec<Position>,
     plugins: Vec<PluginHeader>,
     watermark_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream: Vec<UpstreamMark>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -231,6 +250,7 @@ pub(super) fn encode_checkpoint(c: &Checkpoint) -> Vec<u8> {
             task: t.task,
             positions: t.positions.clone(),
             watermark_ms: t.watermark_ms,
+            upstream: t.upstream.clone(),
             plugins: t
                 .plugins
                 .iter()
@@ -283,7 +303,7 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, String> {
                     Ok(SavedPlugin { identity: p.identity, state })
                 })
                 .collect::<Result<_, String>>()?;
-            Ok(TaskState { task: t.task, positions: t.positions, plugins, watermark_ms: t.watermark_ms })
+            Ok(TaskState { task: t.task, positions: t.positions, plugins, watermark_ms: t.watermark_ms, upstream: t.upstream })
         })
         .collect::<Result<_, String>>()?;
     Ok(Checkpoint { batch_id: header.batch_id, created_ms: header.created_ms, tasks, rate_controller: header.rate_controller })

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use format::*;
-pub use format::{Checkpoint, Metadata, PlannedBatch, PluginIdentity, Position, SavedPlugin, SavedRange, TaskPlan, TaskState, FORMAT_VERSION};
+pub use format::{Checkpoint, Metadata, PlannedBatch, PluginIdentity, Position, SavedPlugin, SavedRange, TaskPlan, TaskState, UpstreamMark, FORMAT_VERSION};
 pub use writer::{CheckpointWriter, WriteMode};
 
 use crate::config::{Assignment, Checkpointing};

@@ -25,6 +25,8 @@ fn checkpoint(id: u64) -> Checkpoint {
             positions: vec![Position { topic: "t".into(), partition: 0, next: id as i64 * 10 + 10 }],
             plugins: vec![SavedPlugin { identity: identity("filter"), state: None }, SavedPlugin { identity: identity("agg"), state: Some(vec![id as u8; 100]) }],
             watermark_ms: Some(id as i64),
+            // Kept by a repartition task; written and read back with the rest.
+            upstream: vec![UpstreamMark { topic: "src".into(), partition: 2, batch_id: id, seq: 5 }],
         }],
         rate_controller: None,
     }

@@ -121,8 +121,15 @@ impl Pipeline {
             if self.source.watermark != WatermarkScope::Task {
                 return Err(invalid("source.watermark", "applies to source.assignment = \"group\"; a run over all partitions has one watermark already".into()));
             }
+            if self.source.repartition.is_some() {
+                return Err(invalid(
+                    "source.repartition",
+                    "applies to source.assignment = \"group\"; a run over all partitions aggregates every key in one task already, so remove [source.repartition]".into(),
+                ));
+            }
             return Ok(());
         }
+        self.check_repartition(invalid)?;
         let Some(checkpoint) = &self.checkpoint else {
             return Err(invalid(
                 "source.assignment",
@@ -145,6 +152,41 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// A repartition topic: its own topic, and a key to repartition by.
+    fn check_repartition(&self, invalid: Invalid<'_>) -> Result<(), ConfigError> {
+        let Some(repartition) = &self.source.repartition else { return Ok(()) };
+        let topic = repartition.topic.as_str();
+        if !valid_topic(topic) {
+            return Err(invalid("source.repartition.topic", format!("`{topic}` is not a Kafka topic name: name the topic the steps before the aggregate write to")));
+        }
+        if self.source.topics.iter().any(|t| t == topic) {
+            return Err(invalid("source.repartition.topic", format!("`{topic}` is a source topic; the repartition topic must be a topic of its own")));
+        }
+        for (key, sink) in [("sink.topic", Some(&self.sink)), ("deadLetter.topic", self.dead_letter.as_ref())] {
+            if let Some(Sink::Kafka { topic: out, .. }) = sink {
+                if out == topic {
+                    return Err(invalid(key, format!("`{topic}` is the repartition topic; write the output to a topic of its own")));
+                }
+            }
+        }
+        if self.source.keyed {
+            return Err(invalid(
+                "source.keyed",
+                "says the input is keyed by what the aggregate groups by already, and [source.repartition] is for input that is not: remove one of them".into(),
+            ));
+        }
+        match &repartition.key {
+            Some(key) if key.split('.').any(str::is_empty) => {
+                Err(invalid("source.repartition.key", format!("`{key}` is not a dotted path into the record's JSON value, such as `campaign_id` or `ad.campaign`")))
+            }
+            None if self.steps.len() < 2 => Err(invalid(
+                "source.repartition.key",
+                "is needed when no step comes before the aggregate: give the JSON field to key the records by (`key = \"campaign_id\"`), or a step before the aggregate that sets each record's key".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn check_trigger(&self, invalid: Invalid<'_>) -> Result<(), ConfigError> {

@@ -77,6 +77,22 @@ pub struct Source {
     pub keyed: bool,
     /// Which watermark a consumer-group task hands its plugins.
     pub watermark: WatermarkScope,
+    /// In a consumer group, input not keyed by what the aggregate groups by goes through
+    /// this topic, keyed anew, before the aggregate.
+    pub repartition: Option<Repartition>,
+}
+
+/// A consumer group's repartition topic (`[source.repartition]`): the steps before the
+/// aggregate run in tasks of the source partitions and produce their output to `topic`,
+/// keyed by `key`; the aggregate runs in tasks of `topic`'s partitions, so each sees every
+/// record of its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repartition {
+    /// The topic (created with the source's partition count when it does not exist).
+    pub topic: String,
+    /// A dotted path into each record's JSON value whose value becomes the record's key;
+    /// `None`: the key the steps before the aggregate set.
+    pub key: Option<String>,
 }
 
 /// Where a plugin comes from.
@@ -331,6 +347,7 @@ impl Pipeline {
             assignment: raw.source.assignment.unwrap_or_default(),
             keyed: raw.source.keyed.unwrap_or(false),
             watermark: raw.source.watermark.unwrap_or_default(),
+            repartition: raw.source.repartition.map(|r| Repartition { topic: r.topic, key: r.key }),
         };
 
         let trigger_interval = raw.trigger.processing_time.unwrap_or(DEFAULT_TRIGGER_INTERVAL);

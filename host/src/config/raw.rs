@@ -74,6 +74,15 @@ pub struct RawSource {
     pub assignment: Option<super::Assignment>,
     pub keyed: Option<bool>,
     pub watermark: Option<super::WatermarkScope>,
+    pub repartition: Option<RawRepartition>,
+}
+
+/// `[source.repartition]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRepartition {
+    pub topic: String,
+    pub key: Option<String>,
 }
 
 /// `startingOffsets`.

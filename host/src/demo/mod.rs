@@ -132,6 +132,7 @@ pub fn run(options: &DemoOptions, stop: Control, out: &mut dyn Write, progress: 
             group_id: "sluice-demo".into(),
             assignment: Default::default(),
             keyed: false,
+            repartition: None,
             watermark: Default::default(),
         },
         trigger_interval: options.interval,

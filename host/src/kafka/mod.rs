@@ -457,9 +457,17 @@ impl Loader {
 
     /// Queue one record, waiting while librdkafka's queue is full.
     pub fn send(&self, topic: &str, record: Outgoing<'_>) -> Result<(), SourceError> {
+        self.send_at(topic, record, None)
+    }
+
+    /// [`Loader::send`] with the record's timestamp (epoch ms); `None`: the time it is sent.
+    pub fn send_at(&self, topic: &str, record: Outgoing<'_>, timestamp: Option<i64>) -> Result<(), SourceError> {
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::BaseRecord;
         let mut base: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(t) = timestamp {
+            base = base.timestamp(t);
+        }
         if let Some(p) = record.partition {
             base = base.partition(p);
         }

@@ -8,6 +8,10 @@
 //! every owned partition together (rate control is the process's), the source's one consumer
 //! reads them all, and each task with records runs, sinks and checkpoints its own batch.
 //!
+//! With a repartition topic (`source.repartition`, see [`crate::repartition`]) the process
+//! also subscribes to that topic: a source partition's task runs the steps before the
+//! aggregate and produces to it, a repartition partition's task runs the aggregate.
+//!
 //! At a batch boundary the loop applies what the group moved ([`Membership::changes`]): a
 //! revoked task's checkpoint is flushed and the task released; a new task is claimed
 //! ([`crate::checkpoint::CheckpointStore::claim`]), recovered and replayed as a restart
@@ -17,19 +21,21 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::chain::Chain;
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, SavedRange, TaskPlan, FORMAT_VERSION};
 use crate::config::{Assignment, CheckedPipeline, Pipeline, WatermarkScope};
 use crate::control::{Control, Wake};
 use crate::kafka::{KafkaSource, Membership};
 use crate::plan;
 use crate::recovery::{self, TASK};
+use crate::repartition::{Counted, KeyStage, RepartitionSink};
 use crate::runtime::Runtime;
 use crate::sink::SinkTask;
 use crate::source::PartitionLag;
 use sluice_sdk::PluginKind;
 
 use super::runner::{Held, Planned, Runner, Task};
-use super::{load_chain, now_ms, BatchProgress, RunError, RunOptions, RunSummary, Until};
+use super::{load_chain, load_steps, now_ms, BatchProgress, RunError, RunOptions, RunSummary, Until};
 
 type Key = (String, i32);
 
@@ -37,6 +43,28 @@ type Key = (String, i32);
 struct Owned {
     task: Task<'static>,
     next_batch_id: u64,
+    /// Whether its chain has an aggregate (which a watermark alone moves on).
+    stateful: bool,
+}
+
+/// What a task runs: the whole chain, or with a repartition topic, the steps before the
+/// aggregate (a source partition's task) or the aggregate (a repartition partition's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Whole,
+    Source,
+    Aggregate,
+}
+
+/// The chain of a task in `role`.
+fn chain_of(pipeline: &Pipeline, runtime: &Runtime, role: Role) -> Result<Chain, RunError> {
+    let steps = pipeline.steps.len();
+    let (chain, _) = match (role, &pipeline.source.repartition) {
+        (Role::Source, Some(r)) => load_steps(pipeline, runtime, 0..steps - 1, Some(Box::new(KeyStage::new(r.key.clone())))),
+        (Role::Aggregate, Some(_)) => load_steps(pipeline, runtime, steps - 1..steps, None),
+        _ => load_chain(pipeline, runtime),
+    }?;
+    Ok(chain)
 }
 
 /// Run `pipeline` as one process of its consumer group until stopped (see the module docs).
@@ -68,7 +96,23 @@ pub fn run_group(
     // The plugins load before the process joins: a step that cannot load fails the run
     // here, not at the first assignment.
     let (probe, _) = load_chain(pipeline, runtime)?;
-    if let Some(stateful) = probe.stages().find(|s| s.kind() == PluginKind::Aggregate) {
+    let mut topics = pipeline.source.topics.clone();
+    if let Some(repartition) = &pipeline.source.repartition {
+        let last = probe.stages().last().expect("a checked pipeline has steps");
+        if last.kind() != PluginKind::Aggregate {
+            return Err(RunError::Inconsistent(format!(
+                "source.repartition: the last step runs in the tasks of the repartition topic `{}` and must be an aggregate, but {} is a transform; without an aggregate every step can run in the source partitions' tasks, so remove [source.repartition]",
+                repartition.topic,
+                last.name()
+            )));
+        }
+        // Both stages' chains build (the steps before the aggregate output records).
+        for role in [Role::Source, Role::Aggregate] {
+            chain_of(pipeline, runtime, role)?;
+        }
+        crate::repartition::ensure_topic(&pipeline.kafka, &repartition.topic, &pipeline.source.topics)?;
+        topics.push(repartition.topic.clone());
+    } else if let Some(stateful) = probe.stages().find(|s| s.kind() == PluginKind::Aggregate) {
         if !pipeline.source.keyed {
             tracing::warn!(
                 "{} is stateful and the input is not declared keyed (source.keyed = true): with source.assignment = \"group\" each task aggregates only its own partition's records, so a key whose records are spread over several partitions gets partial results from several tasks. Produce the input keyed by what the aggregate groups by and set source.keyed = true",
@@ -82,8 +126,8 @@ pub fn run_group(
             "live plugin swaps are not available with source.assignment = \"group\" yet: a new version in the plugin directory is used by tasks that start after it is there"
         );
     }
-    let membership = Membership::join(&pipeline.source.group_id, &pipeline.source.topics, &properties)?;
-    tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, pipeline.source.topics.join(", "));
+    let membership = Membership::join(&pipeline.source.group_id, &topics, &properties)?;
+    tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, topics.join(", "));
     let mut group = Group {
         runner: Runner::new(pipeline, &options, control, Box::new(source), None),
         pipeline,
@@ -175,7 +219,7 @@ impl Group<'_> {
             // with a global watermark an idle task runs an empty batch when the others
             // moved it on (its windows close as they would in one process).
             let watermark = owned.task.watermark.max(global);
-            if range.until <= range.from && watermark <= owned.task.watermark {
+            if range.until <= range.from && (watermark <= owned.task.watermark || !owned.stateful) {
                 continue;
             }
             let plan = PlannedBatch::new(owned.next_batch_id, now_ms(), vec![TaskPlan { task: TASK, ranges: vec![SavedRange::from(range)], watermark_ms: watermark }]);
@@ -284,13 +328,22 @@ impl Group<'_> {
         let pipeline: &Pipeline = self.pipeline;
         let mut store = self.root.task(&key.0, key.1);
         let claimed = store.claim(&pipeline.name, &pipeline.source.topics)?;
+        let role = match &pipeline.source.repartition {
+            None => Role::Whole,
+            Some(r) if r.topic == key.0 => Role::Aggregate,
+            Some(_) => Role::Source,
+        };
         let task = SinkTask { topic: key.0.clone(), partition: key.1, epoch: store.epoch() };
-        let sink = crate::sink::open_task(&pipeline.sink, &pipeline.kafka, task.clone())?;
+        let sink = match &pipeline.source.repartition {
+            Some(r) if role == Role::Source => Box::new(RepartitionSink::open(&r.topic, &pipeline.kafka, &key.0, key.1)?),
+            _ => crate::sink::open_task(&pipeline.sink, &pipeline.kafka, task.clone())?,
+        };
         let dead_letters = match &pipeline.dead_letter {
             Some(config) => Some(crate::sink::open_task(config, &pipeline.kafka, task).map_err(RunError::DeadLetters)?),
             None => None,
         };
-        let (mut chain, _) = load_chain(pipeline, self.runtime)?;
+        let mut chain = chain_of(pipeline, self.runtime, role)?;
+        let stateful = chain.stages().any(|s| s.kind() == PluginKind::Aggregate);
         chain.set_control(self.runner.control.clone());
         let resume = recovery::recover(pipeline, Some(&store), &mut chain, &*sink, self.ignore_state)?;
         tracing::info!(
@@ -310,8 +363,9 @@ impl Group<'_> {
             writer: Some(CheckpointWriter::start(store.clone())),
             checkpoints: Some(store),
             watermark: resume.watermark_ms,
+            counted: (role == Role::Aggregate).then(|| Counted::from_marks(&resume.upstream)),
         };
-        Ok((Owned { task, next_batch_id: resume.next_batch_id }, resume))
+        Ok((Owned { task, next_batch_id: resume.next_batch_id, stateful }, resume))
     }
 
     /// Flush every task's checkpoint (at the end of the run).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, Stage};
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, WriteMode};
 use crate::config::{CheckedPipeline, Pipeline, PluginSource};
 use crate::control::Control;
@@ -64,9 +64,15 @@ pub fn build_chain(pipeline: &CheckedPipeline, runtime: &Runtime) -> Result<Chai
 
 /// [`build_chain`], and the steps from the plugin directory, to watch.
 fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> Result<(Chain, Vec<WatchedStep>), RunError> {
-    let mut stages = Vec::new();
+    load_steps(pipeline, runtime, 0..pipeline.steps.len(), None)
+}
+
+/// A chain of the pipeline's `steps` (a consumer group's repartition stages run a part of
+/// them each), followed by `tail`, and the steps from the plugin directory among them.
+fn load_steps(pipeline: &Pipeline, runtime: &Runtime, steps: std::ops::Range<usize>, tail: Option<Box<dyn Stage>>) -> Result<(Chain, Vec<WatchedStep>), RunError> {
+    let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     let mut watched = Vec::new();
-    for (i, step) in pipeline.steps.iter().enumerate() {
+    for (i, step) in pipeline.steps.iter().enumerate().skip(steps.start).take(steps.len()) {
         type Failure = Box<dyn std::error::Error + Send + Sync + 'static>;
         let instance: Result<_, Failure> = match &step.source {
             PluginSource::Builtin(name) => runtime.load_builtin(name, step.limits).map_err(Failure::from).and_then(|p| Ok(p.instantiate(&step.config)?)),
@@ -79,10 +85,11 @@ fn load_chain(pipeline: &Pipeline, runtime: &Runtime) -> Result<(Chain, Vec<Watc
                 })
             }
         };
-        stages.push(instance.map_err(|source| RunError::Step { step: i, source })?);
+        stages.push(Box::new(instance.map_err(|source| RunError::Step { step: i, source })?));
     }
-    let mut chain = Chain::new(stages)?;
-    chain.set_policies(pipeline.steps.iter().map(|s| s.failure));
+    stages.extend(tail);
+    let mut chain = Chain::of_stages(stages)?;
+    chain.set_policies(pipeline.steps[steps].iter().map(|s| s.failure));
     Ok((chain, watched))
 }
 
@@ -243,6 +250,7 @@ fn run_io(
         writer: checkpoints.clone().map(|c| CheckpointWriter::new(c, checkpoint_writes)),
         checkpoints,
         watermark: resume.watermark_ms,
+        counted: None,
     };
     for plan in &resume.replay {
         if control.is_stopped() {

@@ -16,6 +16,7 @@ use crate::kafka::PREFETCH_ROWS;
 use crate::plan;
 use crate::rate::RateController;
 use crate::recovery::TASK;
+use crate::repartition::Counted;
 use crate::sink::Sink;
 use crate::source::{PartitionLag, Source, SourceError};
 use crate::swap::{Found, Watcher};
@@ -85,6 +86,9 @@ pub(super) struct Task<'a> {
     /// Commits the checkpoints while the next batch runs.
     pub(super) writer: Option<CheckpointWriter>,
     pub(super) watermark: Option<i64>,
+    /// A task of a repartition topic: what it counted of each source partition, to drop
+    /// records a replay of the source task produced again.
+    pub(super) counted: Option<Counted>,
 }
 
 impl Task<'_> {
@@ -386,6 +390,21 @@ impl Runner<'_> {
         let batch = if offsets > 0 { self.fetch(plan.batch_id, &ranges)? } else { RecordBatch::new_empty(record_schema()) };
         // Records read, not offsets planned: a range may hold fewer records than offsets.
         let records = batch.num_rows();
+        let batch = match task.counted.as_mut() {
+            None => batch,
+            Some(counted) => {
+                let (batch, filtered) =
+                    counted.filter(batch).map_err(|e| RunError::Inconsistent(format!("batch {}: reading the repartition topic's records: {e}", plan.batch_id)))?;
+                if filtered.duplicates > 0 {
+                    tracing::info!(
+                        "batch {}: {} records of the repartition topic were counted before (a source task's batch produced again) and are skipped",
+                        plan.batch_id,
+                        filtered.duplicates
+                    );
+                }
+                batch
+            }
+        };
         let fetched = tick.elapsed();
         let ctx = Context { batch_id: plan.batch_id, offset_ranges: ranges.clone(), processing_time_ms: plan.processing_time_ms, watermark_ms: task_plan.watermark_ms };
         let out = task.chain.process(batch, &ctx)?;
@@ -425,7 +444,7 @@ impl Runner<'_> {
             writer.commit(Checkpoint {
                 batch_id: plan.batch_id,
                 created_ms: now_ms(),
-                tasks: vec![TaskState { task: TASK, positions, plugins, watermark_ms: task.watermark }],
+                tasks: vec![TaskState { task: TASK, positions, plugins, watermark_ms: task.watermark, upstream: task.counted.as_ref().map(Counted::marks).unwrap_or_default() }],
                 rate_controller: Some(serde_json::to_value(self.rate.state()).expect("rate state serializes")),
             })?;
         }

@@ -24,7 +24,7 @@ pub use file::{FileFormat, FileSink, ManifestEntry, SinkTask, MANIFEST_DIR, STAG
 pub use kafka::KafkaSink;
 
 /// How long a Kafka sink waits for the brokers to acknowledge a batch.
-const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A sink that could not take a batch; the batch's offsets are not committed.
 #[derive(Debug, thiserror::Error)]

@@ -110,6 +110,10 @@ pub enum SourceError {
     /// cannot be read as planned.
     #[error("{0}")]
     Missing(String),
+    /// The topics on the brokers do not allow what the pipeline asks (the message says
+    /// what to do).
+    #[error("{0}")]
+    Topics(String),
     /// The in-memory source was told to fail here (the crash simulation).
     #[error("{0}")]
     Injected(String),

@@ -19,6 +19,7 @@ fn literal() -> Pipeline {
             group_id: "g".into(),
             assignment: Default::default(),
             keyed: false,
+            repartition: None,
             watermark: Default::default(),
         },
         trigger_interval: Duration::from_secs(1),
