@@ -90,6 +90,16 @@ pub fn positions_after(lag: &[PartitionLag], ranges: &[OffsetRange]) -> BTreeMap
     next
 }
 
+/// A process's part of a group's `maxOffsetsPerTrigger`: `max` shared by the partitions a
+/// process owns (`owned` of the group's `total`), rounded up and at least 1, so that the
+/// processes of a group together read about `max` records per trigger.
+pub fn share_of_cap(max: u64, owned: usize, total: usize) -> u64 {
+    if total == 0 || owned >= total {
+        return max;
+    }
+    (max * owned as u64).div_ceil(total as u64).max(1)
+}
+
 /// Records in `ranges` by their offsets (`until − from`; with gaps, more than there are).
 pub fn offsets_in(ranges: &[OffsetRange]) -> i64 {
     ranges.iter().map(|r| r.until - r.from).sum()
@@ -134,6 +144,16 @@ mod tests {
         let budgets = [5, 100, 7];
         assert_eq!(sizes(&ranges(&now, Limits { budgets: Some(&budgets), ..limits })), vec![5, 40, 0], "a budget caps its partition");
         assert_eq!(sizes(&ranges(&now, Limits { max_records: Some(20), ..limits })), vec![10, 10, 0], "the batch cap is shared by lag");
+    }
+
+    #[test]
+    fn a_group_cap_is_shared_by_the_partitions_each_process_owns() {
+        // Three processes owning 2 of 6 partitions each read a third.
+        assert_eq!(share_of_cap(1500, 2, 6), 500);
+        assert_eq!([1, 2, 3].map(|owned| share_of_cap(100, owned, 6)), [17, 34, 50], "rounded up");
+        assert_eq!(share_of_cap(1, 1, 6), 1, "never 0: a process with partitions reads");
+        assert_eq!(share_of_cap(1000, 6, 6), 1000, "one process owning all reads it all");
+        assert_eq!(share_of_cap(1000, 3, 0), 1000, "partition count unknown: the whole cap");
     }
 
     #[test]

@@ -171,6 +171,12 @@ impl Pipeline {
                 }
             }
         }
+        if self.source.watermark == WatermarkScope::Global {
+            return Err(invalid(
+                "source.watermark",
+                "\"global\" is not available with [source.repartition]: a repartition partition that lags (keys spread unevenly, rate caps) would see its events behind the watermark of one that keeps up, and its windows would close before their events arrive. Use the per-task watermark (\"task\", the default)".into(),
+            ));
+        }
         if self.source.keyed {
             return Err(invalid(
                 "source.keyed",

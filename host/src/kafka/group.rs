@@ -195,6 +195,16 @@ impl Membership {
         self.shared.released.notify_all();
     }
 
+    /// How many partitions `topics` have together (what the group shares).
+    pub fn partitions(&self, topics: &[String]) -> Result<usize, SourceError> {
+        let mut total = 0;
+        for topic in topics {
+            let metadata = self.consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(failed(format!("reading the partitions of `{topic}`")))?;
+            total += metadata.topics().iter().filter(|t| t.name() == topic).map(|t| t.partitions().len()).sum::<usize>();
+        }
+        Ok(total)
+    }
+
     /// Commit the group's offsets to the ends of `ranges` (for lag tools), asynchronously.
     pub fn commit(&self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
         super::commit_group_offsets(self.consumer.as_ref(), ranges)

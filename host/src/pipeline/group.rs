@@ -134,6 +134,8 @@ pub fn run_group(
         runtime,
         root,
         membership,
+        topics,
+        partitions: 0,
         tasks: BTreeMap::new(),
         ignore_state: options.ignore_state,
         global: None,
@@ -154,6 +156,11 @@ struct Group<'p> {
     runtime: &'p Runtime,
     root: CheckpointStore,
     membership: Membership,
+    /// The topics the group shares (the source topics and a repartition topic).
+    topics: Vec<String>,
+    /// How many partitions they have together (0: not known), for the group's
+    /// `maxOffsetsPerTrigger`.
+    partitions: usize,
     tasks: BTreeMap<Key, Owned>,
     ignore_state: bool,
     /// With `source.watermark = "global"`: the highest committed watermark of all tasks,
@@ -203,7 +210,8 @@ impl Group<'_> {
             }
         };
         let budgets = self.runner.rate.budgets(&plan::lags(&lag, None));
-        let max_records = self.runner.running.source.max_offsets_per_trigger;
+        // maxOffsetsPerTrigger is the group's: this process reads its partitions' share.
+        let max_records = self.runner.running.source.max_offsets_per_trigger.map(|max| plan::share_of_cap(max, self.tasks.len(), self.partitions));
         let ranges = plan::ranges(&lag, plan::Limits { targets: None, budgets: budgets.as_deref(), max_records });
         let global = self.global_watermark()?;
         let planning = tick.elapsed();
@@ -301,6 +309,11 @@ impl Group<'_> {
         }
         self.runner.source.reassign(&released, &added)?;
         self.membership.released(&released);
+        // Partitions may have been added to the topics: count them at each rebalance.
+        self.partitions = self.membership.partitions(&self.topics).unwrap_or_else(|e| {
+            tracing::warn!("{e}; until the next rebalance a maxOffsetsPerTrigger caps this process's triggers as a whole, not its share of the group's");
+            0
+        });
         let owned: Vec<String> = self.tasks.keys().map(|(t, p)| format!("{t}/{p}")).collect();
         for observer in &self.runner.observers {
             observer.tasks(&owned);
