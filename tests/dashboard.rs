@@ -164,3 +164,29 @@ fn the_dashboard_of_a_running_demo_draws_its_charts_in_headless_chromium() {
     eprintln!("dashboard screenshot: {}", shot.display());
     drop(demo);
 }
+
+#[test]
+fn a_consumer_group_process_lists_its_tasks_in_headless_chromium() {
+    use sluice::progress::{BatchProgress, Observer};
+    let chromium = chromium();
+    let dir = tempfile::tempdir().unwrap();
+    // The server of a group run, fed as its batch loop feeds it: the tasks it owns, then
+    // batches of two of them.
+    let observed = sluice::http::Observed::new("group");
+    let server = sluice::http::Server::start("127.0.0.1:0", observed.clone()).unwrap();
+    let history = observed.history.as_ref();
+    history.tasks(&["clicks/0".into(), "clicks/1".into(), "by-campaign/2".into()]);
+    for (task, batch_id, records, lag) in [("clicks/0", 7, 120, 30), ("by-campaign/2", 3, 45, 0)] {
+        let p =
+            BatchProgress { batch_id, task: Some(task.into()), records, lag, watermark_ms: Some(1_767_225_600_000), timestamp_ms: 1_767_225_660_000, ..BatchProgress::default() };
+        history.batch(&p, &p.to_json());
+    }
+    let dom = browser(&chromium, &dir.path().join("profile"), &["--dump-dom"], &server.url());
+    let html = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.status.success(), "chromium --dump-dom failed: {}", String::from_utf8_lossy(&dom.stderr));
+    assert_eq!(attribute(&html, "tasks", "data-rows").as_deref(), Some("3"), "a row per task:\n{html}");
+    let row = |task: &str| html.split("<tr>").find(|r| r.starts_with(&format!("<td>{task}</td>"))).unwrap_or_else(|| panic!("no row for {task}:\n{html}")).to_string();
+    assert!(row("clicks/0").starts_with("<td>clicks/0</td><td>7</td><td>120</td><td>30</td><td>00:00:00</td><td>00:01:00</td>"), "{}", row("clicks/0"));
+    assert!(row("clicks/1").contains("no batch yet"), "{}", row("clicks/1"));
+    assert!(row("by-campaign/2").starts_with("<td>by-campaign/2</td><td>3</td><td>45</td><td>0</td>"), "{}", row("by-campaign/2"));
+}

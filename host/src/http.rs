@@ -169,7 +169,7 @@ fn handle(mut stream: TcpStream, observed: &Observed) -> std::io::Result<()> {
         ("GET" | "HEAD", "/" | "/index.html") => Response { status: "200 OK", content_type: "text/html; charset=utf-8", body: DASHBOARD.as_bytes().to_vec() },
         ("GET" | "HEAD", "/metrics") => Response { status: "200 OK", content_type: crate::metrics::CONTENT_TYPE, body: observed.metrics.render().into_bytes() },
         ("GET" | "HEAD", "/progress") => {
-            let body = serde_json::json!({"pipeline": observed.pipeline, "progress": observed.history.recent()});
+            let body = serde_json::json!({"pipeline": observed.pipeline, "progress": observed.history.recent(), "tasks": observed.history.owned_tasks()});
             Response { status: "200 OK", content_type: "application/json", body: body.to_string().into_bytes() }
         }
         ("GET" | "HEAD", _) => Response::text("404 Not Found", "not found; try / (dashboard), /metrics or /progress\n"),
@@ -248,13 +248,39 @@ mod tests {
         let metrics = get(server.addr(), "GET /metrics HTTP/1.1\r\n\r\n");
         assert!(metrics.contains("version=0.0.4") && metrics.contains("sluice_batches_total 0"), "{metrics}");
         let progress = get(server.addr(), "GET /progress?x=1 HTTP/1.1\r\n\r\n");
-        assert!(progress.ends_with(r#"{"pipeline":"p","progress":[]}"#), "{progress}");
+        assert!(progress.ends_with(r#"{"pipeline":"p","progress":[],"tasks":null}"#), "{progress}");
         assert!(get(server.addr(), "GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
         assert!(get(server.addr(), "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405 "));
         let head = get(server.addr(), "HEAD /metrics HTTP/1.1\r\n\r\n");
         assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head}");
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
         assert!(get(server.addr(), &long).starts_with("HTTP/1.1 431 "));
+    }
+
+    #[test]
+    fn progress_lists_a_group_process_s_tasks_with_their_last_batch() {
+        use crate::progress::{BatchProgress, Observer};
+        let observed = Observed::new("p");
+        let server = Server::start("127.0.0.1:0", observed.clone()).unwrap();
+        let history = observed.history.as_ref();
+        history.tasks(&["t/0".into(), "t/1".into()]);
+        let batch = |task: &str, batch_id| {
+            let p = BatchProgress { batch_id, task: Some(task.into()), records: 10, ..BatchProgress::default() };
+            history.batch(&p, &p.to_json());
+        };
+        batch("t/1", 4);
+        batch("t/1", 5);
+        batch("t/9", 1);
+        let body = |r: String| serde_json::from_str::<serde_json::Value>(r.split_once("\r\n\r\n").unwrap().1).unwrap();
+        let tasks = body(get(server.addr(), "GET /progress HTTP/1.1\r\n\r\n"))["tasks"].clone();
+        assert_eq!(tasks[0], serde_json::json!({"task": "t/0", "last": null}), "no batch yet");
+        assert_eq!((tasks[1]["task"].as_str(), tasks[1]["last"]["batch_id"].as_u64()), (Some("t/1"), Some(5)), "its last batch");
+        assert_eq!(tasks.as_array().unwrap().len(), 2, "only tasks it owns: {tasks}");
+        // t/0 moves away, t/2 comes: t/1 keeps its last batch.
+        history.tasks(&["t/1".into(), "t/2".into()]);
+        let tasks = body(get(server.addr(), "GET /progress HTTP/1.1\r\n\r\n"))["tasks"].clone();
+        let shown: Vec<(&str, Option<u64>)> = tasks.as_array().unwrap().iter().map(|t| (t["task"].as_str().unwrap(), t["last"]["batch_id"].as_u64())).collect();
+        assert_eq!(shown, vec![("t/1", Some(5)), ("t/2", None)]);
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub struct PartitionProgress {
 }
 
 /// What happened in one batch (like Spark's `StreamingQueryProgress`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BatchProgress {
     /// Batch id (of its task, in a consumer-group run).
     pub batch_id: u64,
@@ -148,20 +148,30 @@ impl BatchProgress {
     }
 }
 
-/// The progress records of the last batches, newest last.
+/// The progress records of the last batches, newest last; in a consumer-group run also the
+/// tasks this process owns, each with its last record.
 #[derive(Debug)]
 pub struct ProgressHistory {
     keep: usize,
     records: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// `None` outside a consumer-group run.
+    tasks: std::sync::Mutex<Option<std::collections::BTreeMap<String, Option<serde_json::Value>>>>,
 }
 
 impl ProgressHistory {
     /// Keep the last `keep` records.
     pub fn new(keep: usize) -> Self {
-        Self { keep: keep.max(1), records: Default::default() }
+        Self { keep: keep.max(1), records: Default::default(), tasks: Default::default() }
     }
 
     fn push(&self, record: serde_json::Value) {
+        if let Some(task) = record["task"].as_str() {
+            if let Some(tasks) = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                if let Some(last) = tasks.get_mut(task) {
+                    *last = Some(record.clone());
+                }
+            }
+        }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if records.len() == self.keep {
             records.pop_front();
@@ -173,10 +183,24 @@ impl ProgressHistory {
     pub fn recent(&self) -> Vec<serde_json::Value> {
         self.records.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
+
+    /// In a consumer-group run, the tasks this process owns, in order, each with the
+    /// progress record of its last batch (`null` before its first): `[{"task", "last"}]`.
+    pub fn owned_tasks(&self) -> Option<Vec<serde_json::Value>> {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        Some(tasks.as_ref()?.iter().map(|(task, last)| serde_json::json!({"task": task, "last": last})).collect())
+    }
 }
 
 impl Observer for ProgressHistory {
     fn batch(&self, _: &BatchProgress, record: &serde_json::Value) {
         self.push(record.clone());
+    }
+
+    fn tasks(&self, owned: &[String]) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let before = tasks.take().unwrap_or_default();
+        // A task kept keeps its last record; one that left is forgotten.
+        *tasks = Some(owned.iter().map(|t| (t.clone(), before.get(t).cloned().flatten())).collect());
     }
 }
