@@ -41,6 +41,7 @@ pub struct StoreError {
 pub type Hook = std::sync::Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// A directory-like location: objects are named relative to it with `/`-separated names.
+#[derive(Clone)]
 pub struct Location {
     store: std::sync::Arc<dyn ObjectStore>,
     prefix: ObjectPath,

@@ -355,11 +355,32 @@ impl CheckpointStore {
     /// Record batch N's plan before it is fetched (the offset log), in this owner's epoch.
     /// Fails with [`CheckpointError::Fenced`] when a newer owner holds the entry, and as
     /// unusable when another run of the same epoch wrote it (two runs on one location).
+    ///
+    /// In a consumer group the entries before and after matter too (both found by the crash
+    /// simulation with several processes). Before the create, the entry before N and the
+    /// newest must not be a newer owner's: a newer owner may have claimed the task just
+    /// below N while this owner recovered. After it, the newest must not be either: a newer
+    /// owner may have claimed the task at N and pruned its claim since (retention deletes
+    /// entries below its checkpoints), so that this owner's create of N succeeds although
+    /// the task is not its own any more. A newer owner's newest entry is never pruned.
     pub fn plan(&self, planned: &PlannedBatch) -> Result<(), CheckpointError> {
         let entry_name = name(OFFSETS, planned.batch_id);
         let entry = PlannedBatch { epoch: self.epoch, ..planned.clone() };
         let bytes = encode_json(&entry);
+        if self.epoch > 0 {
+            if let Some(before) = planned.batch_id.checked_sub(1) {
+                if let Some(Ok(there)) = self.location.get(&name(OFFSETS, before))?.map(|b| decode_json::<PlannedBatch>(&b)) {
+                    if there.epoch > self.epoch {
+                        return Err(self.fenced(before, there.epoch));
+                    }
+                }
+            }
+            self.check_newest(planned.batch_id)?;
+        }
         if self.location.create(&entry_name, bytes.clone())? {
+            if self.epoch > 0 {
+                self.check_newest(planned.batch_id)?;
+            }
             return Ok(());
         }
         match self.location.get(&entry_name)?.map(|b| decode_json::<PlannedBatch>(&b)) {
@@ -372,6 +393,14 @@ impl CheckpointStore {
             // A damaged entry of a batch that never committed (recovery said so): replaced.
             Some(Err(_)) => Ok(self.location.put(&entry_name, bytes)?),
             None => Err(self.unusable(format!("offset log entry {} disappeared while it was written", planned.batch_id))),
+        }
+    }
+
+    /// Fenced when the offset log's newest entry is a newer owner's.
+    fn check_newest(&self, batch_id: u64) -> Result<(), CheckpointError> {
+        match self.newest_epoch()? {
+            (Some(newest), theirs) if theirs > self.epoch => Err(self.fenced(newest.max(batch_id), theirs)),
+            _ => Ok(()),
         }
     }
 

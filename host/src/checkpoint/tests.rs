@@ -263,6 +263,47 @@ fn a_new_owner_fences_the_old_one_at_its_next_plan_commit_or_pruning() {
 }
 
 #[test]
+fn an_old_owner_is_fenced_at_the_entry_of_a_claim_the_new_owner_pruned_since() {
+    // Found by the crash simulation with several processes: the new owner claims at 4,
+    // commits 5 and 6 with one checkpoint kept, which prunes the claim; the old owner's
+    // create of entry 4 then succeeds, and must still fence it.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let old = owner(root);
+    for id in 1..=3 {
+        old.plan(&planned(id)).unwrap();
+        old.commit(&checkpoint(id)).unwrap();
+    }
+    let mut new = store(root, 1).task("t", 0);
+    assert_eq!(new.claim("p", &["t".into()]).unwrap(), 4);
+    for id in 5..=6 {
+        new.plan(&planned(id)).unwrap();
+        new.commit(&checkpoint(id)).unwrap();
+    }
+    assert!(new.location.get(&name(OFFSETS, 4)).unwrap().is_none(), "retention pruned the claim");
+    assert!(is_fenced(old.plan(&planned(4))), "the old owner's plan of the pruned claim's entry is fenced");
+    let r = new.recover().unwrap();
+    assert_eq!((r.next_batch_id(), r.checkpoint, r.replay), (Some(7), Some(checkpoint(6)), vec![]), "the old owner's entry below the new owner's checkpoint changes nothing");
+}
+
+#[test]
+fn an_owner_whose_claim_a_newer_one_followed_during_its_recovery_is_fenced_at_its_first_plan() {
+    // Found by the crash simulation with several processes: A claims at 1, B claims at 2
+    // before A recovers; A's recovery takes B's claim into account and plans 3 next, an
+    // entry no one holds yet. A must not create it: B plans 3 too.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let a = owner(root);
+    let b = owner(root);
+    assert_eq!((a.epoch(), b.epoch()), (1, 2));
+    let next = a.recover().unwrap().next_batch_id().unwrap();
+    assert_eq!(next, 2);
+    assert!(is_fenced(a.plan(&planned(next))), "the entry before is a newer owner's claim");
+    assert!(a.location.get(&name(OFFSETS, next)).unwrap().is_none(), "nothing created");
+    b.plan(&planned(2)).unwrap();
+}
+
+#[test]
 fn racing_claims_all_get_their_own_entry_and_epoch_and_the_newest_fences_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_str().unwrap().to_string();

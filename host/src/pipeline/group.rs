@@ -22,17 +22,17 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::chain::Chain;
-use crate::checkpoint::{CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, SavedRange, TaskPlan, FORMAT_VERSION};
+use crate::checkpoint::{CheckpointStore, CheckpointWriter, Metadata, PlannedBatch, SavedRange, TaskPlan, WriteMode, FORMAT_VERSION};
 use crate::config::{Assignment, CheckedPipeline, Pipeline, WatermarkScope};
 use crate::control::{Control, Wake};
-use crate::kafka::{KafkaSource, Membership};
+use crate::kafka::{Changes, KafkaSource, Membership};
 use crate::plan;
 use crate::recovery::{self, TASK};
 use crate::repartition::{Counted, KeyStage, RepartitionSink};
 use crate::runtime::Runtime;
-use crate::sink::SinkTask;
-use crate::source::PartitionLag;
-use sluice_sdk::PluginKind;
+use crate::sink::{Sink, SinkTask};
+use crate::source::{PartitionLag, Source, SourceError};
+use sluice_sdk::{OffsetRange, PluginKind};
 
 use super::runner::{Held, Planned, Runner, Task};
 use super::{load_chain, load_steps, now_ms, BatchProgress, RunError, RunOptions, RunSummary, Until};
@@ -50,10 +50,35 @@ struct Owned {
 /// What a task runs: the whole chain, or with a repartition topic, the steps before the
 /// aggregate (a source partition's task) or the aggregate (a repartition partition's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub enum Role {
+    /// Every step (no repartition topic).
     Whole,
+    /// The steps before the aggregate, then to the repartition topic.
     Source,
+    /// The aggregate, over the repartition topic.
     Aggregate,
+}
+
+/// Opens a task's sink and dead-letter sink, for its role.
+pub type SinkOpener<'a> = Box<dyn FnMut(Role, SinkTask) -> Result<(Box<dyn Sink>, Option<Box<dyn Sink>>), RunError> + 'a>;
+
+/// What a group run talks to: the Kafka source, membership and sinks of `sluice run`, or
+/// in-memory ones in the crash simulation.
+pub struct GroupIo<'a> {
+    /// Reads the partitions the group assigns (none at first).
+    pub source: Box<dyn Source + 'a>,
+    /// The process's membership of the consumer group.
+    pub members: Box<dyn Members + 'a>,
+    /// The topics the group shares (the source topics and a repartition topic).
+    pub topics: Vec<String>,
+    /// The checkpoint location; each task's store is under it.
+    pub root: CheckpointStore,
+    /// How tasks write their checkpoints (on a thread of their own in `sluice run`).
+    pub writes: WriteMode,
+    /// A task's sink and dead-letter sink, for its role.
+    pub sinks: SinkOpener<'a>,
+    /// A task's plugin chain, for its role.
+    pub chains: Box<dyn FnMut(Role) -> Result<Chain, RunError> + 'a>,
 }
 
 /// The chain of a task in `role`.
@@ -83,14 +108,6 @@ pub fn run_group(
     }
     let config = pipeline.checkpoint.as_ref().ok_or_else(|| RunError::Inconsistent("source.assignment = \"group\" needs [checkpoint]".into()))?;
     let root = CheckpointStore::open(config)?;
-    root.check_assignment(Assignment::Group)?;
-    root.create_once(&Metadata {
-        format_version: FORMAT_VERSION,
-        pipeline: pipeline.name.clone(),
-        topics: pipeline.source.topics.clone(),
-        first_batch_id: 0,
-        assignment: Assignment::Group,
-    })?;
     let source = KafkaSource::unassigned(&pipeline.source, &pipeline.kafka)?;
     let properties: Vec<(String, String)> = pipeline.kafka.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     // The plugins load before the process joins: a step that cannot load fails the run
@@ -128,15 +145,59 @@ pub fn run_group(
     }
     let membership = Membership::join(&pipeline.source.group_id, &topics, &properties)?;
     tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, topics.join(", "));
-    let mut group = Group {
-        runner: Runner::new(pipeline, &options, control, Box::new(source), None),
-        pipeline,
-        runtime,
+    let io = GroupIo {
+        source: Box::new(source),
+        members: Box::new(membership),
+        topics,
         root,
-        membership,
+        writes: WriteMode::Background,
+        sinks: Box::new(|role, task: SinkTask| {
+            let sink: Box<dyn Sink> = match &pipeline.source.repartition {
+                Some(r) if role == Role::Source => Box::new(RepartitionSink::open(&r.topic, &pipeline.kafka, &task.topic, task.partition)?),
+                _ => crate::sink::open_task(&pipeline.sink, &pipeline.kafka, task.clone())?,
+            };
+            let dead_letters = match &pipeline.dead_letter {
+                Some(config) => Some(crate::sink::open_task(config, &pipeline.kafka, task).map_err(RunError::DeadLetters)?),
+                None => None,
+            };
+            Ok((sink, dead_letters))
+        }),
+        chains: Box::new(|role| chain_of(pipeline, runtime, role)),
+    };
+    run_group_with(pipeline, io, options, control, progress)
+}
+
+/// [`run_group`] over `io`: claim, recover, run and release the tasks the group assigns
+/// until `control` stops the run.
+pub fn run_group_with(
+    pipeline: &Pipeline,
+    io: GroupIo<'_>,
+    options: impl Into<RunOptions>,
+    control: &Control,
+    progress: &mut dyn FnMut(&BatchProgress),
+) -> Result<RunSummary, RunError> {
+    let options = options.into();
+    let GroupIo { source, members, topics, root, writes, sinks, chains } = io;
+    root.check_assignment(Assignment::Group)?;
+    root.create_once(&Metadata {
+        format_version: FORMAT_VERSION,
+        pipeline: pipeline.name.clone(),
+        topics: pipeline.source.topics.clone(),
+        first_batch_id: 0,
+        assignment: Assignment::Group,
+    })?;
+    let mut group = Group {
+        runner: Runner::new(pipeline, &options, control, source, None),
+        pipeline,
+        root,
+        members,
+        writes,
+        sinks,
+        chains,
         topics,
         partitions: 0,
         tasks: BTreeMap::new(),
+        fenced: Default::default(),
         ignore_state: options.ignore_state,
         global: None,
         global_read: None,
@@ -145,23 +206,54 @@ pub fn run_group(
     // Flush every task's checkpoint before leaving the group, so that their next owners
     // find them (a graceful release); the membership is dropped after the tasks.
     let flushed = group.release_all();
-    let Group { runner, membership, .. } = group;
-    drop(membership);
+    let Group { runner, members, .. } = group;
+    drop(members);
     result.and(flushed).map(|()| runner.summary)
 }
 
+/// A process's membership of its consumer group, as the batch loop uses it.
+pub trait Members {
+    /// What the group assigned and revoked since the last call.
+    fn changes(&self) -> Changes;
+    /// The loop is done with these revoked partitions: the group may move them.
+    fn released(&self, keys: &[Key]);
+    /// Commit the group's offsets to the ends of `ranges` (for lag tools).
+    fn commit(&self, ranges: &[OffsetRange]) -> Result<(), SourceError>;
+    /// How many partitions `topics` have together.
+    fn partitions(&self, topics: &[String]) -> Result<usize, SourceError>;
+}
+
+impl Members for Membership {
+    fn changes(&self) -> Changes {
+        Membership::changes(self)
+    }
+    fn released(&self, keys: &[Key]) {
+        Membership::released(self, keys);
+    }
+    fn commit(&self, ranges: &[OffsetRange]) -> Result<(), SourceError> {
+        Membership::commit(self, ranges)
+    }
+    fn partitions(&self, topics: &[String]) -> Result<usize, SourceError> {
+        Membership::partitions(self, topics)
+    }
+}
+
 struct Group<'p> {
-    runner: Runner<'static>,
-    pipeline: &'p CheckedPipeline,
-    runtime: &'p Runtime,
+    runner: Runner<'p>,
+    pipeline: &'p Pipeline,
     root: CheckpointStore,
-    membership: Membership,
+    writes: WriteMode,
+    members: Box<dyn Members + 'p>,
+    sinks: SinkOpener<'p>,
+    chains: Box<dyn FnMut(Role) -> Result<Chain, RunError> + 'p>,
     /// The topics the group shares (the source topics and a repartition topic).
     topics: Vec<String>,
     /// How many partitions they have together (0: not known), for the group's
     /// `maxOffsetsPerTrigger`.
     partitions: usize,
     tasks: BTreeMap<Key, Owned>,
+    /// Tasks another process took over while the group still gives them to this one.
+    fenced: std::collections::BTreeSet<Key>,
     ignore_state: bool,
     /// With `source.watermark = "global"`: the highest committed watermark of all tasks,
     /// and when it was read.
@@ -245,7 +337,7 @@ impl Group<'_> {
             }
         }
         self.runner.rate.after_batch(now_ms(), records.max(0) as u64, tick.elapsed(), scheduling_delay);
-        if let Err(e) = self.membership.commit(&done) {
+        if let Err(e) = self.members.commit(&done) {
             tracing::warn!("committing the consumer group's offsets failed: {e}");
         }
         Ok(())
@@ -267,18 +359,33 @@ impl Group<'_> {
         Ok(self.global)
     }
 
-    /// A task another process took over: dropped, and the source stops reading it.
+    /// A task another process took over: dropped, and the source stops reading it. Unless
+    /// the group moves it away meanwhile, it is claimed again at the next batch boundary:
+    /// the other process may be one the group has not told yet that it lost the partition
+    /// (it was paused past the session timeout), which stops when it learns; a task dropped
+    /// for good would leave its partition without an owner until the next rebalance (found
+    /// by the crash simulation with several processes).
     fn drop_fenced(&mut self, key: &Key, why: &RunError) -> Result<(), RunError> {
-        tracing::warn!("task {}/{}: {why}", key.0, key.1);
+        tracing::warn!("task {}/{}: {why}; claiming it again unless the consumer group moves it away", key.0, key.1);
         self.tasks.remove(key);
+        self.fenced.insert(key.clone());
         self.runner.source.reassign(std::slice::from_ref(key), &BTreeMap::new())?;
         Ok(())
     }
 
     /// Release what the group revoked, start what it assigned.
     fn apply_changes(&mut self, progress: &mut dyn FnMut(&BatchProgress)) -> Result<(), RunError> {
-        let changes = self.membership.changes();
-        if changes.assigned.is_empty() && changes.revoked.is_empty() {
+        let changes = self.members.changes();
+        let mut assigned = changes.assigned;
+        for (key, _) in &changes.revoked {
+            self.fenced.remove(key);
+        }
+        for key in std::mem::take(&mut self.fenced) {
+            if !assigned.contains(&key) {
+                assigned.push(key);
+            }
+        }
+        if assigned.is_empty() && changes.revoked.is_empty() {
             return Ok(());
         }
         let mut released = Vec::new();
@@ -294,7 +401,7 @@ impl Group<'_> {
         }
         let mut added = BTreeMap::new();
         let mut replays = Vec::new();
-        for key in changes.assigned {
+        for key in assigned {
             if self.tasks.contains_key(&key) {
                 continue;
             }
@@ -308,9 +415,9 @@ impl Group<'_> {
             self.tasks.insert(key, owned);
         }
         self.runner.source.reassign(&released, &added)?;
-        self.membership.released(&released);
+        self.members.released(&released);
         // Partitions may have been added to the topics: count them at each rebalance.
-        self.partitions = self.membership.partitions(&self.topics).unwrap_or_else(|e| {
+        self.partitions = self.members.partitions(&self.topics).unwrap_or_else(|e| {
             tracing::warn!("{e}; until the next rebalance a maxOffsetsPerTrigger caps this process's triggers as a whole, not its share of the group's");
             0
         });
@@ -337,7 +444,7 @@ impl Group<'_> {
     }
 
     /// Claim the task of `key`, open its sinks, build its chain and recover it.
-    fn start(&self, key: &Key) -> Result<(Owned, recovery::Resume), RunError> {
+    fn start(&mut self, key: &Key) -> Result<(Owned, recovery::Resume), RunError> {
         let pipeline: &Pipeline = self.pipeline;
         let mut store = self.root.task(&key.0, key.1);
         let claimed = store.claim(&pipeline.name, &pipeline.source.topics)?;
@@ -346,16 +453,8 @@ impl Group<'_> {
             Some(r) if r.topic == key.0 => Role::Aggregate,
             Some(_) => Role::Source,
         };
-        let task = SinkTask { topic: key.0.clone(), partition: key.1, epoch: store.epoch() };
-        let sink = match &pipeline.source.repartition {
-            Some(r) if role == Role::Source => Box::new(RepartitionSink::open(&r.topic, &pipeline.kafka, &key.0, key.1)?),
-            _ => crate::sink::open_task(&pipeline.sink, &pipeline.kafka, task.clone())?,
-        };
-        let dead_letters = match &pipeline.dead_letter {
-            Some(config) => Some(crate::sink::open_task(config, &pipeline.kafka, task).map_err(RunError::DeadLetters)?),
-            None => None,
-        };
-        let mut chain = chain_of(pipeline, self.runtime, role)?;
+        let (sink, dead_letters) = (self.sinks)(role, SinkTask { topic: key.0.clone(), partition: key.1, epoch: store.epoch() })?;
+        let mut chain = (self.chains)(role)?;
         let stateful = chain.stages().any(|s| s.kind() == PluginKind::Aggregate);
         chain.set_control(self.runner.control.clone());
         let resume = recovery::recover(pipeline, Some(&store), &mut chain, &*sink, self.ignore_state)?;
@@ -373,7 +472,7 @@ impl Group<'_> {
             chain: Held::Owned(Box::new(chain)),
             sink: Held::Owned(sink),
             dead_letters,
-            writer: Some(CheckpointWriter::start(store.clone())),
+            writer: Some(CheckpointWriter::new(store.clone(), self.writes)),
             checkpoints: Some(store),
             watermark: resume.watermark_ms,
             counted: (role == Role::Aggregate).then(|| Counted::from_marks(&resume.upstream)),

@@ -21,7 +21,7 @@ use crate::swap::{self, WatchedStep, Watcher};
 mod group;
 mod runner;
 
-pub use group::run_group;
+pub use group::{run_group, run_group_with, GroupIo, Members, Role};
 
 pub use crate::error::RunError;
 

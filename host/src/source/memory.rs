@@ -77,6 +77,8 @@ pub struct MemorySource {
     redeliver: bool,
     withheld: BTreeMap<(String, i32), i64>,
     hook: Option<FetchHook>,
+    /// Where a partition without a committed offset starts (a consumer group's process).
+    starting: StartingOffsets,
     /// Records delivered again and dropped, over the source's life.
     pub dropped: u64,
 }
@@ -101,7 +103,13 @@ impl MemorySource {
                 (key.clone(), start)
             })
             .collect();
-        Self { log, group, next, redeliver: false, withheld: BTreeMap::new(), hook: None, dropped: 0 }
+        Self { log, group, next, redeliver: false, withheld: BTreeMap::new(), hook: None, starting, dropped: 0 }
+    }
+
+    /// A source of a consumer group's process: it reads the partitions the group assigns
+    /// ([`Source::reassign`]), none at first.
+    pub fn unassigned(log: Arc<MemoryLog>, group: MemoryGroup, starting: StartingOffsets) -> Self {
+        Self { log, group, next: BTreeMap::new(), redeliver: false, withheld: BTreeMap::new(), hook: None, starting, dropped: 0 }
     }
 
     /// Deliver each range's records twice, and the record before it, as a client may after
@@ -197,6 +205,32 @@ impl Source for MemorySource {
 
     fn known_high(&self, topic: &str, partition: i32) -> Option<i64> {
         self.log.get(&(topic.to_string(), partition)).map(|p| p.high)
+    }
+
+    fn reassign(&mut self, released: &[(String, i32)], added: &BTreeMap<(String, i32), i64>) -> Result<(), SourceError> {
+        self.next.retain(|k, _| !released.contains(k));
+        for (key, &next) in added {
+            if !self.log.contains_key(key) {
+                return Err(SourceError::NoTopic(key.0.clone()));
+            }
+            self.next.insert(key.clone(), next);
+        }
+        Ok(())
+    }
+
+    fn initial_positions(&mut self, partitions: &[(String, i32)]) -> Result<BTreeMap<(String, i32), i64>, SourceError> {
+        let committed = self.group.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        partitions
+            .iter()
+            .map(|key| {
+                let p = self.log.get(key).ok_or_else(|| SourceError::NoTopic(key.0.clone()))?;
+                let start = committed.get(key).copied().unwrap_or(match self.starting {
+                    StartingOffsets::Earliest => p.low(),
+                    StartingOffsets::Latest => p.high,
+                });
+                Ok((key.clone(), start))
+            })
+            .collect()
     }
 }
 
