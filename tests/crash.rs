@@ -27,7 +27,7 @@ use sluice_tests::rng::Rng;
 
 #[path = "support/seed_runs.rs"]
 mod seed_runs;
-use seed_runs::{pipeline_file, produce, wait_until, windows, Extra, SEED_JOB};
+use seed_runs::{pipeline_file, produce, topic_values, wait_until, windows, Extra, SEED_JOB};
 
 /// Stops at most this many times per trial; the run after the last one finishes.
 const STOPS_PER_TRIAL: usize = 2;
@@ -223,35 +223,6 @@ fn stopped_at_random_moments_the_seed_job_gives_exactly_the_reference_windows() 
     }
     eprintln!("{}", tally.report("Parquet sink", seed, &setups));
     tally.check(seed, &log);
-}
-
-/// The values of `topic` (one partition) from its start to its end, read with
-/// `isolation` (`read_committed` or `read_uncommitted`).
-fn topic_values(bootstrap: &str, topic: &str, isolation: &str) -> Vec<String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::Message;
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "crash-suite-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut values = Vec::new();
-    loop {
-        assert!(Instant::now() < deadline, "{topic} was not read to its end within 60 s");
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => values.push(String::from_utf8(m.payload().unwrap_or_default().to_vec()).unwrap()),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return values,
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
 }
 
 /// The seed's job into an exactly-once Kafka sink, stopped at random moments and, in two

@@ -17,7 +17,7 @@ use sluice_tests::rng::Rng;
 
 #[path = "support/seed_runs.rs"]
 mod seed_runs;
-use seed_runs::{produce_to, produce_unkeyed, wait_until, windows, Extra, SEED_JOB};
+use seed_runs::{produce_to, produce_unkeyed, topic_values, wait_until, windows, Extra, SEED_JOB};
 
 /// Partitions of the test topic.
 const PARTITIONS: i32 = 6;
@@ -493,4 +493,36 @@ fn unkeyed_input_through_a_repartition_topic_gives_the_reference_windows_once_de
     let diff = reference::compare_windows(&expected, &actual);
     assert!(diff.is_exact(), "{seen} of {} windows seen; {diff:?}; {}\n{}", expected.len(), differences(&expected, &actual), log_tail(&log));
     assert!(!lines_with(&log, "were counted before").is_empty(), "the replayed source batch's records reached the repartition topic twice and were skipped:\n{}", log_tail(&log));
+}
+
+#[test]
+fn exactly_once_kafka_output_of_a_group_gives_each_window_once_with_a_process_killed_after_a_commit() {
+    let setup = setup();
+    let out = "eos-group-out";
+    setup.broker.create_topic(out, 1).unwrap();
+    let sink = format!("format = \"kafka\"\ntopic = \"{out}\"\ndeliveryGuarantee = \"exactly-once\"");
+    let extra = Extra { source: "assignment = \"group\"\nkeyed = true", kafka: "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"", checkpoint: "" };
+    // Batches of about 1000 records a partition: the second closes windows.
+    let file = seed_runs::pipeline_file(setup.dir.path(), &setup.broker.bootstrap(), "eos", "clicks", 6000, SEED_JOB, &sink, &extra);
+    // One of three kills itself once a transaction of one of its tasks' batch 2 has
+    // committed, before the batch's checkpoint: the task's next owner replays the batch
+    // and must not write it again.
+    let mut victim = Processes(vec![spawn_with(&file, &setup.log, &[("SLUICE_KILL_AT", "sink-committed:2")])]);
+    let mut processes = Processes(vec![spawn(&file, &setup.log), spawn(&file, &setup.log)]);
+    let status = wait_until(&mut victim.0[0], Instant::now() + Duration::from_secs(120));
+    assert!(status.is_some_and(|s| !s.success()), "the first process killed itself at its kill point ({status:?}):\n{}", log_tail(&setup.log));
+    let deadline = Instant::now() + LIMIT;
+    let rows = loop {
+        let rows: Vec<WindowRow> = topic_values(&setup.broker.bootstrap(), out, "read_committed").iter().map(|v| WindowRow::from_json(&serde_json::from_str(v).unwrap())).collect();
+        if rows.len() >= setup.expected.len() || Instant::now() >= deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let statuses = processes.stop();
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "a process did not stop cleanly: {statuses:?}\n{}", log_tail(&setup.log));
+    let diff = reference::compare_windows(&setup.expected, &rows);
+    assert!(diff.is_exact(), "{} windows expected: {diff:?}; {}\n{}", setup.expected.len(), differences(&setup.expected, &rows), log_tail(&setup.log));
+    assert!(!lines_with(&setup.log, "killing this process at sink-committed of batch 2").is_empty());
+    assert!(!lines_with(&setup.log, "is already committed in the sink").is_empty(), "the new owner replayed the committed batch without writing it:\n{}", log_tail(&setup.log));
 }

@@ -156,3 +156,32 @@ pub fn wait_until(child: &mut Child, deadline: Instant) -> Option<std::process::
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The values of `topic` (one partition) from its start to its end, read with
+/// `isolation` (`read_committed` or `read_uncommitted`).
+pub fn topic_values(bootstrap: &str, topic: &str, isolation: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "seed-runs-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut values = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "{topic} was not read to its end within 60 s");
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => values.push(String::from_utf8(m.payload().unwrap_or_default().to_vec()).unwrap()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return values,
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+}

@@ -143,14 +143,6 @@ impl Pipeline {
                 "a memory:// location lives in one process; with source.assignment = \"group\" use a directory or object-store URL every process reaches".into(),
             ));
         }
-        for (key, sink) in [("sink", Some(&self.sink)), ("deadLetter", self.dead_letter.as_ref())] {
-            if let Some(Sink::Kafka { delivery: Delivery::ExactlyOnce { .. }, .. }) = sink {
-                return Err(invalid(
-                    &format!("{key}.deliveryGuarantee"),
-                    "\"exactly-once\" to Kafka is not available with source.assignment = \"group\" yet; use a parquet or jsonl sink, or \"at-least-once\"".into(),
-                ));
-            }
-        }
         Ok(())
     }
 

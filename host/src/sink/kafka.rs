@@ -33,6 +33,9 @@ pub struct KafkaSink {
     loader: Loader,
     topic: String,
     transactions: Option<Transactions>,
+    /// A consumer-group task's sink: a newer producer with its transactional id is the
+    /// task's new owner, and the fencing is a hand-over, not a misconfiguration.
+    task: bool,
 }
 
 /// The exactly-once state of a [`KafkaSink`].
@@ -66,7 +69,7 @@ impl KafkaSink {
         let Delivery::ExactlyOnce { transactional_id: id } = delivery else {
             let loader = Loader::with_properties(properties.iter().copied()).map_err(fail)?;
             check_topic(&loader, topic)?;
-            return Ok(Self { loader, topic: topic.to_string(), transactions: None });
+            return Ok(Self { loader, topic: topic.to_string(), transactions: None, task: false });
         };
         let loader = Loader::with_properties(properties.iter().copied().chain([("transactional.id", id.as_str())])).map_err(fail)?;
         check_topic(&loader, topic)?;
@@ -81,13 +84,27 @@ impl KafkaSink {
             .set("isolation.level", "read_committed")
             .create()
             .map_err(|e| fail(SourceError::Config(e)))?;
-        let mut sink = Self { loader, topic: topic.to_string(), transactions: Some(Transactions { id: id.clone(), marker, committed: None, open: None }) };
+        let mut sink = Self { loader, topic: topic.to_string(), transactions: Some(Transactions { id: id.clone(), marker, committed: None, open: None }), task: false };
         sink.transactional(0, "starting transactions (this fences an older producer with the same id and aborts its open transaction)", |p| p.init_transactions(TXN_TIMEOUT))?;
         let committed = sink.read_marker()?;
         if let Some(t) = &mut sink.transactions {
             t.committed = committed;
         }
         tracing::info!("kafka sink `{topic}`: exactly once with transactional.id `{id}`; newest committed batch: {}", committed.map_or("none".into(), |b| b.to_string()));
+        Ok(sink)
+    }
+
+    /// [`KafkaSink::open`] for one task of a consumer-group run: exactly once with the
+    /// transactional id `<id>-<topic>-<partition>`, so that each task has its own
+    /// transactions and batch marker, and the task's next owner fences this sink (its
+    /// writes then fail as [`SinkError::Fenced`]).
+    pub fn open_task(topic: &str, delivery: &Delivery, kafka: &BTreeMap<String, String>, task: &super::SinkTask) -> Result<Self, SinkError> {
+        let delivery = match delivery {
+            Delivery::ExactlyOnce { transactional_id } => Delivery::ExactlyOnce { transactional_id: format!("{transactional_id}-{}-{}", task.topic, task.partition) },
+            other => other.clone(),
+        };
+        let mut sink = Self::open(topic, &delivery, kafka)?;
+        sink.task = true;
         Ok(sink)
     }
 
@@ -144,6 +161,10 @@ impl KafkaSink {
     fn fatal(&self, batch_id: u64, what: &str) -> Option<SinkError> {
         let (code, reason) = self.loader.producer().client().fatal_error()?;
         let t = self.transactions.as_ref()?;
+        if self.task {
+            tracing::warn!("kafka sink `{}`: {reason} ({code:?}): the task's new owner opened transactional id `{}`", self.topic, t.id);
+            return Some(SinkError::Fenced { target: format!("kafka topic `{}`", self.topic), batch_id });
+        }
         Some(self.txn_error(
             batch_id,
             what,

@@ -180,11 +180,13 @@ fn jsonl_bytes(target: &str, batch_id: u64, batches: &[RecordBatch]) -> Result<V
     Ok(text)
 }
 /// Open the sink a pipeline names for one task of a consumer-group run: a file sink's view
-/// of the task ([`FileSink::for_task`]); stdout and an at-least-once Kafka topic as for a
-/// whole run (the pipeline check refuses exactly-once Kafka output in group mode).
+/// of the task ([`FileSink::for_task`]), a Kafka topic with the task's own transactions
+/// when exactly once ([`KafkaSink::open_task`]); stdout and an at-least-once Kafka topic as
+/// for a whole run.
 pub fn open_task(config: &SinkConfig, kafka: &BTreeMap<String, String>, task: SinkTask) -> Result<Box<dyn Sink>, SinkError> {
     let at = |path: &str, options: &BTreeMap<String, String>| crate::store::Location::open(path, options).map_err(SinkError::opening);
     Ok(match config {
+        SinkConfig::Kafka { topic, delivery } => Box::new(KafkaSink::open_task(topic, delivery, kafka, &task)?),
         SinkConfig::Jsonl { path } if path != "-" => Box::new(FileSink::for_task(at(path, &BTreeMap::new())?, FileFormat::Jsonl, task)?),
         SinkConfig::Parquet { path, compression, options } => Box::new(FileSink::for_task(at(path, options)?, FileFormat::Parquet(*compression), task)?),
         other => open(other, kafka)?,
