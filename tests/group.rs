@@ -526,3 +526,93 @@ fn exactly_once_kafka_output_of_a_group_gives_each_window_once_with_a_process_ki
     assert!(!lines_with(&setup.log, "killing this process at sink-committed of batch 2").is_empty());
     assert!(!lines_with(&setup.log, "is already committed in the sink").is_empty(), "the new owner replayed the committed batch without writing it:\n{}", log_tail(&setup.log));
 }
+
+/// Window rows of the Parquet files in `out`, each with whether its file has the
+/// `avg_cost` column (written by ad-clicks 2.0.0).
+fn windows_with_avg_cost(out: &Path) -> Vec<(bool, WindowRow)> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "parquet") {
+            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                let v2 = batch.schema().column_with_name("avg_cost").is_some();
+                rows.extend(sluice_sdk::json::batch_to_rows(&batch).into_iter().map(|row| (v2, WindowRow::from_json(&Value::Object(row)))));
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_new_plugin_version_is_swapped_into_every_task_of_every_process() {
+    let broker = ApacheKafka::start().unwrap();
+    broker.create_topic("clicks", PARTITIONS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sluice.log");
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let publish = |bytes: &[u8]| {
+        std::fs::write(plugins.join(".ad-clicks.tmp"), bytes).unwrap();
+        std::fs::rename(plugins.join(".ad-clicks.tmp"), plugins.join("ad-clicks.wasm")).unwrap();
+    };
+    publish(sluice::examples::named("ad-clicks").unwrap());
+    let job = r#"[[plugin]]
+builtin = "json-filter"
+config = { where = [{ field = "event", op = "eq", value = "click" }] }
+[[plugin]]
+name = "ad-clicks""#;
+    let extra = Extra { source: "assignment = \"group\"\nkeyed = true", kafka: "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"", checkpoint: "" };
+    let file = seed_runs::pipeline_file(dir.path(), &broker.bootstrap(), "swap", "clicks", 100_000, job, "parquet", &extra);
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--plugin-dir"])
+            .arg(&plugins)
+            .arg(&file)
+            .env("SLUICE_LOG", "info,sluice::progress=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut processes = Processes(vec![run(), run()]);
+    await_settled(&log, &mut processes);
+    // The first 200 s of events with version 1, the rest after version 2 took over.
+    let half = 1_767_225_600_000 + 200_000;
+    let first = produce_to(&broker, "clicks", Some(PARTITIONS), &|_, e| e["timestamp"].as_i64().unwrap() < half);
+    let first_windows = expected(&first);
+    let out = dir.path().join("swap-out");
+    let seen = await_windows(&out, first_windows.len(), &mut processes, &log);
+    assert_eq!(seen, first_windows.len(), "the first part's windows:\n{}", log_tail(&log));
+    publish(&std::fs::read(sluice_tests::AD_CLICKS_V2_WASM).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines_with(&log, "takes over in every task").len() < 2 {
+        assert!(Instant::now() < deadline, "both processes saw the new version:\n{}", log_tail(&log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rest = produce_to(&broker, "clicks", Some(PARTITIONS), &|_, e| e["timestamp"].as_i64().unwrap() >= half);
+    let all: Vec<(Option<i32>, Value)> = first.into_iter().chain(rest).collect();
+    let expected = expected(&all);
+    let seen = await_windows(&out, expected.len(), &mut processes, &log);
+    let statuses = processes.stop();
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "a process did not stop cleanly: {statuses:?}\n{}", log_tail(&log));
+    let rows = windows_with_avg_cost(&out);
+    let actual: Vec<WindowRow> = rows.iter().map(|(_, r)| r.clone()).collect();
+    let diff = reference::compare_windows(&expected, &actual);
+    assert!(diff.is_exact(), "{seen} of {} windows seen; {diff:?}; {}\n{}", expected.len(), differences(&expected, &actual), log_tail(&log));
+    // Windows closed before the swap were written by version 1, all later ones by 2.
+    let before: std::collections::BTreeSet<(i64, String)> = first_windows.iter().map(|w| (w.window_start, w.campaign_id.clone())).collect();
+    for (v2, row) in &rows {
+        assert_eq!(
+            *v2,
+            !before.contains(&(row.window_start, row.campaign_id.clone())),
+            "window {} of {}: written by version {}",
+            row.window_start,
+            row.campaign_id,
+            if *v2 { 2 } else { 1 }
+        );
+    }
+    assert!(rows.iter().any(|(v2, _)| *v2) && rows.iter().any(|(v2, _)| !*v2));
+}

@@ -994,6 +994,7 @@ fn process(world: Arc<GroupWorld>, me: usize) {
             topics: vec!["clicks".into()],
             root,
             writes: WriteMode::Inline,
+            watcher: None,
             sinks: Box::new(|_, task| Ok((Box::new(FileSink::for_task(sink_at.clone(), FileFormat::Jsonl, task)?) as Box<dyn sluice::sink::Sink>, None))),
             chains: Box::new(|_| Ok(world.plugins.chain(&step))),
         };

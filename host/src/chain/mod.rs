@@ -278,6 +278,11 @@ impl Chain {
         Self { steps: Vec::new(), control: Control::new() }
     }
 
+    /// The steps' stages, in order, taken out of the chain.
+    pub fn into_stages(self) -> Vec<Box<dyn Stage>> {
+        self.steps.into_iter().map(|s| s.stage).collect()
+    }
+
     /// The steps, in order.
     pub fn stages(&self) -> impl Iterator<Item = &dyn Stage> {
         self.steps.iter().map(|s| s.stage.as_ref())

@@ -32,6 +32,7 @@ use crate::repartition::{Counted, KeyStage, RepartitionSink};
 use crate::runtime::Runtime;
 use crate::sink::{Sink, SinkTask};
 use crate::source::{PartitionLag, Source, SourceError};
+use crate::swap::{Found, Watcher};
 use sluice_sdk::{OffsetRange, PluginKind};
 
 use super::runner::{Held, Planned, Runner, Task};
@@ -45,6 +46,8 @@ struct Owned {
     next_batch_id: u64,
     /// Whether its chain has an aggregate (which a watermark alone moves on).
     stateful: bool,
+    /// Which steps its chain runs.
+    role: Role,
 }
 
 /// What a task runs: the whole chain, or with a repartition topic, the steps before the
@@ -75,6 +78,8 @@ pub struct GroupIo<'a> {
     pub root: CheckpointStore,
     /// How tasks write their checkpoints (on a thread of their own in `sluice run`).
     pub writes: WriteMode,
+    /// Watches the plugin directory: a new version is swapped into every task's chain.
+    pub watcher: Option<Watcher>,
     /// A task's sink and dead-letter sink, for its role.
     pub sinks: SinkOpener<'a>,
     /// A task's plugin chain, for its role.
@@ -112,7 +117,7 @@ pub fn run_group(
     let properties: Vec<(String, String)> = pipeline.kafka.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     // The plugins load before the process joins: a step that cannot load fails the run
     // here, not at the first assignment.
-    let (probe, _) = load_chain(pipeline, runtime)?;
+    let (probe, watched) = load_chain(pipeline, runtime)?;
     let mut topics = pipeline.source.topics.clone();
     if let Some(repartition) = &pipeline.source.repartition {
         let last = probe.stages().last().expect("a checked pipeline has steps");
@@ -138,11 +143,7 @@ pub fn run_group(
         }
     }
     drop(probe);
-    if pipeline.steps.iter().any(|s| matches!(s.source, crate::config::PluginSource::Dir(_))) {
-        tracing::warn!(
-            "live plugin swaps are not available with source.assignment = \"group\" yet: a new version in the plugin directory is used by tasks that start after it is there"
-        );
-    }
+    let watcher = super::watch(pipeline, runtime, watched, control);
     let membership = Membership::join(&pipeline.source.group_id, &topics, &properties)?;
     tracing::info!("joined consumer group `{}` for {}; tasks start as the group assigns partitions", pipeline.source.group_id, topics.join(", "));
     let io = GroupIo {
@@ -151,6 +152,7 @@ pub fn run_group(
         topics,
         root,
         writes: WriteMode::Background,
+        watcher,
         sinks: Box::new(|role, task: SinkTask| {
             let sink: Box<dyn Sink> = match &pipeline.source.repartition {
                 Some(r) if role == Role::Source => Box::new(RepartitionSink::open(&r.topic, &pipeline.kafka, &task.topic, task.partition)?),
@@ -177,7 +179,7 @@ pub fn run_group_with(
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> Result<RunSummary, RunError> {
     let options = options.into();
-    let GroupIo { source, members, topics, root, writes, sinks, chains } = io;
+    let GroupIo { source, members, topics, root, writes, watcher, sinks, chains } = io;
     root.check_assignment(Assignment::Group)?;
     root.create_once(&Metadata {
         format_version: FORMAT_VERSION,
@@ -187,7 +189,7 @@ pub fn run_group_with(
         assignment: Assignment::Group,
     })?;
     let mut group = Group {
-        runner: Runner::new(pipeline, &options, control, source, None),
+        runner: Runner::new(pipeline, &options, control, source, watcher),
         pipeline,
         root,
         members,
@@ -275,6 +277,7 @@ impl Group<'_> {
                 self.runner.retune();
             }
             self.apply_changes(progress)?;
+            self.swap_plugins();
             let tick = Instant::now();
             let scheduling_delay = tick.saturating_duration_since(due);
             if !self.tasks.is_empty() {
@@ -285,7 +288,7 @@ impl Group<'_> {
                 match self.runner.control.wait_until(due) {
                     Wake::Deadline | Wake::Stop => break,
                     Wake::Retune => self.runner.retune(),
-                    Wake::Swap => {}
+                    Wake::Swap => self.swap_plugins(),
                 }
             }
         }
@@ -341,6 +344,60 @@ impl Group<'_> {
             tracing::warn!("committing the consumer group's offsets failed: {e}");
         }
         Ok(())
+    }
+
+    /// At a batch boundary: new plugin versions the watcher found and checked take over in
+    /// every task's chain (each task gets instances of its own, built from the plugin
+    /// directory as a new task's are; its state passes to them as in a run over all
+    /// partitions). Tasks that start later build their chains with the new version.
+    fn swap_plugins(&mut self) {
+        let Some(watcher) = &self.runner.watcher else { return };
+        let started = Instant::now();
+        let mut steps = Vec::new();
+        for found in watcher.found() {
+            match found {
+                Found::Ready { step, file, .. } => {
+                    tracing::info!("plugin step {step}: a new version in {} takes over in every task from its next batch on", file.display());
+                    steps.push(step);
+                }
+                Found::Rejected { step, file, reason } => {
+                    self.runner.summary.swaps_failed += 1;
+                    tracing::error!("plugin step {step}: the new version in {} is not swapped in, the running version stays: {reason}", file.display());
+                }
+            }
+        }
+        if steps.is_empty() {
+            return;
+        }
+        let last = self.pipeline.steps.len() - 1;
+        for (key, owned) in &mut self.tasks {
+            // The step's place in this task's chain.
+            let index = |step: usize| match owned.role {
+                Role::Whole => Some(step),
+                Role::Source => (step < last).then_some(step),
+                Role::Aggregate => (step == last).then_some(0),
+            };
+            if steps.iter().all(|&s| index(s).is_none()) {
+                continue;
+            }
+            let mut fresh: Vec<Option<Box<dyn crate::chain::Stage>>> = match (self.chains)(owned.role) {
+                Ok(chain) => chain.into_stages().into_iter().map(Some).collect(),
+                Err(e) => {
+                    self.runner.summary.swaps_failed += 1;
+                    tracing::error!("task {}/{}: the new plugin versions cannot be loaded, the running ones stay: {e}", key.0, key.1);
+                    continue;
+                }
+            };
+            for &step in &steps {
+                let Some(at) = index(step) else { continue };
+                let Some(stage) = fresh.get_mut(at).and_then(Option::take) else { continue };
+                if let Err(e) = owned.task.chain.swap(at, stage) {
+                    self.runner.summary.swaps_failed += 1;
+                    tracing::error!("task {}/{}: plugin step {step} is not swapped, the running version stays: {e}", key.0, key.1);
+                }
+            }
+        }
+        self.runner.swap_time += started.elapsed();
     }
 
     /// With `source.watermark = "global"`, the highest watermark of all the group's tasks:
@@ -477,7 +534,7 @@ impl Group<'_> {
             watermark: resume.watermark_ms,
             counted: (role == Role::Aggregate).then(|| Counted::from_marks(&resume.upstream)),
         };
-        Ok((Owned { task, next_batch_id: resume.next_batch_id, stateful }, resume))
+        Ok((Owned { task, next_batch_id: resume.next_batch_id, stateful, role }, resume))
     }
 
     /// Flush every task's checkpoint (at the end of the run).

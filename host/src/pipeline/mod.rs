@@ -133,14 +133,19 @@ pub fn run(
     progress: &mut dyn FnMut(&BatchProgress),
 ) -> Result<RunSummary, RunError> {
     let (mut chain, watched) = load_chain(pipeline, runtime)?;
-    let watcher = match (&pipeline.plugin_dir, watched.is_empty()) {
+    let watcher = watch(pipeline, runtime, watched, control);
+    run_watched(pipeline, &mut chain, watcher, options.into(), control, sink, progress)
+}
+
+/// A watcher of the plugin directory for the steps that come from it, if any.
+fn watch(pipeline: &Pipeline, runtime: &Runtime, watched: Vec<WatchedStep>, control: &Control) -> Option<Watcher> {
+    match (&pipeline.plugin_dir, watched.is_empty()) {
         (Some(dir), false) => {
             tracing::info!("watching {} for new versions of {}", dir.display(), watched.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", "));
             Some(Watcher::start(runtime.clone(), dir.clone(), watched, swap::POLL, control.clone()))
         }
         _ => None,
-    };
-    run_watched(pipeline, &mut chain, watcher, options.into(), control, sink, progress)
+    }
 }
 
 /// Connects the source at the positions recovery chose (`None`: a new run).
