@@ -7,7 +7,10 @@
 //! * a stateful [`Aggregate`] (windowed counts, sums, distinct counts…) whose state the
 //!   host checkpoints together with the offsets it belongs to,
 //!
-//! exported with [`export_transform!`] or [`export_aggregate!`]. Build it with
+//! exported with [`export_transform!`] or [`export_aggregate!`]. A transform that looks at
+//! one record at a time is shorter as a [`Filter`], [`Map`] or [`FlatMap`] (see
+//! [`per_record`]), exported with [`export_filter!`], [`export_map!`] or
+//! [`export_flat_map!`]. Build it with
 //! `cargo build --release --target wasm32-wasip2` (crate type `cdylib`) and hand the
 //! `.wasm` file to `sluice`.
 //!
@@ -84,6 +87,7 @@ pub mod log;
 #[cfg(any(target_arch = "wasm32", test))]
 mod mem;
 mod output;
+pub mod per_record;
 mod plugin;
 mod schema;
 #[cfg(test)]
@@ -99,6 +103,7 @@ pub use arrow_array;
 pub use arrow_schema;
 pub use batch::{Batch, Record};
 pub use output::{Finished, Output, RecordError};
+pub use per_record::{Filter, Filtered, FlatMap, FlatMapped, Map, Mapped};
 pub use plugin::{Aggregate, Context, Error, ErrorKind, NoConfig, OffsetRange, PluginKind, Transform};
 pub use schema::{columns, decode_ipc, encode_ipc, encode_ipc_into, is_record_schema, record_schema, same_columns, RecordParts, RecordsBuilder};
 pub use serde_json;
@@ -127,6 +132,39 @@ macro_rules! export_transform {
     };
     ($plugin:ty, name = $name:literal, version = $version:literal) => {
         $crate::__export_driver!($crate::__private::TransformDriver<$plugin>, $name, $version);
+    };
+}
+
+/// Export a [`Filter`] as the plugin of this crate (a transform; see [`export_transform!`]).
+#[macro_export]
+macro_rules! export_filter {
+    ($plugin:ty) => {
+        $crate::export_transform!($crate::Filtered<$plugin>);
+    };
+    ($plugin:ty, name = $name:literal, version = $version:literal) => {
+        $crate::export_transform!($crate::Filtered<$plugin>, name = $name, version = $version);
+    };
+}
+
+/// Export a [`Map`] as the plugin of this crate (a transform; see [`export_transform!`]).
+#[macro_export]
+macro_rules! export_map {
+    ($plugin:ty) => {
+        $crate::export_transform!($crate::Mapped<$plugin>);
+    };
+    ($plugin:ty, name = $name:literal, version = $version:literal) => {
+        $crate::export_transform!($crate::Mapped<$plugin>, name = $name, version = $version);
+    };
+}
+
+/// Export a [`FlatMap`] as the plugin of this crate (a transform; see [`export_transform!`]).
+#[macro_export]
+macro_rules! export_flat_map {
+    ($plugin:ty) => {
+        $crate::export_transform!($crate::FlatMapped<$plugin>);
+    };
+    ($plugin:ty, name = $name:literal, version = $version:literal) => {
+        $crate::export_transform!($crate::FlatMapped<$plugin>, name = $name, version = $version);
     };
 }
 
