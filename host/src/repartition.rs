@@ -34,7 +34,7 @@ use sluice_sdk::{columns, record_schema, Batch, Context, Finished, PluginKind, R
 
 use crate::chain::Stage;
 use crate::checkpoint::{PluginIdentity, UpstreamMark};
-use crate::kafka::{Loader, Outgoing, SourceError, TUNED_DEFAULTS};
+use crate::kafka::{Loader, Outgoing, SourceError};
 use crate::runtime::CallError;
 use crate::sink::{Sink, SinkError};
 
@@ -156,7 +156,7 @@ impl RepartitionSink {
     /// partition `source_partition`.
     pub fn open(topic: &str, kafka: &BTreeMap<String, String>, source_topic: &str, source_partition: i32) -> Result<Self, SinkError> {
         let fail = |error| SinkError::Kafka { topic: topic.to_string(), batch_id: 0, error };
-        let properties = kafka.iter().filter(|(k, _)| !TUNED_DEFAULTS.iter().any(|(d, _)| d == k)).map(|(k, v)| (k.as_str(), v.as_str()));
+        let properties = crate::kafka::producer_properties(kafka);
         // Keys go to the partitions Kafka's Java clients (and Kafka Streams) pick for them,
         // unless the pipeline's [kafka] table names a partitioner.
         let partitioner = (!kafka.contains_key("partitioner")).then_some(("partitioner", "murmur2_random"));
@@ -284,7 +284,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Make sure the repartition `topic` exists: when it does not, create it with as many
 /// partitions as the largest of `sources` and as many replicas as that topic has.
 pub fn ensure_topic(kafka: &BTreeMap<String, String>, topic: &str, sources: &[String]) -> Result<(), SourceError> {
-    let properties: Vec<(&str, &str)> = kafka.iter().filter(|(k, _)| !TUNED_DEFAULTS.iter().any(|(d, _)| d == k)).map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let properties = crate::kafka::producer_properties(kafka);
     let loader = Loader::with_properties(properties.iter().copied())?;
     let metadata = loader
         .producer()

@@ -40,6 +40,13 @@ pub use crate::source::{PartitionLag, SourceError};
 pub const TUNED_DEFAULTS: [(&str, &str); 4] =
     [("fetch.wait.max.ms", "10"), ("fetch.queue.backoff.ms", "5"), ("queued.min.messages", "1000000"), ("queued.max.messages.kbytes", "2048")];
 
+/// The pipeline's librdkafka table for a client that only produces or administers (a
+/// sink, the repartition topic's producer and admin): without the consumer-only fetch
+/// defaults sluice adds, which librdkafka would warn about.
+pub fn producer_properties(kafka: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
+    kafka.iter().filter(|(k, _)| !TUNED_DEFAULTS.iter().any(|(d, _)| d == k)).map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// How long metadata and offset requests may take before the source reports the broker
 /// as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -62,6 +62,17 @@ pub enum Role {
     Aggregate,
 }
 
+impl Role {
+    /// The pipeline steps (of `steps`) a task in this role runs, in chain order.
+    fn steps(self, steps: usize) -> std::ops::Range<usize> {
+        match self {
+            Role::Whole => 0..steps,
+            Role::Source => 0..steps - 1,
+            Role::Aggregate => steps - 1..steps,
+        }
+    }
+}
+
 /// Opens a task's sink and dead-letter sink, for its role.
 pub type SinkOpener<'a> = Box<dyn FnMut(Role, SinkTask) -> Result<(Box<dyn Sink>, Option<Box<dyn Sink>>), RunError> + 'a>;
 
@@ -88,12 +99,12 @@ pub struct GroupIo<'a> {
 
 /// The chain of a task in `role`.
 fn chain_of(pipeline: &Pipeline, runtime: &Runtime, role: Role) -> Result<Chain, RunError> {
-    let steps = pipeline.steps.len();
-    let (chain, _) = match (role, &pipeline.source.repartition) {
-        (Role::Source, Some(r)) => load_steps(pipeline, runtime, 0..steps - 1, Some(Box::new(KeyStage::new(r.key.clone())))),
-        (Role::Aggregate, Some(_)) => load_steps(pipeline, runtime, steps - 1..steps, None),
-        _ => load_chain(pipeline, runtime),
-    }?;
+    // A source task keys its records for the repartition topic last.
+    let tail = match (role, &pipeline.source.repartition) {
+        (Role::Source, Some(r)) => Some(Box::new(KeyStage::new(r.key.clone())) as Box<dyn crate::chain::Stage>),
+        _ => None,
+    };
+    let (chain, _) = load_steps(pipeline, runtime, role.steps(pipeline.steps.len()), tail)?;
     Ok(chain)
 }
 
@@ -128,10 +139,9 @@ pub fn run_group(
                 last.name()
             )));
         }
-        // Both stages' chains build (the steps before the aggregate output records).
-        for role in [Role::Source, Role::Aggregate] {
-            chain_of(pipeline, runtime, role)?;
-        }
+        // A source task's chain builds: the steps before the aggregate output records, which
+        // the key step takes (the aggregate alone builds, as the whole chain did).
+        chain_of(pipeline, runtime, Role::Source)?;
         crate::repartition::ensure_topic(&pipeline.kafka, &repartition.topic, &pipeline.source.topics)?;
         topics.push(repartition.topic.clone());
     } else if let Some(stateful) = probe.stages().find(|s| s.kind() == PluginKind::Aggregate) {
@@ -369,14 +379,10 @@ impl Group<'_> {
         if steps.is_empty() {
             return;
         }
-        let last = self.pipeline.steps.len() - 1;
         for (key, owned) in &mut self.tasks {
             // The step's place in this task's chain.
-            let index = |step: usize| match owned.role {
-                Role::Whole => Some(step),
-                Role::Source => (step < last).then_some(step),
-                Role::Aggregate => (step == last).then_some(0),
-            };
+            let runs = owned.role.steps(self.pipeline.steps.len());
+            let index = |step: usize| runs.contains(&step).then(|| step - runs.start);
             if steps.iter().all(|&s| index(s).is_none()) {
                 continue;
             }

@@ -13,7 +13,7 @@ use sluice_sdk::is_record_schema;
 
 use super::{json_lines, Sink, SinkError, ACK_TIMEOUT};
 use crate::config::Delivery;
-use crate::kafka::{DeliveryTracker, Loader, Outgoing, SourceError, TUNED_DEFAULTS};
+use crate::kafka::{DeliveryTracker, Loader, Outgoing, SourceError};
 
 /// Writes output rows to a Kafka topic. Record-schema output keeps its key, value and
 /// headers; other output is written one JSON row per record, without a key.
@@ -65,7 +65,7 @@ impl KafkaSink {
     /// reads which batch committed last.
     pub fn open(topic: &str, delivery: &Delivery, kafka: &BTreeMap<String, String>) -> Result<Self, SinkError> {
         let fail = |error| SinkError::Kafka { topic: topic.to_string(), batch_id: 0, error };
-        let properties: Vec<(&str, &str)> = kafka.iter().filter(|(k, _)| !TUNED_DEFAULTS.iter().any(|(d, _)| d == k)).map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let properties = crate::kafka::producer_properties(kafka);
         let Delivery::ExactlyOnce { transactional_id: id } = delivery else {
             let loader = Loader::with_properties(properties.iter().copied()).map_err(fail)?;
             check_topic(&loader, topic)?;
