@@ -110,6 +110,38 @@ fn mistakes_get_a_message_that_says_what_is_wrong_and_exit_non_zero() {
 }
 
 #[test]
+fn a_repartition_topic_without_an_aggregate_last_is_refused_before_the_process_joins() {
+    // Caught when the plugins load, before any broker is asked (none listens here).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    let pipeline = format!(
+        r#"[source]
+topics = ["events"]
+assignment = "group"
+repartition = {{ topic = "events-by-campaign", key = "campaign_id" }}
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9"
+[[plugin]]
+builtin = "json-filter"
+[[plugin]]
+builtin = "json-filter"
+[sink]
+format = "jsonl"
+path = "{out}"
+[checkpoint]
+location = "{ck}"
+"#,
+        out = dir.path().join("out").display(),
+        ck = dir.path().join("ck").display()
+    );
+    std::fs::write(&file, pipeline).unwrap();
+    let out = sluice(&["run", file.to_str().unwrap()], dir.path());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("source.repartition: the last step runs in the tasks of the repartition topic `events-by-campaign` and must be an aggregate"), "{stderr}");
+}
+
+#[test]
 fn demo_runs_the_example_plugins_over_a_mock_broker_and_prints_closing_windows() {
     let cache = tempfile::tempdir().unwrap();
     let out = sluice(&["demo", "--duration", "5s", "--rate", "4000", "--interval", "500ms", "--speedup", "60", "--http", "127.0.0.1:0"], cache.path());
